@@ -1,0 +1,165 @@
+"""VariantConfig: one point of the PagedAttention decode kernel space.
+
+A variant is a frozen dataclass that checks itself on construction and names the bad field in its
+error. Its readable key, e.g. ``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16``, names the rendered
+source file, the in-process cache entry, tuning records and the header of an emitted module.
+
+Key fields, in order:
+
+====  ============  ===============================================================
+d     head_dim      64, 80, 96, 112, 128, 192, 256 (non powers of two padded, masked)
+b     block_size    tokens per KV page: 1, 8, 16, 32, 64, 128, 256
+g     group_size    query heads per KV head (GQA), 1..16
+s     split_k       partitions of the context (flash-decoding); 1 = single pass,
+                    ``auto`` (stored as 0) = chosen at call time
+t     tile_tokens   tokens per inner step (one or several pages), power of two 16..256
+w     num_warps     Triton ``num_warps``: 1, 2, 4, 8, 16
+st    num_stages    Triton ``num_stages``: 1..5
+--    dtype         fp16, bf16, fp32
+====  ============  ===============================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
+BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
+GROUP_SIZES = tuple(range(1, 17))
+TILE_TOKENS = (16, 32, 64, 128, 256)
+NUM_WARPS = (1, 2, 4, 8, 16)
+NUM_STAGES = (1, 2, 3, 4, 5)
+DTYPES = ("fp16", "bf16", "fp32")
+MAX_SPLIT_K = 256
+SPLIT_AUTO = 0  # split_k value meaning "pick the partition count at call time"
+
+# Accepted spellings of dtypes (torch names and short names) -> canonical short name.
+DTYPE_ALIASES = {
+    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
+    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+    "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+}
+
+KEY_PREFIX = "paged_decode"
+_KEY_RE = re.compile(
+    r"^paged_decode-d(?P<head_dim>\d+)-b(?P<block_size>\d+)-g(?P<group_size>\d+)"
+    r"-s(?P<split_k>\d+|auto)-t(?P<tile_tokens>\d+)-w(?P<num_warps>\d+)-st(?P<num_stages>\d+)"
+    r"-(?P<dtype>fp16|bf16|fp32)$"
+)
+
+
+def normalize_dtype(dtype) -> str:
+    """Map a dtype (``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` ...) to ``fp16|bf16|fp32``."""
+    name = str(dtype).lower()
+    if name not in DTYPE_ALIASES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPE_ALIASES[name]
+
+
+def parse_split_k(value) -> int:
+    """``"auto"`` -> 0 (SPLIT_AUTO); an integer string or int -> that int (validated later)."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return SPLIT_AUTO
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"split_k={value!r} is not an integer or 'auto'") from None
+    return int(value)
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One decode kernel variant. Frozen and hashable; validates itself on construction.
+
+    Parameters
+    ----------
+    head_dim : int
+        Size of one attention head; one of ``HEAD_DIMS``.
+    block_size : int
+        Tokens per KV-cache page; one of ``BLOCK_SIZES``.
+    group_size : int
+        Query heads sharing one KV head (``num_heads // num_kv_heads``), 1..16.
+    split_k : int
+        Number of context partitions (1 = single pass; 0 = ``auto``, chosen per call).
+    tile_tokens : int
+        Tokens processed per inner-loop step; one of ``TILE_TOKENS``.
+    num_warps, num_stages : int
+        Triton launch parameters.
+    dtype : str
+        ``fp16``, ``bf16`` or ``fp32`` (aliases such as ``torch.bfloat16`` are accepted).
+    """
+
+    head_dim: int = 128
+    block_size: int = 16
+    group_size: int = 1
+    split_k: int = 1
+    tile_tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    dtype: str = "fp16"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        object.__setattr__(self, "split_k", parse_split_k(self.split_k))
+        for name, allowed in (
+            ("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
+            ("tile_tokens", TILE_TOKENS), ("num_warps", NUM_WARPS), ("num_stages", NUM_STAGES),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+                shown = f"{allowed[0]}..{allowed[-1]}" if name == "group_size" else ", ".join(map(str, allowed))
+                raise ValueError(f"{name}={value!r} is not supported; allowed: {shown}")
+        if not 0 <= self.split_k <= MAX_SPLIT_K:
+            raise ValueError(f"split_k={self.split_k!r} must be 'auto' (0) or 1..{MAX_SPLIT_K}")
+
+    # ---- the readable key -------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """Readable unique name, e.g. ``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16``."""
+        split = "auto" if self.split_k == SPLIT_AUTO else str(self.split_k)
+        return (
+            f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-s{split}"
+            f"-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
+        )
+
+    @classmethod
+    def from_key(cls, key: str) -> "VariantConfig":
+        """Parse a key produced by :attr:`key`; raises ValueError naming the key if malformed."""
+        match = _KEY_RE.match(key.strip())
+        if not match:
+            raise ValueError(f"variant key {key!r} is malformed; expected e.g. "
+                             f"'paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16'")
+        fields = match.groupdict()
+        return cls(**{k: (v if k in ("dtype", "split_k") else int(v)) for k, v in fields.items()})
+
+    # ---- conversions ------------------------------------------------------------------------
+    @property
+    def split_auto(self) -> bool:
+        return self.split_k == SPLIT_AUTO
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VariantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown variant field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "VariantConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+
+    def __str__(self) -> str:
+        return self.key

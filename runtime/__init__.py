@@ -1,0 +1,1 @@
+"""kgen's minimal serving runtime: paged KV memory, continuous batching and ``generate()``."""
