@@ -1,0 +1,97 @@
+"""Small helpers shared by the bench scripts: machine description and output files."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # let the scripts run from a checkout without installing kgen
+    sys.path.insert(0, str(REPO))
+
+
+def use_interpreter_without_gpu(force: bool = False) -> None:
+    """Set TRITON_INTERPRET=1 (before any kernel module loads) when there is no GPU."""
+    if "TRITON_INTERPRET" in os.environ and not force:
+        return
+    import torch
+
+    if force or not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def gpu_name(torch) -> str:
+    """Normalized name of the GPU present (kgen.device's names, e.g. 'h100')."""
+    try:
+        from kgen.device import normalize_gpu_name
+
+        return normalize_gpu_name(torch.cuda.get_device_name())
+    except ImportError:
+        return torch.cuda.get_device_name().lower().replace(" ", "_")
+
+
+def machine_info() -> dict:
+    """Where and with what a benchmark ran: enough to tell two result files apart."""
+    import torch
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=torch.cuda.get_device_name(), sm_count=props.multi_processor_count,
+                    compute_capability=f"{props.major}.{props.minor}",
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda=torch.version.cuda)
+    try:
+        import kgen
+
+        info["kgen"] = kgen.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def kernel_key(fn) -> str | None:
+    """The variant key of a kernel callable from a kgen-rendered module."""
+    return getattr(fn, "__globals__", {}).get("VARIANT_KEY")
+
+
+def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None) -> None:
+    """Write the JSON result and the Markdown table where asked (folders created)."""
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {path}")
+    if md_path:
+        path = Path(md_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table_text + "\n")
+        print(f"wrote {path}")

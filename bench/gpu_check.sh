@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One GPU check, in one command that ends within ~8 minutes on an H100:
+#   1. the kernel correctness suite on the GPU (compiled kernels, not the interpreter)
+#   2. a short `kgen tune --gpu <present>` over a few workloads (records into tuning_db/<gpu>/)
+#   3. the kernel benchmarks (default vs tuned variant vs torch SDPA, % of copy bandwidth)
+#   4. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
+# Every result lands, with provenance, in files that can be committed:
+#   bench/results/<gpu>/{env.json,kernel_tests.log,tune.log,kernel_bench.{json,md},e2e_throughput.{json,md}}
+#   tuning_db/<gpu>/...
+# It needs only torch and triton on the machine (python3 with both). Other dependencies
+# (optuna and what it needs) are installed from wheels given in $KGEN_WHEELS (default ./.whl) when
+# they are missing: see bench/README.md for the one `pip download` line that makes that folder.
+# When $OUT is set (a remote runner's output folder) everything is also packed into
+# $OUT/gpu_results.tar.gz.
+#
+# Usage: bash bench/gpu_check.sh [--quick]      (--quick: fewer workloads and shapes)
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+QUICK=${1:-}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+START=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+WHEELS=${KGEN_WHEELS:-$REPO/.whl}
+if ! $PY -c "import optuna" 2>/dev/null && [ -d "$WHEELS" ]; then
+  step "installing missing Python packages from $WHEELS"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/kgen_site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/kgen_site
+fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+KGEN="$PY -m kgen.cli"
+
+GPU=$($PY -c "from kgen.device import detect_gpu; print(detect_gpu().name)" 2>/dev/null \
+      || $PY -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+RES=bench/results/$GPU
+mkdir -p "$RES"
+step "device: $GPU -> $RES"
+$PY - "$RES/env.json" <<'EOF'
+import json, subprocess, sys
+sys.path.insert(0, "bench")
+import _common
+info = _common.machine_info()
+try:
+    info["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
+        capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception as exc:  # nvidia-smi missing: note it, go on
+    info["nvidia_smi"] = f"unavailable: {exc}"
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info, indent=2))
+EOF
+
+step "1. kernel correctness on the GPU"
+NPROC=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout 150 $PY -m pytest -q -p no:cacheprovider $NPROC tests/test_kernels_interp.py tests/test_emit.py \
+    2>&1 | tee "$RES/kernel_tests.log" | tail -n 25
+
+step "2. kgen tune --gpu $GPU"
+if [ "$QUICK" = "--quick" ]; then TUNE_ARGS="--group-size 8 --batch 64 --context 4096 --trials 4"
+else TUNE_ARGS="--group-size 1,8 --batch 4,64 --context 8192,4096 --trials 8"; fi
+timeout 170 $KGEN tune --gpu "$GPU" --head-dim 128 --block-size 16 --dtype bf16 $TUNE_ARGS \
+    --db tuning_db 2>&1 | tee "$RES/tune.log" | tail -n 25
+$KGEN db show --gpu "$GPU" --db tuning_db 2>&1 | tail -n 20
+
+step "3. kernel benchmarks"
+if [ "$QUICK" = "--quick" ]; then BENCH_ARGS="--head-dims 128 --block-sizes 16 --dtypes bf16"
+else BENCH_ARGS="--head-dims 128 --block-sizes 16"; fi
+timeout 150 $PY bench/kernel_bench.py $BENCH_ARGS --json "$RES/kernel_bench.json" \
+    --md "$RES/kernel_bench.md" 2>&1 | tail -n 30
+
+step "4. end-to-end decode throughput"
+timeout 90 $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" 2>&1 | tail -n 20
+
+step "done in $(( $(date +%s) - START ))s"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu_results.tar.gz" "$RES" "tuning_db/$GPU" 2>/dev/null
+  ls -la "$OUT"
+fi

@@ -1,0 +1,82 @@
+"""Load a variant's rendered module, cached in process by variant key.
+
+Triton reads a ``@triton.jit`` function's source from its file, so the module is rendered to
+disk first (:func:`kgen.render.write_source`) and imported from there. Set ``TRITON_INTERPRET=1``
+before the first kernel module is loaded to run kernels on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+from kgen.render import write_source
+from kgen.variant import VariantConfig
+
+_MODULES: dict[str, ModuleType] = {}
+_LOCK = threading.Lock()
+
+
+def module_name(config: VariantConfig) -> str:
+    """The ``sys.modules`` name of a variant's module, e.g. ``kgen_kernel_paged_decode_d128_...``."""
+    return "kgen_kernel_" + config.key.replace("-", "_")
+
+
+def import_file(path, name: str) -> ModuleType:
+    """Import the Python file ``path`` as module ``name`` (registered in ``sys.modules``)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def load_kernel(config, *, directory=None) -> ModuleType:
+    """The module of variant ``config`` (a VariantConfig or its key), rendered and imported once.
+
+    Returns
+    -------
+    module
+        Exposes ``paged_attention_decode(query, key_cache, value_cache, block_tables, seq_lens, *,
+        scale=None, out=None, max_seq_len=None, num_splits=None, validate=False)``,
+        ``VARIANT_KEY``, ``CONFIG`` (a plain dict), ``KERNELS`` (names of its jit kernels) and
+        ``choose_num_splits``.
+    """
+    if isinstance(config, str):
+        config = VariantConfig.from_key(config)
+    if not isinstance(config, VariantConfig):
+        raise ValueError(f"config={config!r} is not a VariantConfig or a variant key")
+    key = config.key
+    module = _MODULES.get(key)
+    if module is not None:
+        return module
+    with _LOCK:
+        module = _MODULES.get(key)
+        if module is None:
+            path = write_source(config, directory)
+            module = import_file(path, module_name(config))
+            _MODULES[key] = module
+    return module
+
+
+def loaded_keys() -> list[str]:
+    """Keys of the variants loaded in this process."""
+    return sorted(_MODULES)
+
+
+def clear_cache() -> None:
+    """Forget loaded modules (the next :func:`load_kernel` re-renders and re-imports)."""
+    with _LOCK:
+        for key in list(_MODULES):
+            sys.modules.pop(module_name(VariantConfig.from_key(key)), None)
+        _MODULES.clear()

@@ -1,0 +1,58 @@
+"""``kgen emit``: write one variant as a standalone module (imports only torch and triton)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from kgen.commands.variants import AXIS_OPTIONS, add_axis_options, parse_axis_value
+from kgen.render import emit
+from kgen.space import default_config, prune_reason
+from kgen.variant import VariantConfig
+
+REQUIRED = ("head_dim", "block_size")
+
+
+def config_from_args(args: argparse.Namespace) -> VariantConfig:
+    """The variant named by ``--key`` or by the axis options (unset launch options default to
+    :func:`kgen.space.default_config`'s choice for the shape)."""
+    given = {name: parse_axis_value(name, getattr(args, name)) for name in AXIS_OPTIONS
+             if getattr(args, name) is not None}
+    if args.key:
+        if given:
+            options = ", ".join(AXIS_OPTIONS[name][0] for name in given)
+            raise ValueError(f"--key={args.key!r} cannot be combined with {options}")
+        return VariantConfig.from_key(args.key)
+    missing = [AXIS_OPTIONS[name][0] for name in REQUIRED if name not in given]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --key)")
+    base = default_config(head_dim=given["head_dim"], block_size=given["block_size"],
+                          group_size=given.get("group_size", 1), dtype=given.get("dtype", "fp16"),
+                          split_k=given.get("split_k", 1))
+    return base.replace(**given)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "emit", help="write one variant as a standalone Python module",
+        description="Write a module exposing paged_attention_decode for one variant, e.g. "
+                    "'kgen emit --head-dim 128 --block-size 16 --group-size 4 --split-k 4 "
+                    "--dtype bf16 -o decode.py'. Unset launch options take the default heuristic.")
+    add_axis_options(parser, multiple=False)
+    parser.add_argument("--key", default=None, help="a variant key instead of the axis options")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.py", help="module to write")
+    parser.add_argument("--allow-pruned", action="store_true",
+                        help="emit even if a prune rule rejects the variant")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    reason = prune_reason(config)
+    if reason and not args.allow_pruned:
+        raise ValueError(f"variant {config.key} is pruned ({reason}); pass --allow-pruned to emit it")
+    # The command that reproduces this file exactly, whatever options named the variant.
+    command_line = f"kgen emit --key {config.key} -o {shlex.quote(str(args.output))}"
+    path = emit(config, args.output, command_line=command_line)
+    print(f"{config.key} -> {path}")
+    return 0

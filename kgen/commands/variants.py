@@ -1,0 +1,96 @@
+"""``kgen variants``: list the (pruned) variant space, filtered per axis.
+
+Also home of the axis options shared with ``kgen emit`` (``--head-dim 128`` ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+from kgen.space import AXES, iter_variants, prune_reason, space_size
+from kgen.variant import parse_split_k
+
+# axis -> (option, help)
+AXIS_OPTIONS = {
+    "head_dim": ("--head-dim", "head dim"),
+    "block_size": ("--block-size", "tokens per KV page"),
+    "group_size": ("--group-size", "query heads per KV head (GQA)"),
+    "split_k": ("--split-k", "context partitions; 'auto' picks per call, 1 is single pass"),
+    "tile_tokens": ("--tile-tokens", "tokens per inner step"),
+    "num_warps": ("--num-warps", "Triton num_warps"),
+    "num_stages": ("--num-stages", "Triton num_stages"),
+    "dtype": ("--dtype", "fp16, bf16 or fp32"),
+}
+
+
+def parse_axis_value(name: str, text: str):
+    """One CLI value of axis ``name`` ('auto' for split_k, dtype names, else integers)."""
+    text = text.strip()
+    if name == "dtype":
+        return text
+    if name == "split_k":
+        return parse_split_k(text)
+    option = AXIS_OPTIONS[name][0]
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{option}={text!r} is not an integer") from None
+
+
+def add_axis_options(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
+    """Add one option per axis; with ``multiple`` each takes a comma-separated list."""
+    for name, (option, text) in AXIS_OPTIONS.items():
+        shown = ", ".join("auto" if name == "split_k" and v == 0 else str(v) for v in AXES[name])
+        extra = " (comma-separated list)" if multiple else ""
+        parser.add_argument(option, dest=name, default=None, metavar="V",
+                            help=f"{text}{extra}; one of {shown}")
+
+
+def axis_filters(args: argparse.Namespace) -> dict:
+    """Parsed ``--axis a,b`` options as ``{axis: [values]}`` (only the given ones)."""
+    filters = {}
+    for name in AXIS_OPTIONS:
+        text = getattr(args, name)
+        if text is not None:
+            filters[name] = [parse_axis_value(name, part) for part in text.split(",") if part.strip()]
+    return filters
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "variants", help="list the kernel variant space (with filters)",
+        description="List variant keys of the pruned space; filter any axis with a comma list, "
+                    "e.g. 'kgen variants --head-dim 128 --dtype bf16 --group-size 1,4'.")
+    add_axis_options(parser, multiple=True)
+    parser.add_argument("--all", action="store_true", help="include pruned variants, with the reason")
+    parser.add_argument("--limit", type=int, default=50, help="show at most N (0 = all; default 50)")
+    parser.add_argument("--count", action="store_true", help="only print how many variants match")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line (key + fields)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise ValueError(f"--limit={args.limit} must be >= 0")
+    filters = axis_filters(args)
+    prune = not args.all
+    if args.count:
+        total = space_size(prune=False, **filters)
+        kept = space_size(prune=True, **filters)
+        print(f"{kept} variants kept of {total} matching ({total - kept} pruned)")
+        return 0
+    found = iter_variants(prune=prune, **filters)
+    shown = itertools.islice(found, args.limit or None)
+    count = 0
+    for config in shown:
+        count += 1
+        reason = prune_reason(config) if args.all else None
+        if args.json:
+            print(json.dumps({"key": config.key, **config.to_dict(), "pruned": reason}))
+        else:
+            print(config.key + (f"  [pruned: {reason}]" if reason else ""))
+    if args.limit and count == args.limit and next(found, None) is not None:
+        print(f"... more match; --limit 0 lists all, --count counts them")
+    return 0

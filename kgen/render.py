@@ -1,0 +1,154 @@
+"""Render a variant's Triton module from the Jinja templates; cache it on disk; emit it.
+
+Every value the templates print is computed here by :func:`slots` from the frozen
+:class:`~kgen.variant.VariantConfig`; the templates only hold ``{{ }}`` slots and one
+``{% if %}`` for the optional split-K kernels. A module is the concatenation of
+``header``, ``attend`` (shared inner loop), ``decode`` (single pass), for split-K variants
+``decode_partial`` and ``merge``, and ``launcher``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import jinja2
+
+from kgen import __version__
+from kgen.paths import cache_dir, templates_dir
+from kgen.space import next_pow2, padded_group, padded_head_dim
+from kgen.variant import MAX_SPLIT_K, VariantConfig
+
+SINGLE_PASS_KERNELS = ("_decode_kernel",)
+SPLIT_KERNELS = ("_decode_kernel", "_decode_partial_kernel", "_merge_kernel")
+# split-K auto sizes the grid for the largest GPU kgen targets (H100/H200: 132 SMs), 2 waves deep.
+TARGET_SMS = 132
+TARGET_WAVES = 2
+_TORCH_DTYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
+
+
+def template_files() -> list[Path]:
+    """The ``*.j2`` template files, sorted by name."""
+    return sorted(templates_dir().glob("*.j2"))
+
+
+def template_hash() -> str:
+    """Short sha256 over all template files (names and contents): provenance of rendered code."""
+    digest = hashlib.sha256()
+    for path in template_files():
+        digest.update(path.name.encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4)
+def _environment(folder: str) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(folder), undefined=jinja2.StrictUndefined,
+                              keep_trailing_newline=True, autoescape=False)
+
+
+def kernel_names(config: VariantConfig) -> tuple[str, ...]:
+    """Names of the module-level ``@triton.jit`` kernels a variant's module launches."""
+    return SPLIT_KERNELS if config.split_k != 1 else SINGLE_PASS_KERNELS
+
+
+def slots(config: VariantConfig, *, generated_at: str | None = None,
+          command_line: str | None = None) -> dict:
+    """Every value the templates print, computed from ``config``."""
+    if not isinstance(config, VariantConfig):
+        raise ValueError(f"config={config!r} is not a VariantConfig")
+    d_pad = padded_head_dim(config.head_dim)
+    split = config.split_k != 1
+    return {
+        "variant_key": config.key,
+        "config_text": ", ".join(f"{k}={v}" for k, v in config.to_dict().items()),
+        "config_dict": repr(config.to_dict()),
+        "kernels": repr(kernel_names(config)),
+        "kgen_version": __version__,
+        "template_hash": template_hash(),
+        "generated_at": generated_at,
+        "command_line": command_line,
+        "head_dim": config.head_dim,
+        "d_pad": d_pad,
+        "pad_d": d_pad != config.head_dim,
+        "block_size": config.block_size,
+        "group_size": config.group_size,
+        "g_pad": padded_group(config.group_size),
+        "tile_tokens": config.tile_tokens,
+        "pages_per_tile": max(1, config.tile_tokens // config.block_size),
+        "page_step": min(config.tile_tokens, config.block_size),
+        "split": split,
+        "split_k": config.split_k,
+        "max_splits": MAX_SPLIT_K,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+        # The merge reads D_PAD fp32 values per program: one warp per 128 of them, 1..4 warps.
+        "merge_num_warps": max(1, min(4, next_pow2(d_pad) // 128)),
+        "dtype_name": config.dtype,
+        "torch_dtype": _TORCH_DTYPES[config.dtype],
+        # fp32 dots in full precision (not tf32); 16-bit dots use tensor cores either way.
+        "dot_precision": "ieee" if config.dtype == "fp32" else "tf32",
+        "target_sms": TARGET_SMS,
+        "target_waves": TARGET_WAVES,
+    }
+
+
+def template_parts(config: VariantConfig) -> tuple[str, ...]:
+    """Template names making up the variant's module, in order."""
+    middle = ("decode_partial.py.j2", "merge.py.j2") if config.split_k != 1 else ()
+    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "launcher.py.j2")
+
+
+def render_source(config: VariantConfig, *, generated_at: str | None = None,
+                  command_line: str | None = None) -> str:
+    """The Python source of the variant's module (kernels + launcher), as text."""
+    env = _environment(str(templates_dir()))
+    values = slots(config, generated_at=generated_at, command_line=command_line)
+    return "".join(env.get_template(name).render(**values) for name in template_parts(config))
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    """Atomically replace ``path`` with ``text`` unless it already holds exactly that text."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.read_text() == text:
+            return path
+    except FileNotFoundError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_source(config: VariantConfig, directory=None) -> Path:
+    """Render ``config`` to ``<directory>/<key>.py`` (default :func:`kgen.paths.cache_dir`).
+
+    The file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on
+    the source) stay put across runs.
+    """
+    folder = Path(directory) if directory is not None else cache_dir()
+    return _write_if_changed(folder / f"{config.key}.py", render_source(config))
+
+
+def emit(config: VariantConfig, path, *, command_line: str | None = None) -> Path:
+    """Write a standalone module for ``config`` to ``path`` (imports only torch and triton).
+
+    The header names the variant key, its config, the kgen version, the template hash, the UTC
+    date and, when given, the command line that produced it.
+    """
+    path = Path(path)
+    if path.suffix != ".py":
+        raise ValueError(f"output path={str(path)!r} must end in .py (it is a Python module)")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _write_if_changed(path, render_source(config, generated_at=now, command_line=command_line))

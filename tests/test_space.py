@@ -1,0 +1,70 @@
+"""The variant space: axes, prune rules, the default heuristic, enumeration with filters."""
+
+import itertools
+
+import pytest
+
+from kgen import space
+from kgen.variant import (BLOCK_SIZES, DTYPES, GROUP_SIZES, HEAD_DIMS, SPLIT_AUTO, VariantConfig)
+
+
+def test_axes_cover_the_issue_space():
+    assert space.AXES["block_size"] == (1, 8, 16, 32, 64, 128, 256)
+    assert space.AXES["head_dim"] == (64, 80, 96, 112, 128, 192, 256)
+    assert space.AXES["group_size"] == tuple(range(1, 17))
+    assert 1 in space.AXES["split_k"] and SPLIT_AUTO in space.AXES["split_k"]
+    assert set(space.AXES) == set(VariantConfig().to_dict())
+
+
+def test_paddings():
+    assert [space.padded_head_dim(d) for d in HEAD_DIMS] == [64, 128, 128, 128, 128, 256, 256]
+    assert [space.padded_group(g) for g in (1, 3, 16)] == [16, 16, 16]
+    assert space.next_pow2(17) == 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_config_is_valid_and_kept_for_every_shape(dtype):
+    for head_dim, block, group in itertools.product(HEAD_DIMS, BLOCK_SIZES, GROUP_SIZES):
+        for split in (1, "auto", 4):
+            config = space.default_config(head_dim=head_dim, block_size=block, group_size=group,
+                                          dtype=dtype, split_k=split)
+            assert (config.head_dim, config.block_size, config.group_size) == (head_dim, block, group)
+            assert space.prune_reason(config) is None, config.key
+
+
+def test_default_config_rejects_bad_shape():
+    with pytest.raises(ValueError, match="block_size=12"):
+        space.default_config(head_dim=128, block_size=12, group_size=1, dtype="fp16")
+
+
+def test_prune_rules_are_pure_and_explain():
+    big = VariantConfig(head_dim=256, tile_tokens=256, num_stages=2, num_warps=8, dtype="fp32")
+    assert "shared memory" in space.prune_smem(big)
+    assert space.prune_smem(big) == space.prune_smem(VariantConfig.from_key(big.key))
+    spill = VariantConfig(head_dim=256, tile_tokens=128, num_warps=1, num_stages=1)
+    assert "spill" in space.prune_registers(spill)
+    starve = VariantConfig(head_dim=64, tile_tokens=16, num_warps=16, num_stages=1)
+    assert "too few" in space.prune_registers(starve)
+    assert space.prune_reason(VariantConfig()) is None
+
+
+def test_enumerate_with_filters():
+    found = space.enumerate_variants(head_dim=128, block_size=16, group_size=[1, 4],
+                                     split_k=["auto", 1], dtype="bfloat16")
+    assert found and len(found) == len(set(found))
+    assert {c.group_size for c in found} == {1, 4} and {c.split_k for c in found} == {0, 1}
+    assert all(c.dtype == "bf16" and not space.is_pruned(c) for c in found)
+    everything = space.enumerate_variants(prune=False, head_dim=128, block_size=16,
+                                          group_size=[1, 4], split_k=["auto", 1], dtype="bf16")
+    assert len(everything) == space.space_size(head_dim=128, block_size=16, group_size=[1, 4],
+                                               split_k=["auto", 1], dtype="bf16") > len(found)
+    assert set(found) < set(everything)
+
+
+def test_enumerate_rejects_bad_filters():
+    with pytest.raises(ValueError, match="unknown filter"):
+        space.enumerate_variants(heads=4)
+    with pytest.raises(ValueError, match="head_dim=100 is not in the space"):
+        space.enumerate_variants(head_dim=100)
+    with pytest.raises(ValueError, match="split_k=3 is not in the space"):
+        space.enumerate_variants(split_k=3)
