@@ -1,0 +1,181 @@
+"""Scheduler: continuous batching, limits, preemption by recompute (same outputs), aborts.
+
+A fake engine keeps a KV cache of token ids per slot and picks each next token from the context
+it *reads back through the block table*, so wrong blocks, a missed copy-on-write or a bad prefix
+reuse change the outputs.
+"""
+
+import random
+
+import pytest
+
+from runtime.kv_manager import KVCacheManager
+from runtime.scheduler import Scheduler
+from runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+
+VOCAB = 500
+
+
+class FakeEngine:
+    def __init__(self, num_blocks, block_size, *, caching=True, max_num_seqs=64, budget=2048):
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching)
+        self.sched = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+        self.cache = [None] * (num_blocks * block_size)
+        self.max_tokens, self.n, self.salt = {}, {}, {}
+        self.next_seq = 10_000
+        self.outputs = []
+
+    def add(self, request_id, prompt, max_tokens, n=1):
+        seq = Sequence(request_id, prompt)
+        self.max_tokens[request_id], self.n[request_id], self.salt[request_id] = max_tokens, n, 0
+        self.sched.add(SequenceGroup(request_id, [seq]))
+
+    def _next_token(self, seq):
+        ctx = tuple(self.cache[self.kv.slot(seq, p)] for p in range(len(seq)))
+        assert ctx == tuple(seq.token_ids), f"seq {seq.seq_id} reads a wrong KV context"
+        return hash((self.salt[seq.seq_id], ctx)) % VOCAB
+
+    def step(self):
+        out = self.sched.schedule()
+        self.outputs.append(out)
+        for g in out.preempted:  # back in the queue with no KV state, not re-admitted this step
+            assert g in self.sched.waiting and not any(g is r for r in self.sched.running)
+            assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in g.unfinished_seqs())
+        bs = self.kv.block_size
+        for src, dst in out.copies:
+            self.cache[dst * bs:(dst + 1) * bs] = self.cache[src * bs:(src + 1) * bs]
+        for s in out.prefill_seqs:
+            for p in range(s.num_cached_tokens, len(s)):
+                self.cache[self.kv.slot(s, p)] = s.token_ids[p]
+        for s in out.decode_seqs:
+            self.cache[self.kv.slot(s, len(s) - 1)] = s.token_ids[-1]
+        for s in out.prefill_seqs + out.decode_seqs:
+            tok = self._next_token(s)
+            s.num_computed_tokens = len(s)
+            s.append_token(tok)
+            # n > 1: the first prefill's seq (seq_id == request_id) forks the other samples
+            if self.n.get(s.seq_id, 1) > 1 and len(s.output_token_ids) == 1:
+                self._fork_samples(s)
+        for g in self.sched.running:
+            for s in g.unfinished_seqs():
+                if len(s.output_token_ids) >= self.max_tokens[g.request_id]:
+                    self.sched.finish_seq(s, "length")
+        return out, self.sched.free_finished()
+
+    def _fork_samples(self, parent):
+        group = next(g for g in self.sched.running if parent in g.seqs)
+        for k in range(1, self.n[group.request_id]):
+            child = parent.fork(self.next_seq)
+            self.salt[child.seq_id] = k
+            self.next_seq += 1
+            self.kv.fork(parent, child)
+            child.token_ids[-1] = hash((k, tuple(child.token_ids[:-1]))) % VOCAB
+            group.seqs.append(child)
+
+    def run(self, max_steps=5000):
+        finished = {}
+        for _ in range(max_steps):
+            if not self.sched.has_unfinished():
+                return finished
+            _, done = self.step()
+            for g in done:
+                finished[g.request_id] = [s.output_token_ids for s in g.seqs]
+        raise AssertionError("did not finish")
+
+
+def _requests(seed, count, n=1):
+    rng = random.Random(seed)
+    return [(r, [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 30))], rng.randrange(1, 40), n)
+            for r in range(count)]
+
+
+def _run(requests, num_blocks, bs, **kw):
+    eng = FakeEngine(num_blocks, bs, **kw)
+    for req in requests:
+        eng.add(*req)
+    return eng, eng.run()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+def test_preemption_by_recompute_gives_the_same_outputs(caching, n):
+    reqs = _requests(seed=n, count=14, n=n)
+    _, ample = _run(reqs, 2000, 4, caching=caching)
+    tight, out = _run(reqs, 48, 4, caching=caching)
+    assert tight.kv.stats()["preemptions"] > 0
+    assert sum(len(o.preempted) for o in tight.outputs) == tight.kv.stats()["preemptions"]
+    assert out == ample
+    assert all(len(o) == n and all(len(x) == reqs[r][2] for x in o) for r, o in out.items())
+    assert tight.kv.pool.num_free == 48 and tight.kv.stats()["blocks_in_use"] == 0
+
+
+def test_continuous_batching_admits_while_others_decode_and_frees_at_once():
+    eng = FakeEngine(60, 4, max_num_seqs=4)
+    for req in _requests(seed=3, count=10):
+        eng.add(*req)
+    mixed = 0
+    while eng.sched.has_unfinished():
+        out, done = eng.step()
+        mixed += bool(out.prefill_seqs and out.decode_seqs)
+        assert eng.sched.num_running_seqs <= 4
+        for g in done:  # finished requests leave at once, blocks freed
+            assert g not in eng.sched.running
+            assert all(not eng.kv.is_tracked(s) and s.block_table == [] for s in g.seqs)
+        tracked = {s.seq_id for s in eng.kv.tracked_seqs()}
+        assert tracked == {s.seq_id for g in eng.sched.running for s in g.unfinished_seqs()}
+    assert mixed > 0
+
+
+def test_parallel_samples_share_prompt_blocks_in_the_scheduler():
+    prompt = list(range(1, 34))  # 8 full blocks of 4 + 1 token
+    eng = FakeEngine(200, 4, caching=False)
+    eng.add(0, prompt, 12, n=4)
+    eng.step()  # prefill one seq, fork 3 samples
+    eng.step()  # decode: the partial prompt block is copied for 3 of the 4 samples
+    st = eng.kv.stats()
+    assert st["cow_copies"] == 3
+    assert st["blocks_saved_by_sharing"] == 3 * (len(prompt) // 4)
+    assert eng.run() and eng.kv.pool.num_free == 200
+
+
+def test_admission_respects_watermark_and_token_budget():
+    kv = KVCacheManager(100, 4, watermark=0.1)  # keeps 10 blocks free
+    sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
+    for r in range(4):
+        sched.add(SequenceGroup(r, [Sequence(r, list(range(1, 41)))]))  # 10 blocks, 40 tokens each
+    out = sched.schedule()
+    assert [s.seq_id for s in out.prefill_seqs] == [0]  # 80 tokens > 64 budget: one per step
+    out = sched.schedule()
+    assert [s.seq_id for s in out.prefill_seqs] == [1] and len(out.decode_seqs) == 1
+    big = KVCacheManager(40, 4, watermark=0.1)
+    sched = Scheduler(big, max_num_seqs=8, max_num_batched_tokens=4096)
+    for r in range(4):
+        sched.add(SequenceGroup(r, [Sequence(r, list(range(1, 41)))]))
+    assert len(sched.schedule().prefill_seqs) == 3  # a fourth would leave 0 < 4 watermark blocks
+
+
+def test_requests_too_big_for_the_pool_are_aborted():
+    eng = FakeEngine(8, 4)
+    eng.add(0, list(range(1, 40)), 5)  # 10 blocks > 8: can never be admitted
+    eng.add(1, list(range(1, 20)), 30)  # fits, but cannot grow past 32 tokens alone
+    steps = [eng.step()[0] for _ in range(20)]
+    aborted = [g.request_id for o in steps for g in o.aborted]
+    assert aborted == [0, 1]
+    s1 = next(g for o in steps for g in o.aborted if g.request_id == 1).seqs[0]
+    assert s1.status is SequenceStatus.FINISHED and s1.finish_reason == "length"
+    # 32 tokens filled the pool; the 33rd was sampled from them but has no slot
+    assert len(s1) == 8 * 4 + 1 and not eng.sched.has_unfinished() and eng.kv.pool.num_free == 8
+
+
+def test_bad_arguments():
+    kv = KVCacheManager(8, 4)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Scheduler(kv, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=4)
+    sched = Scheduler(kv)
+    sched.add(SequenceGroup(1, [Sequence(1, [1])]))
+    with pytest.raises(ValueError, match="request_id=1"):
+        sched.add(SequenceGroup(1, [Sequence(2, [1])]))
+    with pytest.raises(ValueError, match="reason"):
+        sched.finish_seq(Sequence(3, [1]), "done")
