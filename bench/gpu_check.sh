@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, in one command that ends within ~8 minutes on an H100:
-#   1. the kernel correctness suite on the GPU (compiled kernels, not the interpreter)
-#   2. a short `kgen tune --gpu <present>` over a few workloads (records into tuning_db/<gpu>/)
-#   3. the kernel benchmarks (default vs tuned variant vs torch SDPA, % of copy bandwidth)
+#   1. a short `kgen tune --gpu <present>` over a few workloads (records into tuning_db/<gpu>/)
+#   2. the kernel benchmarks (default vs tuned variant vs torch SDPA, % of copy bandwidth)
+#   3. the kernel correctness suite on the GPU (compiled kernels, not the interpreter)
 #   4. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
 # Every result lands, with provenance, in files that can be committed:
 #   bench/results/<gpu>/{env.json,kernel_tests.log,tune.log,kernel_bench.{json,md},e2e_throughput.{json,md}}
@@ -18,11 +18,14 @@ set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 QUICK=${1:-}
+# Per-step time limits in seconds (override from the environment to fit a short lease).
+T_TESTS=${T_TESTS:-150}; T_TUNE=${T_TUNE:-170}; T_BENCH=${T_BENCH:-150}; T_E2E=${T_E2E:-90}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 START=$(date +%s)
-step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+pack() { [ -n "${OUT:-}" ] && [ -n "${RES:-}" ] && tar czf "$OUT/gpu_results.tar.gz" "$RES" tuning_db/"${GPU:-none}" 2>/dev/null; return 0; }
+step() { pack; echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 
 WHEELS=${KGEN_WHEELS:-$REPO/.whl}
 if ! $PY -c "import optuna" 2>/dev/null && [ -d "$WHEELS" ]; then
@@ -53,29 +56,26 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info, indent=2))
 EOF
 
-step "1. kernel correctness on the GPU"
-NPROC=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout 150 $PY -m pytest -q -p no:cacheprovider $NPROC tests/test_kernels_interp.py tests/test_emit.py \
-    2>&1 | tee "$RES/kernel_tests.log" | tail -n 25
-
-step "2. kgen tune --gpu $GPU"
-if [ "$QUICK" = "--quick" ]; then TUNE_ARGS="--group-size 8 --batch 64 --context 4096 --trials 4"
+step "1. kgen tune --gpu $GPU"
+if [ "$QUICK" = "--quick" ]; then TUNE_ARGS="--group-size 8 --batch 4 --context 8192 --trials 4"
 else TUNE_ARGS="--group-size 1,8 --batch 4,64 --context 8192,4096 --trials 8"; fi
-timeout 170 $KGEN tune --gpu "$GPU" --head-dim 128 --block-size 16 --dtype bf16 $TUNE_ARGS \
-    --db tuning_db 2>&1 | tee "$RES/tune.log" | tail -n 25
+timeout $T_TUNE $KGEN tune --gpu "$GPU" --head-dim 128 --block-size 16 --dtype bf16 $TUNE_ARGS \
+    --db tuning_db --quiet 2>&1 | tee "$RES/tune.log" | tail -n 25
 $KGEN db show --gpu "$GPU" --db tuning_db 2>&1 | tail -n 20
 
-step "3. kernel benchmarks"
+step "2. kernel benchmarks"
 if [ "$QUICK" = "--quick" ]; then BENCH_ARGS="--head-dims 128 --block-sizes 16 --dtypes bf16"
 else BENCH_ARGS="--head-dims 128 --block-sizes 16"; fi
-timeout 150 $PY bench/kernel_bench.py $BENCH_ARGS --json "$RES/kernel_bench.json" \
+timeout $T_BENCH $PY bench/kernel_bench.py $BENCH_ARGS --json "$RES/kernel_bench.json" \
     --md "$RES/kernel_bench.md" 2>&1 | tail -n 30
 
+step "3. kernel correctness on the GPU"
+NPROC=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout $T_TESTS $PY -m pytest -q -p no:cacheprovider $NPROC tests/test_kernels_interp.py tests/test_emit.py \
+    2>&1 | tee "$RES/kernel_tests.log" | tail -n 25
+
 step "4. end-to-end decode throughput"
-timeout 90 $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" 2>&1 | tail -n 20
+timeout $T_E2E $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" --md "$RES/e2e_throughput.md" 2>&1 | tail -n 20
 
 step "done in $(( $(date +%s) - START ))s"
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu_results.tar.gz" "$RES" "tuning_db/$GPU" 2>/dev/null
-  ls -la "$OUT"
-fi
+pack
