@@ -1,0 +1,5 @@
+"""Model implementations that run over the paged KV cache."""
+
+from runtime.model.llama import LlamaModel
+
+__all__ = ["LlamaModel"]

@@ -1,0 +1,207 @@
+"""The public face: ``generate()``, ``SamplingParams``, ``RequestOutput`` and ``CompletionOutput``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from runtime.config import parse_dtype
+from runtime.engine import Engine
+from runtime.loader import LoadedModel, load_model
+from runtime.sampling import SamplingParams
+
+__all__ = ["generate", "SamplingParams", "RequestOutput", "CompletionOutput", "GenerateOutputs"]
+
+DEFAULT_KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}
+WATERMARK = 0.01  # fraction of the pool that admission keeps free (KVCacheManager's default)
+
+
+@dataclass
+class CompletionOutput:
+    """One completion (a sample or a beam) of a request."""
+
+    index: int
+    text: str | None
+    token_ids: list[int]
+    cumulative_logprob: float
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class RequestOutput:
+    """A request's prompt and its completions (``n`` samples or ``beam_width`` beams, best first)."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+
+
+class GenerateOutputs(list):
+    """The list of :class:`RequestOutput` in input order, with the run's ``stats`` dict."""
+
+    stats: dict
+
+
+def _as_model(model, dtype, device) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        if dtype is not None and parse_dtype(dtype) != model.dtype:
+            raise ValueError(f"dtype={dtype!r} differs from the loaded model's {model.dtype}; "
+                             f"pass the model folder or load it with that dtype")
+        if device is not None and torch.device(device).type != model.device.type:
+            raise ValueError(f"device={device!r} differs from the loaded model's {model.device}")
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(model, dtype=dtype, device=device)
+    raise ValueError(f"model={model!r} must be a folder path or a runtime.LoadedModel")
+
+
+def _tokenize(prompts, loaded: LoadedModel) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of strings or token-id lists, got {type(prompts).__name__}")
+    vocab = loaded.config.vocab_size
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if loaded.tokenizer is None:
+                raise ValueError(f"prompts[{i}] is text but the model has no tokenizer.json; pass token ids")
+            ids = loaded.tokenizer.encode(p).ids
+        elif isinstance(p, (list, tuple)):
+            ids = list(p)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}] holds token id {bad[0]!r}, outside 0..{vocab - 1}")
+        else:
+            raise ValueError(f"prompts[{i}]={p!r} must be a string or a list of token ids")
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty; a prompt needs at least one token")
+        out.append(ids)
+    return out
+
+
+def _params_list(sampling_params, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    params = list(sampling_params)
+    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling_params must be one SamplingParams or a list of {n} (one per prompt), "
+                         f"got {len(params)} items")
+    return params
+
+
+def _num_blocks(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_bytes) -> int:
+    if num_blocks is not None and kv_cache_bytes is not None:
+        raise ValueError(f"num_blocks={num_blocks!r} and kv_cache_bytes={kv_cache_bytes!r}: give one")
+    per_block = loaded.model.bytes_per_block(block_size)
+    if kv_cache_bytes is not None:
+        if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < per_block:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes!r} must be an int >= one block ({per_block} bytes)")
+        return kv_cache_bytes // per_block
+    if num_blocks is not None:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks!r} must be a positive int")
+        return num_blocks
+    max_pos = loaded.config.max_position_embeddings
+    need = sum(p.num_outputs * -(-min(len(t) + p.max_tokens, max_pos) // block_size) + p.num_outputs
+               for t, p in zip(ids, params))
+    cap = DEFAULT_KV_CACHE_BYTES.get(loaded.device.type, 1 << 30) // per_block
+    return max(1, min(need + 8, cap))
+
+
+def generate(model, prompts, sampling_params=None, *, block_size: int = 16, num_blocks: int | None = None,
+             kv_cache_bytes: int | None = None, max_num_seqs: int = 256,
+             max_num_batched_tokens: int | None = None, backend: str = "auto", dtype=None, device=None,
+             enable_prefix_caching: bool = True, seed: int | None = None, use_tqdm: bool | None = None,
+             return_stats: bool = False):
+    """Generate completions for a batch of prompts with paged attention and continuous batching.
+
+    Parameters
+    ----------
+    model : str, Path or LoadedModel
+        A local Hugging Face Llama folder, or a model from :func:`runtime.load_model`.
+    prompts : list of str or list of list[int]
+        Text (needs ``tokenizer.json``) or token ids; each non-empty and shorter than the context.
+    sampling_params : SamplingParams or list[SamplingParams], optional
+        One for all prompts or one per prompt (default: greedy, 16 tokens).
+    block_size : int
+        Tokens per KV block (default 16).
+    num_blocks, kv_cache_bytes : int, optional
+        Size of the KV pool (give at most one); default: enough for every request at once,
+        capped at 1 GiB on the CPU and 8 GiB on a GPU.
+    max_num_seqs, max_num_batched_tokens : int, optional
+        Scheduler limits per step.
+    backend : str
+        ``auto`` (triton on CUDA, torch on the CPU), ``torch`` or ``triton``.
+    dtype, device : optional
+        Compute dtype (fp32, fp16, bf16) and device when ``model`` is a folder.
+    enable_prefix_caching : bool
+        Reuse KV blocks of identical prompt prefixes.
+    seed : int, optional
+        Seed for sampled requests without their own seed.
+    use_tqdm : bool, optional
+        Progress bar; default: on when stderr is a terminal and the call is long.
+    return_stats : bool
+        Also return the memory stats (they are always on ``result.stats``).
+
+    Returns
+    -------
+    GenerateOutputs (a list of RequestOutput in input order), or ``(outputs, stats)``.
+    """
+    loaded = _as_model(model, dtype, device)
+    ids = _tokenize(prompts, loaded)
+    params = _params_list(sampling_params, len(ids))
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive int")
+    blocks = _num_blocks(loaded, ids, params, block_size, num_blocks, kv_cache_bytes)
+    max_pos = loaded.config.max_position_embeddings
+    for i, t in enumerate(ids):
+        if len(t) >= max_pos:
+            raise ValueError(f"prompts[{i}] has {len(t)} tokens; the model's context "
+                             f"(max_position_embeddings={max_pos}) leaves no room to generate")
+        need = -(-(len(t) + 1) // block_size)
+        usable = blocks - int(WATERMARK * blocks)  # what admission may hand out
+        if need > usable:
+            raise ValueError(f"prompts[{i}] has {len(t)} tokens and needs {need} blocks of {block_size}; "
+                             f"the KV pool has num_blocks={blocks} ({usable} usable for admission)")
+    engine = Engine(loaded, num_blocks=blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens or max(8192, max_num_seqs),
+                    backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
+                    watermark=WATERMARK)
+    for t, p in zip(ids, params):
+        engine.add_request(t, p)
+    if use_tqdm is None:
+        use_tqdm = sys.stderr.isatty() and sum(p.max_tokens * p.num_outputs for p in params) >= 4096
+    start = time.perf_counter()
+    results = {}
+    from tqdm import tqdm
+
+    with tqdm(total=len(ids), desc="generate", unit="req", disable=not use_tqdm) as bar:
+        while engine.has_unfinished():
+            bar.update(engine.step())
+            for done in engine.pop_finished():
+                results[done.request_id] = done
+    elapsed = time.perf_counter() - start
+    outputs = GenerateOutputs(_to_output(results[rid], prompts[rid], loaded.tokenizer) for rid in range(len(ids)))
+    stats = engine.stats()
+    generated = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    stats.update(elapsed_s=elapsed, generated_tokens=generated,
+                 tokens_per_s=generated / elapsed if elapsed > 0 else 0.0)
+    outputs.stats = stats
+    return (outputs, stats) if return_stats else outputs
+
+
+def _to_output(done, prompt, tokenizer) -> RequestOutput:
+    def text(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+
+    comps = [CompletionOutput(i, text(toks), list(toks), float(cum), reason)
+             for i, (toks, cum, reason) in enumerate(done.completions)]
+    return RequestOutput(done.request_id, prompt if isinstance(prompt, str) else None,
+                         list(done.prompt_token_ids), comps)

@@ -1,0 +1,221 @@
+"""Attention over the paged KV cache: batch metadata, prefill attention and the decode backends.
+
+Both backends read the same inputs: an NHD cache per layer ``[num_blocks, block_size,
+num_kv_heads, head_dim]``, int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
+
+- ``torch``: one batched gather of every decode sequence's context per layer, then one SDPA
+  call with a padding mask (the CPU default).
+- ``triton``: kgen's paged decode kernel, chosen per decode step through ``kgen.dispatch`` (the
+  tuning database when it has a record, a sound default otherwise). On a CPU device it runs under
+  the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not, with a warning).
+
+Prefill attention (causal, over the tokens of one sequence, after its cached prefix) uses
+``torch.nn.functional.scaled_dot_product_attention`` for both backends.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prefill tokens inside the flat token batch.
+
+    ``start:end`` are rows of the batch; the tokens are positions ``num_cached:ctx_len`` of the
+    sequence. ``ctx_slots`` (int64 ``[ctx_len]``) are the cache slots of all its positions, needed
+    only when a cached prefix must be read back from the cache (``num_cached > 0``).
+    """
+
+    start: int
+    end: int
+    num_cached: int
+    ctx_len: int
+    ctx_slots: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one engine step (built once, used by every layer).
+
+    Rows ``[0, num_prefill_tokens)`` of the batch are prefill tokens (see ``prefills``); the rows
+    after them are one token per decode sequence.
+    """
+
+    slot_mapping: torch.Tensor                 # int64 [num_tokens]: cache slot of each token's K/V
+    prefills: list[PrefillSpan]
+    num_prefill_tokens: int
+    block_tables: torch.Tensor | None = None   # int32 [num_decode, max_blocks]
+    seq_lens: torch.Tensor | None = None       # int32 [num_decode]
+    max_seq_len: int = 0
+    extra: dict = field(default_factory=dict)  # backend-prepared tensors (gather index, mask, kernel)
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.seq_lens is None else int(self.seq_lens.shape[0])
+
+
+def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows into their slots. k, v: [num_tokens, num_kv_heads, head_dim]."""
+    kv_heads, head_dim = k.shape[1], k.shape[2]
+    key_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    value_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                      value_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its whole context.
+
+    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' K/V, already
+    written to the cache). Returns [n, num_heads, head_dim].
+    """
+    n, heads, head_dim = q.shape
+    group = heads // k.shape[1]
+    if span.num_cached:
+        # the cached prefix lives only in the cache: read the whole context back by slot
+        kv_heads = k.shape[1]
+        k = key_cache.view(-1, kv_heads, head_dim).index_select(0, span.ctx_slots)
+        v = value_cache.view(-1, kv_heads, head_dim).index_select(0, span.ctx_slots)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    # [1, heads, tokens, head_dim]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    if span.num_cached:
+        mask = torch.ones(n, span.ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=span.num_cached)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    return out.squeeze(0).transpose(0, 1)
+
+
+class TorchDecode:
+    """Vectorized paged decode in torch: one gather per layer for all decode sequences.
+
+    The gather reads the cache as rows of ``head_dim`` (one per slot and KV head) in
+    ``[seq, kv_head, position]`` order, so K and V come out contiguous as ``[B, kvh, S, D]`` and
+    the grouped queries ``[B, kvh, group, D]`` attend to them in one SDPA call without expanding
+    the KV heads.
+    """
+
+    name = "torch"
+
+    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.dtype = dtype
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Build the gather index and the padding mask once per step."""
+        bt = meta.block_tables.long()                                   # [B, max_blocks]
+        bs, kvh = self.block_size, self.num_kv_heads
+        offsets = torch.arange(bs, device=bt.device)
+        slots = (bt[:, :, None] * bs + offsets).reshape(bt.shape[0], -1)  # [B, max_blocks * bs]
+        slots = slots[:, : meta.max_seq_len]                              # [B, S]
+        heads = torch.arange(kvh, device=bt.device)
+        rows = slots[:, None, :] * kvh + heads[None, :, None]             # [B, kvh, S]
+        pos = torch.arange(meta.max_seq_len, device=bt.device)
+        pad = pos[None, :] >= meta.seq_lens[:, None].long()               # [B, S]
+        bias = torch.zeros(pad.shape, dtype=self.dtype, device=bt.device).masked_fill_(pad, float("-inf"))
+        meta.extra["gather"] = rows.reshape(-1)
+        meta.extra["bias"] = bias[:, None, None, :]                       # [B, 1, 1, S] additive mask
+
+    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [B, num_heads, head_dim] -> [B, num_heads, head_dim]."""
+        b, heads, d = q.shape
+        kvh, s = self.num_kv_heads, meta.max_seq_len
+        idx = meta.extra["gather"]
+        k = key_cache.view(-1, d).index_select(0, idx).view(b, kvh, s, d)     # [B, kvh, S, D]
+        v = value_cache.view(-1, d).index_select(0, idx).view(b, kvh, s, d)
+        qg = q.reshape(b, kvh, heads // kvh, d)                                # [B, kvh, g, D]
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.extra["bias"], scale=scale)
+        return out.reshape(b, heads, d)
+
+
+_WARNED_INTERPRET = False
+
+
+def ensure_interpreter_on_cpu(device: torch.device) -> None:
+    """Set TRITON_INTERPRET=1 (once, with a warning) when Triton must run on a CPU device."""
+    global _WARNED_INTERPRET
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            # triton.language's own jit helpers were built in compiled mode at import: too late
+            raise RuntimeError("backend='triton' on a CPU device needs TRITON_INTERPRET=1, but triton was "
+                               "imported before it could be set; set TRITON_INTERPRET=1 in the environment "
+                               "before importing triton (or anything that imports it, e.g. transformers models)")
+        os.environ["TRITON_INTERPRET"] = "1"
+        if not _WARNED_INTERPRET:
+            _WARNED_INTERPRET = True
+            warnings.warn("backend='triton' on a CPU device: setting TRITON_INTERPRET=1, kernels run "
+                          "under the (slow) Triton interpreter", RuntimeWarning, stacklevel=3)
+
+
+class TritonDecode:
+    """kgen's paged decode kernel, looked up through ``kgen.dispatch`` once per step."""
+
+    name = "triton"
+
+    def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, dispatcher=None) -> None:
+        ensure_interpreter_on_cpu(device)
+        from kgen.dispatch import Dispatcher
+        from kgen.variant import BLOCK_SIZES, HEAD_DIMS, normalize_dtype
+
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim={head_dim} is not supported by the triton backend; "
+                             f"supported: {', '.join(map(str, HEAD_DIMS))} (use backend='torch')")
+        if block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size={block_size} is not supported by the triton backend; "
+                             f"supported: {', '.join(map(str, BLOCK_SIZES))} (use backend='torch')")
+        self.block_size, self.head_dim = block_size, head_dim
+        self.group_size = num_heads // num_kv_heads
+        self.dtype = normalize_dtype(dtype)
+        self.dispatcher = dispatcher or Dispatcher()
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        meta.extra["kernel"] = self.dispatcher.kernel_for(
+            dtype=self.dtype, head_dim=self.head_dim, block_size=self.block_size,
+            group_size=self.group_size, num_seqs=meta.num_decodes, max_context=meta.max_seq_len)
+
+    def decode(self, q, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        kernel = meta.extra["kernel"]
+        return kernel(q.contiguous(), key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                      scale=scale, max_seq_len=meta.max_seq_len)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA, ``torch`` on the CPU; validates the name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
+                        head_dim: int, dtype: torch.dtype, device: torch.device):
+    """The decode backend object for a resolved backend name."""
+    name = resolve_backend(backend, device)
+    if backend == "auto" and name == "triton" and not triton_supports(head_dim, block_size):
+        name = "torch"
+    if name == "triton":
+        return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device)
+    return TorchDecode(block_size, num_kv_heads, head_dim, dtype)
+
+
+def triton_supports(head_dim: int, block_size: int) -> bool:
+    """Whether kgen's kernel space covers this head dim and block size."""
+    from kgen.variant import BLOCK_SIZES, HEAD_DIMS
+
+    return head_dim in HEAD_DIMS and block_size in BLOCK_SIZES

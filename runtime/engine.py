@@ -1,0 +1,299 @@
+"""The step loop: schedule -> block copies -> batch tensors -> forward -> sample -> update.
+
+One :meth:`Engine.step` runs every scheduled sequence in ONE forward: the prefill tokens of newly
+admitted sequences followed by one decode token per running sequence. Batch tensors (token ids,
+positions, slot mapping, block tables, sequence lengths) are built once per step; all logits are
+sampled in one batched call; copy-on-write block copies are one indexed copy over all layers.
+
+Sharing: an ``n > 1`` request starts as one sequence; after its prefill the other ``n - 1`` are
+forked from it (``KVCacheManager.fork``), so the prompt's blocks are shared. Beam search forks and
+prunes beams each step (:mod:`runtime.beam`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.attention import AttentionMetadata, PrefillSpan, make_decode_backend
+from runtime.beam import BeamSearch
+from runtime.kv_manager import KVCacheManager
+from runtime.loader import LoadedModel
+from runtime.sampling import SamplingParams, make_generator, sample
+from runtime.scheduler import Scheduler
+from runtime.sequence import Sequence, SequenceGroup
+from runtime.step_stats import StepMeter
+
+
+@dataclass
+class FinishedRequest:
+    """A request's result: (token ids, cumulative logprob, finish reason) per completion."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    completions: list[tuple[list[int], float, str]]
+
+
+@dataclass
+class _Request:
+    group: SequenceGroup
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    generators: dict = field(default_factory=dict)   # seq_id -> torch.Generator (seeded requests)
+    index: dict = field(default_factory=dict)        # seq_id -> completion index (n > 1)
+    forked: bool = False
+    beam: BeamSearch | None = None
+
+
+class Engine:
+    """Runs requests to completion over a paged KV cache.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    num_blocks : int
+        Physical KV blocks (each ``block_size`` tokens, all layers).
+    block_size : int
+        Tokens per block.
+    max_num_seqs, max_num_batched_tokens : int
+        Scheduler limits per step.
+    backend : str
+        Decode attention backend: ``auto``, ``torch`` or ``triton``.
+    enable_prefix_caching : bool
+        Reuse cached prompt blocks across requests.
+    seed : int or None
+        Seed of the stream used by unseeded sampled requests.
+    watermark : float
+        Fraction of the pool that admission keeps free for running sequences to grow.
+    """
+
+    def __init__(self, model: LoadedModel, *, num_blocks: int, block_size: int = 16,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, backend: str = "auto",
+                 enable_prefix_caching: bool = True, seed: int | None = None, watermark: float = 0.01) -> None:
+        self.loaded, self.model, self.config = model, model.model, model.config
+        self.device, self.block_size = self.model.device, block_size
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
+                                 watermark=watermark)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        c = self.config
+        self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
+                                           num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
+                                           dtype=self.model.dtype, device=self.device)
+        self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks, block_size),
+                                    dtype=self.model.dtype, device=self.device)
+        self.max_len = min(c.max_position_embeddings, num_blocks * block_size)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self._seq_ids = itertools.count()
+        self._req_ids = itertools.count()
+        self._requests: dict[int, _Request] = {}
+        self._seq_req: dict[int, int] = {}  # seq_id -> request_id
+        self._finished: list[FinishedRequest] = []
+        self.meter = StepMeter(block_size)
+        self.num_forward_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Queue one request; returns its id (ids count up from 0 in call order)."""
+        rid = next(self._req_ids)
+        seq = Sequence(next(self._seq_ids), prompt_token_ids)
+        group = SequenceGroup(rid, [seq], sampling_params=params)
+        req = _Request(group, params, seq.prompt_token_ids)
+        if params.beam_width > 1:
+            req.beam = BeamSearch(params, self.config.eos_token_ids, self.max_len)
+        self._register_seq(req, seq, 0)
+        self._requests[rid] = req
+        self.scheduler.add(group)
+        return rid
+
+    def _register_seq(self, req: _Request, seq: Sequence, index: int) -> None:
+        self._seq_req[seq.seq_id] = req.group.request_id
+        req.index[seq.seq_id] = index
+        gen = make_generator(req.params.seed, index, self.device)
+        if gen is not None:
+            req.generators[seq.seq_id] = gen
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def pop_finished(self) -> list[FinishedRequest]:
+        done, self._finished = self._finished, []
+        return done
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Run one scheduled step; returns how many requests finished in it."""
+        out = self.scheduler.schedule()
+        for group in out.aborted:
+            self._complete(self._requests[group.request_id])
+        if out.is_empty():
+            if self.scheduler.has_unfinished() and not out.aborted and not out.preempted:
+                raise RuntimeError("the scheduler could not run any sequence: the KV pool is too small")
+            return len(out.aborted)
+        if out.copies:
+            src = torch.tensor([s for s, _ in out.copies], device=self.device)
+            dst = torch.tensor([d for _, d in out.copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # all layers, K and V
+        seqs = out.prefill_seqs + out.decode_seqs
+        self.meter.record(self.kv)
+        logits = self._forward(out.prefill_seqs, out.decode_seqs)
+        for seq in seqs:
+            seq.num_computed_tokens = len(seq)
+        rows: dict[int, list[tuple[Sequence, int]]] = {}
+        for row, seq in enumerate(seqs):
+            rows.setdefault(self._seq_req[seq.seq_id], []).append((seq, row))
+        finished_before = len(self._finished)
+        self._sample_all(rows, logits)
+        self.scheduler.free_finished()
+        return len(self._finished) - finished_before
+
+    def _forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        pos: list[torch.Tensor] = []      # int64 position runs, one per prefill, then the decodes
+        slots: list[torch.Tensor] = []    # matching cache slots
+        spans: list[PrefillSpan] = []
+        last_rows: list[int] = []
+        for seq in prefill:  # vectorized per sequence: slot = table[pos // bs] * bs + pos % bs
+            start, n = seq.num_cached_tokens, len(seq)
+            ctx_pos = torch.arange(n)
+            ctx_slots = torch.tensor(seq.block_table)[ctx_pos // bs] * bs + ctx_pos % bs   # [n]
+            ids.extend(seq.token_ids[start:])
+            pos.append(ctx_pos[start:])
+            slots.append(ctx_slots[start:])
+            spans.append(PrefillSpan(len(ids) - (n - start), len(ids), start, n,
+                                     ctx_slots.to(dev) if start else None))
+            last_rows.append(len(ids) - 1)
+        npf = len(ids)
+        meta = AttentionMetadata(slot_mapping=None, prefills=spans, num_prefill_tokens=npf)
+        if decode:
+            lens = [len(s) for s in decode]
+            width = max(len(s.block_table) for s in decode)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decode]
+            ids.extend(s.token_ids[-1] for s in decode)
+            pos.append(torch.tensor(lens) - 1)
+            slots.append(torch.tensor([s.block_table[(n - 1) // bs] * bs + (n - 1) % bs
+                                       for s, n in zip(decode, lens)]))
+            last_rows.extend(range(npf, npf + len(decode)))
+            meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
+            meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+            meta.max_seq_len = max(lens)
+            self.backend.prepare(meta)
+        meta.slot_mapping = torch.cat(slots).to(dev)
+        self.num_forward_tokens += len(ids)
+        return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(pos).to(dev),
+                                  self.kv_cache, meta, self.backend,
+                                  torch.tensor(last_rows, dtype=torch.int64, device=dev))
+
+    # ------------------------------------------------------------------ sampling and updates
+    def _sample_all(self, rows: dict[int, list[tuple[Sequence, int]]], logits: torch.Tensor) -> None:
+        picks: list[tuple[Sequence, _Request]] = []
+        pick_rows: list[int] = []
+        for rid, members in rows.items():
+            req = self._requests[rid]
+            if req.beam is not None:
+                self._beam_step(req, members, logits)
+                continue
+            if not req.forked:
+                req.forked = True
+                parent, row = members[0]
+                for i in range(1, req.params.n):
+                    members.append((self._fork(req, parent, i), row))
+            for seq, row in members:
+                picks.append((seq, req))
+                pick_rows.append(row)
+        if not picks:
+            return
+        chosen = logits.index_select(0, torch.tensor(pick_rows, device=logits.device))
+        tokens, logprobs = sample(chosen, [r.params for _, r in picks],
+                                  [r.generators.get(s.seq_id) for s, r in picks], self.generator)
+        touched: dict[int, _Request] = {}
+        for (seq, req), tok, lp in zip(picks, tokens, logprobs):
+            seq.append_token(tok, lp)
+            reason = self._finish_reason(seq, req.params)
+            if reason:
+                self.scheduler.finish_seq(seq, reason)
+            touched[req.group.request_id] = req
+        for req in touched.values():
+            if req.group.is_finished():
+                self._complete(req)
+
+    def _finish_reason(self, seq: Sequence, params: SamplingParams) -> str | None:
+        tok = seq.token_ids[-1]
+        if tok in params.stop_token_ids or (not params.ignore_eos and tok in self.config.eos_token_ids):
+            return "stop"
+        if len(seq) - seq.num_prompt_tokens >= params.max_tokens or len(seq) >= self.max_len:
+            return "length"
+        return None
+
+    def _beam_step(self, req: _Request, members: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        beams = [s for s, _ in members]
+        row_idx = torch.tensor([r for _, r in members], device=logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, row_idx), dim=-1)
+        plan = req.beam.step([s.output_token_ids for s in beams], [s.cumulative_logprob for s in beams], logprobs)
+        for i in plan.prune:
+            self._drop_beam(req, beams[i])
+        # forks first (children copy the parent's state before this step's token), appends second
+        used: set[int] = set()
+        assigned: list[tuple[Sequence, int, float]] = []
+        for parent_idx, tok, lp in plan.extend:
+            seq = beams[parent_idx]
+            if parent_idx in used:
+                seq = self._fork(req, seq)
+            used.add(parent_idx)
+            assigned.append((seq, tok, lp))
+        live = []
+        for seq, tok, lp in assigned:
+            seq.append_token(tok, lp)
+            if len(seq) - seq.num_prompt_tokens >= req.params.max_tokens or len(seq) >= self.max_len:
+                req.beam.finish_live(seq.output_token_ids, seq.cumulative_logprob, "length")
+                self._drop_beam(req, seq)
+            else:
+                live.append(seq)
+        if req.beam.is_done(max((s.cumulative_logprob for s in live), default=None)):
+            for seq in live:
+                self._drop_beam(req, seq)
+        if req.group.is_finished():
+            self._complete(req)
+
+    def _fork(self, req: _Request, parent: Sequence, index: int = 0) -> Sequence:
+        """A child sharing all of ``parent``'s blocks, added to the request's group."""
+        child = parent.fork(next(self._seq_ids))
+        self.kv.fork(parent, child)
+        req.group.seqs.append(child)
+        self._register_seq(req, child, index)
+        return child
+
+    def _drop_beam(self, req: _Request, seq: Sequence) -> None:
+        """Free a pruned or finished beam and remove it from the group."""
+        self.scheduler.finish_seq(seq, "stop")
+        req.group.seqs.remove(seq)
+        del self._seq_req[seq.seq_id]
+
+    def _complete(self, req: _Request) -> None:
+        prompt = req.prompt_token_ids
+        for seq in req.group.seqs:
+            self._seq_req.pop(seq.seq_id, None)
+        if req.beam is not None:
+            for seq in req.group.seqs:  # beams still in the group were aborted by the scheduler
+                req.beam.finish_live(seq.output_token_ids, seq.cumulative_logprob, "length")
+            comps = [(h.token_ids, h.cumulative_logprob, h.finish_reason) for h in req.beam.best()]
+        else:
+            ordered = sorted(req.group.seqs, key=lambda s: req.index[s.seq_id])
+            comps = [(s.output_token_ids, s.cumulative_logprob, s.finish_reason or "length") for s in ordered]
+        self._finished.append(FinishedRequest(req.group.request_id, prompt, comps))
+        del self._requests[req.group.request_id]
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        """Memory-manager counters plus the step meter's sharing and utilization figures
+        (:meth:`runtime.step_stats.StepMeter.summary`)."""
+        s = self.scheduler.stats()
+        s.update(self.meter.summary(s["peak_blocks_in_use"]))
+        s.update(kv_cache_bytes=self.kv_cache.numel() * self.kv_cache.element_size(),
+                 forward_tokens=self.num_forward_tokens, backend=self.backend.name)
+        return s
