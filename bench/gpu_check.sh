@@ -60,7 +60,7 @@ step "1. kgen tune --gpu $GPU"
 if [ "$QUICK" = "--quick" ]; then TUNE_ARGS="--group-size 8 --batch 4 --context 8192 --trials 4"
 else TUNE_ARGS="--group-size 1,8 --batch 4,64 --context 8192,4096 --trials 8"; fi
 timeout $T_TUNE $KGEN tune --gpu "$GPU" --head-dim 128 --block-size 16 --dtype bf16 $TUNE_ARGS \
-    --db tuning_db --quiet 2>&1 | tee "$RES/tune.log" | tail -n 25
+    --db tuning_db --resume --quiet 2>--db tuning_db --quiet 2>&11 | tee "$RES/tune.log" | tail -n 25
 $KGEN db show --gpu "$GPU" --db tuning_db 2>&1 | tail -n 20
 
 step "2. kernel benchmarks"

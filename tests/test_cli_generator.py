@@ -37,7 +37,7 @@ def test_emit_by_key_and_defaults(tmp_path, capsys):
     assert main(["emit", "--key", key, "-o", str(tmp_path / "a.py")]) == 0
     assert f'VARIANT_KEY = "{key}"' in (tmp_path / "a.py").read_text()
     assert main(["emit", "--head-dim", "112", "--block-size", "1", "-o", str(tmp_path / "b.py")]) == 0
-    assert "paged_decode-d112-b1-g1-s1-t64-w4-st2-fp16" in capsys.readouterr().out
+    assert "paged_decode-d112-b1-g1-sauto-t64-w4-st2-fp16" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

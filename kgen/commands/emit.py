@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from kgen.commands.db import add_emit_gpu_options, emit_config_from_db
 from kgen.commands.variants import AXIS_OPTIONS, add_axis_options, parse_axis_value
 from kgen.render import emit
 from kgen.space import default_config, prune_reason
@@ -18,6 +19,8 @@ def config_from_args(args: argparse.Namespace) -> VariantConfig:
     :func:`kgen.space.default_config`'s choice for the shape)."""
     given = {name: parse_axis_value(name, getattr(args, name)) for name in AXIS_OPTIONS
              if getattr(args, name) is not None}
+    if args.gpu:
+        return emit_config_from_db(args, given)
     if args.key:
         if given:
             options = ", ".join(AXIS_OPTIONS[name][0] for name in given)
@@ -28,7 +31,7 @@ def config_from_args(args: argparse.Namespace) -> VariantConfig:
         raise ValueError(f"{', '.join(missing)} required (or --key)")
     base = default_config(head_dim=given["head_dim"], block_size=given["block_size"],
                           group_size=given.get("group_size", 1), dtype=given.get("dtype", "fp16"),
-                          split_k=given.get("split_k", 1))
+                          split_k=given.get("split_k", "auto"))
     return base.replace(**given)
 
 
@@ -40,6 +43,7 @@ def register(subparsers) -> None:
                     "--dtype bf16 -o decode.py'. Unset launch options take the default heuristic.")
     add_axis_options(parser, multiple=False)
     parser.add_argument("--key", default=None, help="a variant key instead of the axis options")
+    add_emit_gpu_options(parser)
     parser.add_argument("-o", "--output", required=True, metavar="FILE.py", help="module to write")
     parser.add_argument("--allow-pruned", action="store_true",
                         help="emit even if a prune rule rejects the variant")

@@ -1,0 +1,173 @@
+"""``kgen db show | explain | check``: read the tuning database."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kgen.tune.workload import bucket
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "db", help="show, explain or check the tuning database",
+        description="'kgen db show [--gpu NAME]' prints the best-config tables; 'kgen db explain "
+                    "--gpu NAME --batch B --context L ...' says which record a step would use and "
+                    "why; 'kgen db check' validates every file (exit 1 if any is bad).")
+    sub = parser.add_subparsers(dest="db_command", metavar="{show,explain,check}")
+    sub.required = True
+    show = sub.add_parser("show", help="print the best-config table(s)")
+    show.add_argument("--gpu", default=None, help="only this GPU (default: all)")
+    explain = sub.add_parser("explain", help="which record a lookup uses, and why")
+    explain.add_argument("--gpu", required=True)
+    explain.add_argument("--batch", type=int, required=True, help="sequences in the step")
+    explain.add_argument("--context", type=int, required=True, help="longest context (tokens)")
+    explain.add_argument("--head-dim", type=int, default=128)
+    explain.add_argument("--block-size", type=int, default=16)
+    explain.add_argument("--group-size", type=int, default=1)
+    explain.add_argument("--dtype", default="fp16")
+    check = sub.add_parser("check", help="validate every file of the database")
+    for p in (show, explain, check):
+        p.add_argument("--db", default=None, metavar="DIR",
+                       help="database folder (default: tuning_db/ or $KGEN_DB)")
+        p.set_defaults(func=run)
+
+
+def _db_dir(args):
+    from kgen.paths import default_db_dir
+
+    return args.db or default_db_dir()
+
+
+def show(args) -> int:
+    import pandas as pd
+
+    from kgen.db.store import gpu_folders, load_best
+    from kgen.device import normalize_gpu_name
+
+    root = _db_dir(args)
+    gpus = [normalize_gpu_name(args.gpu)] if args.gpu else gpu_folders(root)
+    rows, defaults = [], []
+    for gpu in gpus:
+        table = load_best(Path(root) / gpu / "best.json")
+        if table is None:
+            if args.gpu:
+                raise FileNotFoundError(f"no tuning records for gpu={args.gpu!r} in {root}")
+            continue
+        for key, entry in sorted(table["entries"].items()):
+            w, c, prov = entry["workload"], entry["config"], entry["provenance"]
+            rows.append({"gpu": gpu, "dtype": w["dtype"], "d": w["head_dim"], "b": w["block_size"],
+                         "g": w["group_size"], "batch": w["batch"], "context": w["context"],
+                         "split": "auto" if c["split_k"] == 0 else c["split_k"],
+                         "tile": c["tile_tokens"], "warps": c["num_warps"],
+                         "stages": c["num_stages"], "ms": entry["time_ms"],
+                         "default_ms": entry["default_time_ms"], "speedup": entry.get("speedup"),
+                         "trials": entry["trials"], "triton": prov.get("triton"),
+                         "method": prov.get("method")})
+        for key, rec in sorted(table.get("block_size_defaults", {}).items()):
+            defaults.append(f"{gpu} {key}: fastest block size {rec['block_size']} "
+                            f"(geomean ms {rec['geomean_ms']})")
+    if not rows:
+        print(f"no tuning records in {root}")
+        return 0
+    frame = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.max_rows", 10_000, "display.float_format", "{:.5g}".format):
+        print(frame.to_string(index=False))
+    for line in defaults:
+        print(line)
+    return 0
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.5g} ms"
+
+
+def explain(args) -> int:
+    from kgen.db.lookup import DbReader
+
+    reader = DbReader(_db_dir(args))
+    result = reader.lookup(args.gpu, dtype=args.dtype, head_dim=args.head_dim,
+                           block_size=args.block_size, group_size=args.group_size,
+                           num_seqs=args.batch, max_context=args.context)
+    print(f"step: batch {args.batch} (bucket {bucket(args.batch, '--batch')}), context "
+          f"{args.context} (bucket {bucket(args.context, '--context')})")
+    print(f"workload: {result.workload.key}")
+    print(f"source: {result.source}")
+    print(f"why: {result.reason}")
+    print(f"variant: {result.config.key}")
+    if result.entry:
+        entry = result.entry
+        print(f"record: {result.entry_key} in {result.path}: {_ms(entry['time_ms'])} "
+              f"(default {_ms(entry['default_time_ms'])}), triton {entry['provenance'].get('triton')}, "
+              f"{entry['provenance'].get('method')}, {entry['provenance'].get('date')}")
+    for gpu, problem in reader.errors.items():
+        print(f"skipped unusable file for {gpu}: {problem}")
+    return 0
+
+
+def check(args) -> int:
+    from kgen.db.check import check_db
+
+    reports = check_db(_db_dir(args))
+    bad = 0
+    for report in reports:
+        if report.problem:
+            bad += 1
+            print(f"BAD  {report.problem}")
+        else:
+            print(f"ok   {report.path}: {report.summary}")
+    print(f"{len(reports)} file(s) checked, {bad} bad")
+    return 1 if bad else 0
+
+
+# ---- `kgen emit --gpu NAME`: the recorded best variant (used by kgen/commands/emit.py) ---------
+LAUNCH_AXES = ("split_k", "tile_tokens", "num_warps", "num_stages")
+
+
+def add_emit_gpu_options(parser: argparse.ArgumentParser) -> None:
+    """``--gpu``, ``--batch``, ``--context``, ``--db`` for ``kgen emit``."""
+    parser.add_argument("--gpu", default=None, metavar="NAME",
+                        help="emit the tuning database's best variant for this GPU (h100, "
+                             "interpreter, ...) and shape; launch options come from the record")
+    parser.add_argument("--batch", type=int, default=None, metavar="B",
+                        help="with --gpu: sequences per step (default: middle of the tuned range)")
+    parser.add_argument("--context", type=int, default=None, metavar="L",
+                        help="with --gpu: longest context (default: middle of the tuned range)")
+    parser.add_argument("--db", default=None, metavar="DIR",
+                        help="with --gpu: database folder (default: tuning_db/ or $KGEN_DB)")
+
+
+def emit_config_from_db(args, given: dict):
+    """The variant ``kgen emit --gpu`` writes: the lookup's choice for the given shape.
+
+    ``given`` holds the parsed axis options; launch options may not be given with ``--gpu``.
+    Without ``--block-size`` the block size recorded as fastest for (dtype, head dim) is used.
+    """
+    import sys
+
+    from kgen.db.lookup import DbReader, preferred_block_size
+
+    if getattr(args, "key", None):
+        raise ValueError(f"--key={args.key!r} cannot be combined with --gpu={args.gpu!r}")
+    clash = [f"--{name.replace('_', '-')}" for name in LAUNCH_AXES if name in given]
+    if clash:
+        raise ValueError(f"--gpu={args.gpu!r} takes the launch options from the tuning database; "
+                         f"drop {', '.join(clash)}")
+    if "head_dim" not in given:
+        raise ValueError("--head-dim is required with --gpu")
+    dtype = given.get("dtype", "fp16")
+    block_size = given.get("block_size") or preferred_block_size(
+        args.gpu, dtype=dtype, head_dim=given["head_dim"], db_dir=_db_dir(args))
+    if block_size is None:
+        raise ValueError(f"--block-size is required: no fastest block size is recorded for "
+                         f"gpu={args.gpu!r}, {dtype}, head dim {given['head_dim']}")
+    result = DbReader(_db_dir(args)).lookup(
+        args.gpu, dtype=dtype, head_dim=given["head_dim"], block_size=block_size,
+        group_size=given.get("group_size", 1), num_seqs=args.batch, max_context=args.context)
+    sys.stderr.write(f"kgen emit: {result.source}: {result.reason}\n")
+    return result.config
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"show": show, "explain": explain, "check": check}[args.db_command](args)

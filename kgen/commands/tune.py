@@ -1,0 +1,127 @@
+"""``kgen tune --gpu NAME``: tune the variants per workload into the tuning database."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kgen.tune.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, parse_int_list
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tune", help="tune kernel variants per workload with Optuna into tuning_db/",
+        description="Search split-K, tile tokens, num_warps and num_stages per workload (dtype x "
+                    "head dim x block size x group size x batch bucket x context bucket) and "
+                    "record the best variant per workload. E.g. 'kgen tune --gpu interpreter "
+                    "--trials 4 --head-dim 64 --block-size 16 --batch 1 --context 512'.")
+    parser.add_argument("--gpu", required=True, metavar="NAME",
+                        help="device to tune: h100, a100, l40s, ... (must be the one present), "
+                             "'interpreter' (Triton interpreter on the CPU) or 'synthetic'")
+    parser.add_argument("--head-dim", default="128", metavar="LIST", help="default 128")
+    parser.add_argument("--block-size", default="16", metavar="LIST", help="default 16")
+    parser.add_argument("--group-size", default="1", metavar="LIST", help="default 1")
+    parser.add_argument("--dtype", default="fp16", metavar="LIST", help="default fp16")
+    parser.add_argument("--batch", default=_csv(DEFAULT_BATCHES), metavar="LIST",
+                        help=f"batch buckets, powers of two (default {_csv(DEFAULT_BATCHES)})")
+    parser.add_argument("--context", default=_csv(DEFAULT_CONTEXTS), metavar="LIST",
+                        help=f"context buckets, powers of two (default {_csv(DEFAULT_CONTEXTS)})")
+    parser.add_argument("--trials", type=int, default=30, metavar="N",
+                        help="trials per workload (default 30)")
+    parser.add_argument("--sampler", default="tpe", choices=("tpe", "random", "grid"),
+                        help="Optuna sampler (default tpe)")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    parser.add_argument("--db", default=None, metavar="DIR",
+                        help="database folder (default: tuning_db/ or $KGEN_DB)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="Optuna RDB URL (or a journal file path) shared by several processes "
+                             "or machines (default: DB/<gpu>/journal.log)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue studies that already have trials (after an interruption)")
+    parser.add_argument("--workers", type=int, default=1, metavar="K",
+                        help="worker processes on this machine against the same storage")
+    parser.add_argument("--no-audit", action="store_true",
+                        help="skip the static audit before timing on a GPU")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
+    parser.set_defaults(func=run)
+
+
+def make_measurer(device, *, audit: bool, seed: int):
+    """The measurer for a device: synthetic, interpreter, or the GPU's (audited for its target)."""
+    from kgen.tune.measure import SyntheticMeasurer
+
+    if device.name == "synthetic":
+        return SyntheticMeasurer(seed=seed)
+    if device.name == "interpreter":
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+        from kgen.tune.measure_kernel import InterpreterMeasurer
+
+        return InterpreterMeasurer(seed=seed)
+    from kgen.tune.measure_kernel import GpuMeasurer
+
+    return GpuMeasurer(device.name, audit_target=device.audit_target if audit else None, seed=seed)
+
+
+def workloads_from_args(args, gpu: str):
+    from kgen.tune.workload import expand_workloads
+    from kgen.variant import normalize_dtype
+
+    dtypes = [normalize_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
+    if not dtypes:
+        raise ValueError(f"--dtype={args.dtype!r} is empty")
+    return expand_workloads(
+        gpu=gpu, dtypes=dtypes, head_dims=parse_int_list(args.head_dim, "--head-dim"),
+        block_sizes=parse_int_list(args.block_size, "--block-size"),
+        group_sizes=parse_int_list(args.group_size, "--group-size"),
+        batches=parse_int_list(args.batch, "--batch"),
+        contexts=parse_int_list(args.context, "--context"))
+
+
+def summary_lines(results, table: dict | None) -> list[str]:
+    lines = [f"{'workload':<38} {'best variant':<46} {'ms':>10} {'default ms':>10} {'x':>6} "
+             f"{'ok/pruned/failed':>16}"]
+    for r in results:
+        counts = "/".join(str(r.counts.get(k, 0)) for k in ("ok", "pruned", "failed"))
+        if r.best is None:
+            lines.append(f"{r.workload.key:<38} {'(no valid candidate)':<46} {'-':>10} {'-':>10} "
+                         f"{'-':>6} {counts:>16}")
+            continue
+        default = f"{r.default_time_ms:.4f}" if r.default_time_ms else "-"
+        speed = f"{r.speedup:.2f}" if r.speedup else "-"
+        lines.append(f"{r.workload.key:<38} {r.best.key:<46} {r.time_ms:>10.4f} {default:>10} "
+                     f"{speed:>6} {counts:>16}")
+    for key, rec in sorted((table or {}).get("block_size_defaults", {}).items()):
+        lines.append(f"fastest block size for {key}: {rec['block_size']} "
+                     f"(geomean ms per block size {rec['geomean_ms']})")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from kgen.device import resolve_gpu
+    from kgen.paths import default_db_dir
+
+    if args.trials < 1:
+        raise ValueError(f"--trials={args.trials} must be at least 1")
+    if args.workers < 1:
+        raise ValueError(f"--workers={args.workers} must be at least 1")
+    device = resolve_gpu(args.gpu)
+    workloads = workloads_from_args(args, device.name)
+    from kgen.tune.tuner import TuneSettings, tune
+
+    settings = TuneSettings(
+        measurer=make_measurer(device, audit=not args.no_audit, seed=args.seed), device=device,
+        db_dir=args.db or default_db_dir(), trials=args.trials, sampler=args.sampler,
+        seed=args.seed, storage=args.storage, resume=args.resume, workers=args.workers,
+        progress=not args.quiet and sys.stderr.isatty())
+    if not args.quiet:
+        print(f"tuning {len(workloads)} workload(s) x {args.trials} trials on {device.full_name} "
+              f"({device.name}) into {settings.store.dir}", flush=True)
+    results = tune(settings, workloads)
+    for line in summary_lines(results, settings.store.load_best()):
+        print(line)
+    return 0

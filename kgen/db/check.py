@@ -1,0 +1,73 @@
+"""Validate every file of a tuning database (``kgen db check``). Standard library only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kgen.db.schema import DbFormatError
+from kgen.db.store import BEST_FILE, JOURNAL_FILE, TRIALS_FILE, gpu_folders, load_best, read_trials
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """One file's verdict: ``problem`` is None when it is valid; ``summary`` says what it holds."""
+
+    path: str
+    problem: str | None
+    summary: str = ""
+
+
+def check_journal(path: Path) -> str:
+    """A light check of an Optuna journal: every line a JSON object ending with a newline."""
+    data = Path(path).read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise DbFormatError(f"{path}: last line is truncated (no newline)")
+    lines = data.splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            if not isinstance(json.loads(line), dict):
+                raise ValueError
+        except ValueError:
+            raise DbFormatError(f"{path}:{number}: corrupted journal line (not a JSON object)") from None
+    return f"{len(lines)} journal operations"
+
+
+def check_db(db_dir) -> list[FileReport]:
+    """Check every GPU folder of ``db_dir``; one report per file found."""
+    root = Path(db_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"tuning database folder {root} does not exist")
+    reports = []
+    for gpu in gpu_folders(root):
+        folder = root / gpu
+        best = folder / BEST_FILE
+        if best.exists():
+            try:
+                table = load_best(best)
+                if table.get("gpu") != gpu:
+                    raise DbFormatError(f"{best}: gpu={table.get('gpu')!r} but the folder is {gpu!r}")
+                stale = [k for k in table["entries"] if not k.startswith(f"{gpu}-")]
+                if stale:
+                    raise DbFormatError(f"{best}: entries of another GPU: {', '.join(stale[:3])}")
+                reports.append(FileReport(str(best), None, f"{len(table['entries'])} entries"))
+            except (DbFormatError, OSError) as exc:
+                reports.append(FileReport(str(best), str(exc)))
+        else:
+            reports.append(FileReport(str(best), f"{best}: missing (no compiled best table)"))
+        trials = folder / TRIALS_FILE
+        if trials.exists():
+            try:
+                records = read_trials(trials)
+                kinds = sum(1 for r in records if r["type"] == "trial")
+                reports.append(FileReport(str(trials), None, f"{kinds} trial records"))
+            except (DbFormatError, OSError) as exc:
+                reports.append(FileReport(str(trials), str(exc)))
+        journal = folder / JOURNAL_FILE
+        if journal.exists():
+            try:
+                reports.append(FileReport(str(journal), None, check_journal(journal)))
+            except (DbFormatError, OSError) as exc:
+                reports.append(FileReport(str(journal), str(exc)))
+    return reports

@@ -1,0 +1,256 @@
+"""Which tuned config to use for a (GPU, workload), with logged fallbacks.
+
+Order tried (the first that gives a config wins):
+
+1. ``exact``      -- the workload's own entry, tuned under this triton version;
+2. ``nearest``    -- the nearest tuned (batch, context) bucket in log2 distance with the same
+                     dtype/head dim/block size/group size, inside the tuned range on both axes;
+3. ``other-triton`` -- 1 or 2 among entries of the same GPU tuned under another triton version;
+4. ``family``     -- 1 or 2 on another GPU of the same family (h200 for h100 ...);
+5. ``heuristic``  -- :func:`kgen.space.default_config`.
+
+Each fallback is logged once (logger ``kgen.db``) with what was used and why. A corrupted,
+truncated or future-schema file is skipped with a warning, never a crash. Standard library only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from kgen.db.schema import DbFormatError
+from kgen.db.store import BEST_FILE, gpu_folders, load_best
+from kgen.tune.workload import Workload, log2_distance
+from kgen.variant import VariantConfig, normalize_dtype
+
+log = logging.getLogger("kgen.db")
+_logged: set = set()
+
+
+def log_once(level: int, message: str) -> None:
+    """Log ``message`` at ``level`` the first time it is seen in this process."""
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_version() -> str | None:
+    from kgen.db.schema import _package_version
+
+    return _package_version("triton")
+
+
+def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int) -> VariantConfig:
+    """The generator's default variant for a shape (no tuning data)."""
+    try:
+        from kgen.space import default_config
+    except ImportError:  # generator not present: the contract's defaults
+        return VariantConfig(head_dim=head_dim, block_size=block_size, group_size=group_size,
+                             dtype=dtype)
+    return default_config(head_dim=head_dim, block_size=block_size, group_size=group_size,
+                          dtype=dtype)
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """What a lookup chose: ``config``, and ``source``/``reason`` saying why."""
+
+    config: VariantConfig
+    source: str  # exact | nearest | other-triton | family | heuristic
+    reason: str
+    workload: Workload
+    entry_key: str | None = None
+    path: str | None = None
+    entry: dict | None = None
+
+
+class DbReader:
+    """Loads and caches the best tables of a database root; bad files are skipped with a warning.
+
+    Parameters
+    ----------
+    db_dir : path or None
+        Database root; None means :func:`kgen.paths.default_db_dir`.
+    """
+
+    def __init__(self, db_dir=None) -> None:
+        if db_dir is None:
+            from kgen.paths import default_db_dir
+
+            db_dir = default_db_dir()
+        self.db_dir = Path(db_dir)
+        self._tables: dict[str, dict | None] = {}
+        self.errors: dict[str, str] = {}
+
+    def table(self, gpu: str) -> dict | None:
+        """The validated best table of ``gpu``, or None if missing or unusable."""
+        if gpu not in self._tables:
+            path = self.db_dir / gpu / BEST_FILE
+            try:
+                self._tables[gpu] = load_best(path)
+            except (DbFormatError, OSError) as exc:
+                self._tables[gpu] = None
+                self.errors[gpu] = str(exc)
+                message = f"tuning database file unusable, falling back: {exc}"
+                if message not in _logged:
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                log_once(logging.WARNING, message)
+        return self._tables[gpu]
+
+    def family_gpus(self, gpu: str) -> list[str]:
+        from kgen.device import family_of
+
+        try:
+            family = family_of(gpu)
+        except ValueError:
+            return []
+        if family is None:
+            return []
+        return [name for name in gpu_folders(self.db_dir) if name != gpu and _family(name) == family]
+
+    # ---- the lookup -----------------------------------------------------------------------
+    def lookup(self, gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
+               num_seqs: int | None, max_context: int | None) -> LookupResult:
+        """The config to use for one decode step shape on ``gpu`` (see the module docstring).
+
+        ``num_seqs`` / ``max_context`` of None mean "the middle of the tuned range" (used by
+        ``kgen emit --gpu`` when no step size is given).
+        """
+        from kgen.device import normalize_gpu_name
+
+        gpu = normalize_gpu_name(gpu)
+        if num_seqs is None or max_context is None:
+            num_seqs, max_context = self._middle(gpu, (normalize_dtype(dtype), head_dim, block_size,
+                                                       group_size), num_seqs, max_context)
+        asked = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                  group_size=group_size, num_seqs=num_seqs,
+                                  max_context=max_context)
+        here = triton_version()
+        table = self.table(gpu)
+        candidates = _matching(table, _shape(asked))
+        same = [c for c in candidates if c[1]["provenance"].get("triton") == here]
+        found = _choose(same, asked)
+        if found:
+            return self._result(found, asked, gpu, "exact" if found[0] == asked.key else "nearest")
+        found = _choose(candidates, asked)
+        if found:
+            return self._result(found, asked, gpu, "other-triton", here=here)
+        for other in self.family_gpus(gpu):
+            found = _choose(_matching(self.table(other), _shape(asked)), asked)
+            if found:
+                return self._result(found, asked, other, "family")
+        config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                  group_size=group_size)
+        why = "no database for this GPU" if table is None else "no tuned entry in range"
+        reason = f"{asked.key}: {why} ({self.db_dir / gpu}); using the heuristic default {config.key}"
+        log_once(logging.INFO, f"kgen.db lookup: {reason}")
+        return LookupResult(config=config, source="heuristic", reason=reason, workload=asked)
+
+    def _middle(self, gpu: str, shape: tuple, num_seqs, max_context) -> tuple[int, int]:
+        """Fill a missing batch / context with the middle (log2) of the tuned buckets of the
+        shape on this GPU or its family (1 and 4096 when nothing is tuned)."""
+        entries = _matching(self.table(gpu), shape)
+        for other in self.family_gpus(gpu) if not entries else ():
+            entries = entries or _matching(self.table(other), shape)
+        if num_seqs is None:
+            num_seqs = _middle([e["workload"]["batch"] for _, e in entries]) if entries else 1
+        if max_context is None:
+            max_context = _middle([e["workload"]["context"] for _, e in entries]) if entries else 4096
+        return num_seqs, max_context
+
+    def _result(self, found, asked: Workload, gpu: str, source: str, here=None) -> LookupResult:
+        key, entry = found
+        config = VariantConfig.from_dict(entry["config"])
+        path = str(self.db_dir / gpu / BEST_FILE)
+        reason = {
+            "exact": f"{asked.key}: exact entry",
+            "nearest": f"{asked.key}: nearest tuned bucket {key}",
+            "other-triton": f"{asked.key}: entry {key} was tuned under triton "
+                            f"{entry['provenance'].get('triton')}, this is triton {here}",
+            "family": f"{asked.key}: no entry for {asked.gpu}; using {key} from the same family",
+        }[source] + f" -> {config.key} ({path})"
+        level = logging.WARNING if source in ("other-triton", "family") else logging.INFO
+        if source != "exact":
+            log_once(level, f"kgen.db lookup fallback ({source}): {reason}")
+        return LookupResult(config=config, source=source, reason=reason, workload=asked,
+                            entry_key=key, path=path, entry=entry)
+
+
+def _family(name: str) -> str | None:
+    from kgen.device import family_of
+
+    try:
+        return family_of(name)
+    except ValueError:
+        return None
+
+
+def _shape(w: Workload) -> tuple:
+    return (w.dtype, w.head_dim, w.block_size, w.group_size)
+
+
+def _matching(table: dict | None, shape: tuple) -> list[tuple[str, dict]]:
+    """Entries of ``table`` with this (dtype, head dim, block size, group size)."""
+    if not table:
+        return []
+    return [(key, entry) for key, entry in table["entries"].items()
+            if _shape(Workload.from_dict(entry["workload"])) == shape]
+
+
+def _choose(candidates, asked: Workload):
+    """The candidate nearest in log2 (batch, context) if ``asked`` is inside the tuned range."""
+    if not candidates:
+        return None
+    batches = [c[1]["workload"]["batch"] for c in candidates]
+    contexts = [c[1]["workload"]["context"] for c in candidates]
+    if not (min(batches) <= asked.batch <= max(batches)
+            and min(contexts) <= asked.context <= max(contexts)):
+        return None
+
+    def distance(item):
+        w = item[1]["workload"]
+        return (log2_distance(w["batch"], asked.batch) + log2_distance(w["context"], asked.context),
+                -w["context"], -w["batch"], item[0])
+
+    return min(candidates, key=distance)
+
+
+def _middle(values: list[int]) -> int:
+    """The power of two in the log2 middle of ``values``."""
+    return 2 ** round((math.log2(min(values)) + math.log2(max(values))) / 2)
+
+
+# ---- module-level conveniences (one reader per database root) ---------------------------------
+@functools.lru_cache(maxsize=8)
+def _reader(db_dir: str | None) -> DbReader:
+    return DbReader(db_dir)
+
+
+def lookup(gpu: str, *, db_dir=None, **shape) -> LookupResult:
+    """:meth:`DbReader.lookup` through a cached reader of ``db_dir``."""
+    return _reader(None if db_dir is None else str(db_dir)).lookup(gpu, **shape)
+
+
+def best_config_for(gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
+                    num_seqs: int | None = None, max_context: int | None = None,
+                    db_dir=None) -> VariantConfig:
+    """The recorded best variant for a shape on ``gpu`` (with the lookup's fallbacks)."""
+    return DbReader(db_dir).lookup(gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                   group_size=group_size, num_seqs=num_seqs,
+                                   max_context=max_context).config
+
+
+def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None) -> int | None:
+    """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
+    from kgen.variant import normalize_dtype
+
+    table = DbReader(db_dir).table(gpu)
+    if not table:
+        return None
+    rec = table.get("block_size_defaults", {}).get(f"{normalize_dtype(dtype)}-d{head_dim}")
+    return int(rec["block_size"]) if rec else None
