@@ -19,7 +19,7 @@ def config_from_args(args: argparse.Namespace) -> VariantConfig:
     :func:`kgen.space.default_config`'s choice for the shape)."""
     given = {name: parse_axis_value(name, getattr(args, name)) for name in AXIS_OPTIONS
              if getattr(args, name) is not None}
-    if args.gpu:
+    if getattr(args, "gpu", None):
         return emit_config_from_db(args, given)
     if args.key:
         if given:

@@ -1,0 +1,187 @@
+"""Static audit sweep (CPU, no GPU): ``kgen inspect`` over the variant space for sm_80 and sm_90.
+
+Every variant is compiled with ``triton.compile`` for each target and read back with the bundled
+``cuobjdump``: registers, spill bytes, shared memory and the width of its K/V global loads (see
+:mod:`kgen.audit` for the rule that tells K/V loads from block-table and other loads). Target:
+zero spills and 100% 16-byte K/V loads for fp16 and bf16.
+
+Two parts of the space are swept:
+
+* ``shapes``: every head dim x block size x group size (1, 8) x split-K (1, 4) x dtype, each
+  with the default launch parameters of :func:`kgen.space.default_config` (group sizes up to 16
+  share one padded program shape, so 1 and 8 stand for the others);
+* ``launch``: every unpruned tile / num_warps / num_stages for bf16, head dims 128 and 256,
+  block size 16, group size 8, single pass.
+
+Examples::
+
+    python bench/audit_sweep.py --quick --json /tmp/audit.json              # < 1 minute
+    python bench/audit_sweep.py --json bench/results/audit_sweep.json        # the full sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile in this process (audit.py otherwise forks)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+GROUPS = (1, 8)
+SPLITS = (1, 4)
+
+
+def sweep_configs(part: str, quick: bool) -> list:
+    """The variants of one part of the sweep (``shapes``, ``launch`` or ``quick``)."""
+    from kgen.space import default_config, enumerate_variants
+    from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS
+
+    if quick:
+        base = default_config(head_dim=128, block_size=16, group_size=4, dtype="bf16")
+        return [base, base.replace(split_k=4),
+                default_config(head_dim=80, block_size=1, group_size=8, dtype="fp16", split_k=4)]
+    if part == "shapes":  # plus d128/b16/g4, the shape of the issue's table
+        return [default_config(head_dim=d, block_size=b, group_size=g, dtype=t, split_k=s)
+                for t, d, b, g, s in itertools.product(DTYPES, HEAD_DIMS, BLOCK_SIZES, GROUPS, SPLITS)
+                ] + [default_config(head_dim=128, block_size=16, group_size=4, dtype=t, split_k=s)
+                     for t, s in itertools.product(DTYPES, SPLITS)]
+    return enumerate_variants(head_dim=[128, 256], block_size=16, group_size=8, dtype="bf16",
+                              split_k=1)
+
+
+KERNEL_FIELDS = ("name", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "kv_load_bits",
+                 "other_load_bits", "consistent")
+
+
+def row_of(config, target, result) -> dict:
+    """One JSON row: the audit dict (kernels cut to their main fields), or the compile error."""
+    if isinstance(result, Exception):
+        return {"variant": config.key, "target": target, "dtype": config.dtype,
+                "error": f"{type(result).__name__}: {str(result).strip().splitlines()[-1:]}"}
+    row = result.to_dict()
+    row["kernels"] = [{k: kernel[k] for k in KERNEL_FIELDS} for kernel in row["kernels"]]
+    return row
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (target, dtype): counts of variants, compile failures, spills, full 16-byte K/V."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["target"], row["dtype"])].append(row)
+    out = []
+    for (target, dtype), items in sorted(groups.items()):
+        ok = [r for r in items if "error" not in r]
+        kv = sum(sum(r["kv_load_bits"].values()) for r in ok)
+        kv128 = sum(r["kv_load_bits"].get("128", 0) for r in ok)
+        out.append({
+            "target": target, "dtype": dtype, "variants": len(items),
+            "compile_failed": len(items) - len(ok),
+            "spilling": sum(1 for r in ok if r["spill_bytes"] > 0),
+            "all_kv_16B": sum(1 for r in ok if r["kv_128_share"] == 1.0),
+            "kv_16B_share": round(kv128 / kv, 4) if kv else 0.0,
+            "max_registers": max((r["registers"] for r in ok), default=0),
+            "max_shared_bytes": max((r["shared_bytes"] for r in ok), default=0),
+            "passing": sum(1 for r in ok if r["passes"]),
+        })
+    return out
+
+
+def _table(header, rows) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float) -> str:
+    """Markdown: the per-target/dtype summary, every failing variant, and the d128/b16/g4 rows."""
+    from kgen.commands.inspect import format_bits
+    from kgen.render import template_hash
+
+    lines = ["# Static audit sweep (kgen inspect, sm_80 / sm_90, no GPU)", "",
+             f"triton {machine.get('triton')}, templates {template_hash()}, "
+             f"{machine.get('host_cpu')}, {machine.get('date')}; "
+             f"{len(rows)} audits in {seconds:.0f} s.", "",
+             "K/V loads are global loads whose address derives from key_cache / value_cache (PTX "
+             "provenance, widths cross-checked in the SASS); counts are PTX load instructions.", ""]
+    lines += _table(("target", "dtype", "variants", "compile failed", "spilling", "all K/V 16 B",
+                     "K/V 16 B share", "max regs", "max shared B", "pass"),
+                    [(s["target"], s["dtype"], s["variants"], s["compile_failed"], s["spilling"],
+                      s["all_kv_16B"], f"{100 * s['kv_16B_share']:.1f}%", s["max_registers"],
+                      s["max_shared_bytes"], s["passing"]) for s in summary])
+    bad = [r for r in rows if "error" in r or not r["passes"]]
+    lines += ["", f"## Failing variants ({len(bad)})", ""]
+    lines += _table(("variant", "target", "why"),
+                    [(r["variant"], r["target"], r.get("error") or "; ".join(r["failures"]))
+                     for r in bad]) if bad else ["none"]
+    note = [r for r in rows if "error" not in r and "-d128-b16-g4-" in r["variant"]]
+    lines += ["", "## d128 / b16 / g4 variants", ""]
+    lines += _table(("variant", "target", "regs", "spill B", "shared B", "K/V loads", "other loads"),
+                    [(r["variant"], r["target"], r["registers"], r["spill_bytes"],
+                      r["shared_bytes"], format_bits({int(k): v for k, v in r["kv_load_bits"].items()}),
+                      format_bits({int(k): v for k, v in r["other_load_bits"].items()}))
+                     for r in note])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three variants only (< 1 minute)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--md", default=None, metavar="PATH",
+                        help="write the Markdown table (default: next to --json, .md)")
+    parser.add_argument("--targets", default="sm_80,sm_90", help="comma list (default both)")
+    parser.add_argument("--parts", default="shapes,launch", help="comma list: shapes, launch")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="compile processes (default min(2, CPUs))")
+    args = parser.parse_args(argv)
+    from kgen.audit import audit_many, parse_target
+    from kgen.render import template_hash
+
+    targets = [parse_target(t) for t in args.targets.split(",") if t.strip()]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    for part in parts:
+        if part not in ("shapes", "launch"):
+            raise SystemExit(f"--parts: unknown part {part!r}; use shapes, launch")
+    configs = sweep_configs("quick", True) if args.quick else list(dict.fromkeys(
+        c for part in parts for c in sweep_configs(part, False)))
+    start = time.perf_counter()
+    rows = []
+    for done, (config, target, result) in enumerate(audit_many(configs, targets, jobs=args.jobs), 1):
+        rows.append(row_of(config, target, result))
+        if done % 100 == 0:
+            print(f"  {done}/{len(configs) * len(targets)} audits, "
+                  f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    machine = _common.machine_info()
+    summary = summarize(rows)
+    text = render(summary, rows, machine, seconds)
+    print(text)
+    result = {"benchmark": "audit_sweep", "machine": machine, "quick": args.quick,
+              "template_hash": template_hash(), "targets": targets,
+              "seconds": round(seconds, 1), "summary": summary, "rows": rows}
+    md = args.md or (str(Path(args.json).with_suffix(".md")) if args.json else None)
+    _common.write_outputs(result, text, md_path=md)
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
+def write_json(result: dict, path) -> None:
+    """The result as JSON with one compact line per audit row (the sweep has ~1500 rows)."""
+    head = {k: v for k, v in result.items() if k != "rows"}
+    rows = ",\n".join(json.dumps(row, separators=(",", ":")) for row in result["rows"])
+    text = json.dumps(head, indent=1)[:-2] + f',\n "rows": [\n{rows}\n ]\n}}\n'
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Capture the kernel launches of a rendered module and specialize them like Triton's JIT.
+
+Used by :mod:`kgen.audit` to compile a variant for a GPU target on a machine without one:
+
+* :func:`load_jit_module` imports a rendered module with the interpreter off, so its kernels are
+  real ``triton.runtime.jit.JITFunction`` objects even inside a ``TRITON_INTERPRET=1`` process.
+* :func:`capture_launches` calls the module's ``paged_attention_decode`` on small random CPU
+  tensors, with each kernel global (named in ``module.KERNELS``) replaced by a recorder.
+* :func:`specialize` turns one captured launch into ``(signature, constexprs, attrs, options)``
+  for ``triton.compile``, following the JIT's rules: tensors -> ``*fp16`` etc. with 16-byte
+  alignment; ints -> ``i32``/``i64`` with divisibility-16, and 1 -> constexpr; floats -> ``fp32``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+
+from kgen.variant import SPLIT_AUTO, VariantConfig
+
+_TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+               "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8",
+               "bool": "i1"}
+_AUTO_SPLITS = 4  # partitions requested for split "auto" variants, so partial + merge launch
+_module_ids = itertools.count()
+
+
+@dataclass
+class Launch:
+    """One captured kernel launch: the JITFunction, its arguments and the K/V parameter names."""
+
+    name: str
+    fn: object
+    grid: object
+    args: tuple
+    kwargs: dict
+    kv_args: frozenset = frozenset()
+
+
+@contextlib.contextmanager
+def interpreter_off():
+    """Clear ``TRITON_INTERPRET`` (and an in-process knob override) for the duration."""
+    from triton import knobs
+
+    saved_env = os.environ.pop("TRITON_INTERPRET", None)
+    knob_dict = knobs.runtime.__dict__
+    had_knob, saved_knob = "interpret" in knob_dict, knob_dict.get("interpret")
+    if had_knob:
+        knob_dict["interpret"] = False
+    try:
+        yield
+    finally:
+        if saved_env is not None:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        if had_knob:
+            knob_dict["interpret"] = saved_knob
+
+
+def load_jit_module(path):
+    """Import the module at ``path`` as a fresh copy whose ``@triton.jit`` kernels compile.
+
+    Raises
+    ------
+    ValueError
+        If the module lacks ``KERNELS`` / ``paged_attention_decode`` or a kernel is not a
+        JITFunction.
+    """
+    from triton.runtime.jit import JITFunction
+
+    name = f"_kgen_audit_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    if spec is None or spec.loader is None:
+        raise ValueError(f"path={str(path)!r} is not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        with interpreter_off():
+            spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
+    for attr in ("KERNELS", "paged_attention_decode"):
+        if not hasattr(module, attr):
+            raise ValueError(f"module {path} has no {attr!r}; is it a kgen-rendered kernel?")
+    for kernel in module.KERNELS:
+        if not isinstance(getattr(module, kernel, None), JITFunction):
+            raise ValueError(f"{kernel!r} in {path} is not a triton JITFunction")
+    return module
+
+
+def workload(config: VariantConfig, *, num_seqs: int = 2, num_kv_heads: int = 2, seed: int = 0):
+    """Small random CPU inputs of a representative decode batch for ``config``.
+
+    Contiguous NHD caches ``[8, block_size, num_kv_heads, head_dim]``; block tables
+    ``[num_seqs, ceil(max_len / block_size)]`` int32 pointing (with repeats) into those 8 pages;
+    context lengths long enough that every split-K partition gets tiles, capped at 16384 tokens.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    splits = config.split_k if config.split_k != SPLIT_AUTO else _AUTO_SPLITS
+    max_len = min(16384, max(2 * splits * config.tile_tokens, 3 * config.block_size) + 3)
+    num_heads = config.group_size * num_kv_heads
+    cols = -(-max_len // config.block_size)
+    shape = (8, config.block_size, num_kv_heads, config.head_dim)
+    dtype = config.torch_dtype
+    return {
+        "query": torch.randn(num_seqs, num_heads, config.head_dim, generator=gen).to(dtype),
+        "key_cache": torch.randn(shape, generator=gen).to(dtype),
+        "value_cache": torch.randn(shape, generator=gen).to(dtype),
+        "block_tables": torch.randint(0, 8, (num_seqs, cols), generator=gen, dtype=torch.int32),
+        "seq_lens": torch.tensor([max_len] + [max_len - 1 - i for i in range(num_seqs - 1)],
+                                 dtype=torch.int32),
+    }
+
+
+class _Recorder:
+    def __init__(self, name, fn, sink):
+        self.name, self.fn, self.sink = name, fn, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.name, self.fn, grid, args, kwargs))
+        return launch
+
+
+def capture_launches(module, config: VariantConfig) -> list[Launch]:
+    """Run ``module.paged_attention_decode`` on :func:`workload` inputs, recording launches."""
+    inputs = workload(config)
+    sink: list[Launch] = []
+    saved = {name: getattr(module, name) for name in module.KERNELS}
+    try:
+        for name, fn in saved.items():
+            setattr(module, name, _Recorder(name, fn, sink))
+        extra = {"num_splits": _AUTO_SPLITS} if config.split_k == SPLIT_AUTO else {}
+        with interpreter_off():  # the launcher may pick interpreter-only paths from the env
+            module.paged_attention_decode(inputs["query"], inputs["key_cache"],
+                                          inputs["value_cache"], inputs["block_tables"],
+                                          inputs["seq_lens"], **extra)
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+    if not sink:
+        raise ValueError(f"{config.key}: paged_attention_decode launched no kernel")
+    kv_ptrs = {inputs["key_cache"].data_ptr(), inputs["value_cache"].data_ptr()}
+    for launch in sink:
+        bound = _bind(launch.fn, launch.args, launch.kwargs)[0]
+        launch.kv_args = frozenset(n for n, v in bound.items()
+                                   if hasattr(v, "data_ptr") and v.data_ptr() in kv_ptrs)
+    return sink
+
+
+def _bind(fn, args, kwargs):
+    sig = inspect.signature(fn.fn)
+    options = {k: v for k, v in kwargs.items() if k not in sig.parameters}
+    bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+    bound.apply_defaults()
+    return dict(bound.arguments), options
+
+
+def _spec_value(param, value):
+    """(type, divisible_by_16) of one runtime argument, or ("constexpr", value)."""
+    specialize = not param.do_not_specialize
+    align = not param.do_not_specialize_on_alignment
+    annotation = param.annotation_type
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "u1", False
+    if isinstance(value, int):
+        if annotation and (annotation == "u1" or annotation[:2] in ("fp", "bf")):
+            return annotation, False
+        if specialize and value == 1 and not annotation:
+            return "constexpr", 1
+        ty = "i32" if -2**31 <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        return annotation or ty, specialize and align and value % 16 == 0
+    if isinstance(value, float):
+        return annotation or "fp32", False
+    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
+        elem = _TYPE_NAMES.get(str(value.dtype).replace("torch.", ""))
+        if elem is None:
+            raise ValueError(f"{param.name}: tensor dtype {value.dtype} has no Triton type")
+        ty = ("*k" if param.is_const else "*") + elem
+        return ty, align and value.data_ptr() % 16 == 0
+    raise ValueError(f"{param.name}={value!r}: cannot specialize a {type(value).__name__}")
+
+
+def specialize(fn, args, kwargs):
+    """Signature, constexprs, attrs and options for ``triton.compile`` from one launch.
+
+    Returns
+    -------
+    tuple
+        ``signature`` {param name: type or "constexpr"}, ``constexprs`` {(index,): value},
+        ``attrs`` {(index,): [["tt.divisibility", 16]]}, ``options`` (num_warps, num_stages ...).
+    """
+    bound, options = _bind(fn, args, kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(index,)] = "constexpr", value
+            continue
+        ty, extra = _spec_value(param, value)
+        signature[param.name] = ty
+        if ty == "constexpr":
+            constexprs[(index,)] = extra
+        elif extra:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs, options
