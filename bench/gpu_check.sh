@@ -5,27 +5,33 @@
 #   3. the kernel correctness suite on the GPU (compiled kernels, not the interpreter)
 #   4. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
 # Every result lands, with provenance, in files that can be committed:
-#   bench/results/<gpu>/{env.json,kernel_tests.log,tune.log,kernel_bench.{json,md},e2e_throughput.{json,md}}
+#   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,e2e_throughput.{json,md}}
 #   tuning_db/<gpu>/...
 # It needs only torch and triton on the machine (python3 with both). Other dependencies
 # (optuna and what it needs) are installed from wheels given in $KGEN_WHEELS (default ./.whl) when
 # they are missing: see bench/README.md for the one `pip download` line that makes that folder.
-# When $OUT is set (a remote runner's output folder) everything is also packed into
-# $OUT/gpu_results.tar.gz.
+# When $OUT is set (a remote runner's output folder) results are also packed, after every step,
+# into $OUT/gpu_results.tar.gz, so a run cut short still returns what it finished.
 #
 # Usage: bash bench/gpu_check.sh [--quick]      (--quick: fewer workloads and shapes)
+# Without a GPU it runs the same steps at a tiny size under the Triton interpreter (a smoke test
+# of the script itself; its timings mean nothing). Environment overrides: KGEN_RESULTS (results
+# folder), KGEN_DB (tuning database folder), T_TUNE / T_BENCH / T_TESTS / T_E2E (step limits, s).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 QUICK=${1:-}
-# Per-step time limits in seconds (override from the environment to fit a short lease).
 T_TESTS=${T_TESTS:-150}; T_TUNE=${T_TUNE:-170}; T_BENCH=${T_BENCH:-150}; T_E2E=${T_E2E:-90}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
 START=$(date +%s)
-pack() { [ -n "${OUT:-}" ] && [ -n "${RES:-}" ] && tar czf "$OUT/gpu_results.tar.gz" "$RES" tuning_db/"${GPU:-none}" 2>/dev/null; return 0; }
+FAILED=""
+pack() {
+  [ -n "${OUT:-}" ] && [ -n "${RES:-}" ] && tar czf "$OUT/gpu_results.tar.gz" "$RES" "$DB/${GPU:-none}" 2>/dev/null
+  return 0
+}
 step() { pack; echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+check() { local rc=$?; [ $rc -eq 0 ] || FAILED="$FAILED $1(rc=$rc)"; }
 
 WHEELS=${KGEN_WHEELS:-$REPO/.whl}
 if ! $PY -c "import optuna" 2>/dev/null && [ -d "$WHEELS" ]; then
@@ -36,11 +42,28 @@ fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 KGEN="$PY -m kgen.cli"
 
-GPU=$($PY -c "from kgen.device import detect_gpu; print(detect_gpu().name)" 2>/dev/null \
-      || $PY -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
-RES=bench/results/$GPU
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  unset TRITON_INTERPRET
+  GPU=$($PY -c "from kgen.device import detect_gpu; print(detect_gpu().name)")
+  if [ "$QUICK" = "--quick" ]; then
+    TUNE_ARGS="--head-dim 128 --block-size 16 --dtype bf16 --group-size 8 --batch 4 --context 8192 --trials 4"
+    BENCH_ARGS="--head-dims 128 --block-sizes 16 --dtypes bf16"
+  else
+    TUNE_ARGS="--head-dim 128 --block-size 16 --dtype bf16 --group-size 1,8 --batch 4,64 --context 8192,4096 --trials 8"
+    BENCH_ARGS="--head-dims 128 --block-sizes 16"
+  fi
+  TEST_ARGS=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+else  # no GPU: the same steps, tiny, under the interpreter
+  export TRITON_INTERPRET=1
+  GPU=interpreter
+  TUNE_ARGS="--head-dim 64 --block-size 16 --dtype fp16 --group-size 2 --batch 1 --context 16 --trials 2"
+  BENCH_ARGS="--quick --cpu --dtypes fp16 --groups 8 --shapes 2x40"
+  TEST_ARGS="-k d64-b16"
+fi
+RES=${KGEN_RESULTS:-bench/results/$GPU}
+DB=${KGEN_DB:-tuning_db}
 mkdir -p "$RES"
-step "device: $GPU -> $RES"
+step "device: $GPU -> $RES, database $DB"
 $PY - "$RES/env.json" <<'EOF'
 import json, subprocess, sys
 sys.path.insert(0, "bench")
@@ -57,25 +80,27 @@ print(json.dumps(info, indent=2))
 EOF
 
 step "1. kgen tune --gpu $GPU"
-if [ "$QUICK" = "--quick" ]; then TUNE_ARGS="--group-size 8 --batch 4 --context 8192 --trials 4"
-else TUNE_ARGS="--group-size 1,8 --batch 4,64 --context 8192,4096 --trials 8"; fi
-timeout $T_TUNE $KGEN tune --gpu "$GPU" --head-dim 128 --block-size 16 --dtype bf16 $TUNE_ARGS \
-    --db tuning_db --resume --quiet 2>--db tuning_db --quiet 2>&11 | tee "$RES/tune.log" | tail -n 25
-$KGEN db show --gpu "$GPU" --db tuning_db 2>&1 | tail -n 20
+set -o pipefail
+timeout "$T_TUNE" $KGEN tune --gpu "$GPU" $TUNE_ARGS --db "$DB" --resume --quiet 2>&1 \
+    | tee "$RES/tune.log" | tail -n 25
+check tune
+$KGEN db show --gpu "$GPU" --db "$DB" 2>&1 | tail -n 20
 
 step "2. kernel benchmarks"
-if [ "$QUICK" = "--quick" ]; then BENCH_ARGS="--head-dims 128 --block-sizes 16 --dtypes bf16"
-else BENCH_ARGS="--head-dims 128 --block-sizes 16"; fi
-timeout $T_BENCH $PY bench/kernel_bench.py $BENCH_ARGS --json "$RES/kernel_bench.json" \
+timeout "$T_BENCH" $PY bench/kernel_bench.py $BENCH_ARGS --json "$RES/kernel_bench.json" \
     --md "$RES/kernel_bench.md" 2>&1 | tail -n 30
+check kernel_bench
 
-step "3. kernel correctness on the GPU"
-NPROC=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout $T_TESTS $PY -m pytest -q -p no:cacheprovider $NPROC tests/test_kernels_interp.py tests/test_emit.py \
-    2>&1 | tee "$RES/kernel_tests.log" | tail -n 25
+step "3. kernel correctness on the $GPU"
+timeout "$T_TESTS" $PY -m pytest -q -p no:cacheprovider $TEST_ARGS tests/test_kernels_interp.py \
+    tests/test_emit.py 2>&1 | tee "$RES/kernel_tests.log" | tail -n 25
+check kernel_tests
 
 step "4. end-to-end decode throughput"
-timeout $T_E2E $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" --md "$RES/e2e_throughput.md" 2>&1 | tail -n 20
+timeout "$T_E2E" $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" \
+    --md "$RES/e2e_throughput.md" 2>&1 | tail -n 20
+check e2e
 
-step "done in $(( $(date +%s) - START ))s"
+step "done in $(( $(date +%s) - START ))s; failed steps:${FAILED:- none}"
 pack
+[ -z "$FAILED" ]

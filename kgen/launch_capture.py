@@ -136,11 +136,14 @@ def capture_launches(module, config: VariantConfig) -> list[Launch]:
     try:
         for name, fn in saved.items():
             setattr(module, name, _Recorder(name, fn, sink))
-        extra = {"num_splits": _AUTO_SPLITS} if config.split_k == SPLIT_AUTO else {}
+        calls = [{"num_splits": _AUTO_SPLITS} if config.split_k == SPLIT_AUTO else {}]
+        if config.split_k != 1:  # a split variant runs the single-pass kernel when splits == 1
+            calls.append({"num_splits": 1})
         with interpreter_off():  # the launcher may pick interpreter-only paths from the env
-            module.paged_attention_decode(inputs["query"], inputs["key_cache"],
-                                          inputs["value_cache"], inputs["block_tables"],
-                                          inputs["seq_lens"], **extra)
+            for extra in calls:
+                module.paged_attention_decode(inputs["query"], inputs["key_cache"],
+                                              inputs["value_cache"], inputs["block_tables"],
+                                              inputs["seq_lens"], **extra)
     finally:
         for name, fn in saved.items():
             setattr(module, name, fn)

@@ -30,7 +30,10 @@ AXES: dict[str, tuple] = {
 
 # Budgets the prune rules use (conservative for sm_80 / sm_90).
 SMEM_BUDGET_BYTES = 160 * 1024  # shared memory the pipelined K and V tiles may take
-MAX_TILE_ELEMS_PER_THREAD = 256  # K tile elements per thread before registers spill
+# K tile bytes per thread before registers spill (the static audit found 16-bit tiles of 256
+# elements per thread spilling on sm_80 and sm_90: bench/results/audit_sweep.md).
+MAX_TILE_BYTES_PER_THREAD = 256
+MAX_TILE_ELEMS_ONE_WARP = 64  # one warp holds K, V, P and acc alone: it spills sooner
 MIN_TILE_ELEMS_PER_THREAD = 8  # fewer and one 16-byte vector load per thread is not possible
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -64,8 +67,10 @@ def prune_registers(config: VariantConfig) -> str | None:
     """A K tile spread over the warps must neither spill nor starve vector loads."""
     threads = 32 * config.num_warps
     per_thread = config.tile_tokens * padded_head_dim(config.head_dim) // threads
-    if per_thread > MAX_TILE_ELEMS_PER_THREAD:
-        return f"{per_thread} tile elements per thread would spill"
+    if per_thread * ELEM_BYTES[config.dtype] > MAX_TILE_BYTES_PER_THREAD:
+        return f"{per_thread} tile elements ({config.dtype}) per thread would spill"
+    if config.num_warps == 1 and per_thread > MAX_TILE_ELEMS_ONE_WARP:
+        return f"{per_thread} tile elements per thread in a single warp would spill"
     if per_thread < MIN_TILE_ELEMS_PER_THREAD:
         return f"{per_thread} tile elements per thread is too few for vector loads"
     return None
@@ -105,12 +110,17 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     long sequence (many partitions). Measured on an H200 (bench/results/h200/kernel_bench.md):
     a single pass over 1 x 32k tokens ran 0.86 ms, ``auto`` 0.16 ms.
 
-    Tiles of 64 tokens (32 for padded head dims of 256 in fp32), 4 warps, 2 stages: enough work per
-    step to hide latency while fitting every GPU's shared memory and register budgets.
+    Tiles of 64 tokens for 16-bit dtypes (fp32: 32, or 16 for padded head dims of 256 and for block size 1), 4 warps,
+    2 stages: enough work per step to hide latency while fitting every GPU's shared memory and
+    register budgets (the fp32 tiles are the ones the static audit found spill-free).
     """
     dtype = normalize_dtype(dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
-    tile = 32 if d_pad * ELEM_BYTES[dtype] > 512 else 64
+    if dtype != "fp32":
+        tile = 64
+    else:
+        # block size 1 gathers one page per token row: 64-bit row addresses cost registers too
+        tile = 16 if d_pad >= 256 or block_size == 1 else 32
     config = VariantConfig(head_dim=head_dim, block_size=block_size, group_size=group_size,
                            split_k=parse_split_k(split_k), tile_tokens=tile, num_warps=4,
                            num_stages=2, dtype=dtype)
