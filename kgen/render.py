@@ -87,8 +87,10 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "max_splits": MAX_SPLIT_K,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
-        # The merge reads D_PAD fp32 values per program: one warp per 128 of them, 1..4 warps.
-        "merge_num_warps": max(1, min(4, next_pow2(d_pad) // 128)),
+        # The merge reads a [16, D_PAD] fp32 tile of partial outputs per step: one warp per 1024
+        # of its values (1..4 warps) keeps it at <= 32 registers per thread.
+        "merge_num_warps": max(1, min(4, 16 * next_pow2(d_pad) // 1024)),
+        "merge_chunk": 16,
         "dtype_name": config.dtype,
         "torch_dtype": _TORCH_DTYPES[config.dtype],
         # fp32 dots in full precision (not tf32); 16-bit dots use tensor cores either way.

@@ -107,7 +107,7 @@ def test_covering_design_hits_every_axis_value_several_times():
     assert not any(is_pruned(c) for c in CASES)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, 16])
+@pytest.mark.parametrize("num_splits", [1, 3, 16, 21, 37])  # the merge reads 16 per step
 def test_num_splits_override_gives_same_result(num_splits):
     config = VariantConfig(head_dim=64, block_size=8, group_size=2, split_k=SPLIT_AUTO,
                            tile_tokens=16, dtype="fp32")
