@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from runtime.attention import default_block_size
 from runtime.config import parse_dtype
 from runtime.engine import Engine
 from runtime.loader import LoadedModel, load_model
@@ -115,7 +116,7 @@ def _num_blocks(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cac
     return max(1, min(need + 8, cap))
 
 
-def generate(model, prompts, sampling_params=None, *, block_size: int = 16, num_blocks: int | None = None,
+def generate(model, prompts, sampling_params=None, *, block_size: int | None = None, num_blocks: int | None = None,
              kv_cache_bytes: int | None = None, max_num_seqs: int = 256,
              max_num_batched_tokens: int | None = None, backend: str = "auto", dtype=None, device=None,
              enable_prefix_caching: bool = True, seed: int | None = None, use_tqdm: bool | None = None,
@@ -130,8 +131,9 @@ def generate(model, prompts, sampling_params=None, *, block_size: int = 16, num_
         Text (needs ``tokenizer.json``) or token ids; each non-empty and shorter than the context.
     sampling_params : SamplingParams or list[SamplingParams], optional
         One for all prompts or one per prompt (default: greedy, 16 tokens).
-    block_size : int
-        Tokens per KV block (default 16).
+    block_size : int, optional
+        Tokens per KV block. Default: with the triton backend, the block size the tuning
+        database recorded as fastest for this GPU, dtype and head dim; otherwise 16.
     num_blocks, kv_cache_bytes : int, optional
         Size of the KV pool (give at most one); default: enough for every request at once,
         capped at 1 GiB on the CPU and 8 GiB on a GPU.
@@ -157,6 +159,9 @@ def generate(model, prompts, sampling_params=None, *, block_size: int = 16, num_
     loaded = _as_model(model, dtype, device)
     ids = _tokenize(prompts, loaded)
     params = _params_list(sampling_params, len(ids))
+    if block_size is None:
+        block_size = default_block_size(backend, head_dim=loaded.config.head_dim,
+                                        dtype=loaded.dtype, device=loaded.device)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive int")
     blocks = _num_blocks(loaded, ids, params, block_size, num_blocks, kv_cache_bytes)

@@ -203,6 +203,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, device: torch.device,
+                       fallback: int = 16) -> int:
+    """The KV block size to use when the caller gives none.
+
+    When kgen's kernels decode (the ``triton`` backend), the block size the tuning database
+    recorded as fastest for this GPU, dtype and head dim; otherwise (or if none is recorded)
+    ``fallback``, the paper's and vLLM's default of 16.
+    """
+    if resolve_backend(backend, device) != "triton" or not triton_supports(head_dim, fallback):
+        return fallback
+    from kgen.db.lookup import preferred_block_size
+    from kgen.device import default_gpu_name
+    from kgen.variant import BLOCK_SIZES
+
+    found = preferred_block_size(default_gpu_name(), dtype=str(dtype), head_dim=head_dim)
+    return found if found in BLOCK_SIZES else fallback
+
+
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
                         head_dim: int, dtype: torch.dtype, device: torch.device):
     """The decode backend object for a resolved backend name."""
