@@ -9,7 +9,7 @@ For each (dtype, head dim, block size, group size, batch x context) the script t
 
 and reports the median time, the achieved bandwidth (K/V bytes read once plus query and output)
 and its fraction of the device-to-device copy bandwidth measured in the same run. Every kernel's
-output is checked against SDPA (computed in float32) before it is timed.
+output is checked against SDPA's (same dtype, compared in float32) before it is timed.
 
 On a GPU timings come from ``triton.testing.do_bench`` (median, L2 flushed). Without one the
 script still runs (``--quick``, under ``TRITON_INTERPRET=1``) on tiny sizes, to test the script,

@@ -237,6 +237,7 @@ def plot(rows: list[dict], sharing: list[dict], path: Path) -> None:
     axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"wrote {path}")
 
 

@@ -107,13 +107,14 @@ def main(argv=None) -> int:
     rows = summarize(scores, args.budget)
     import optuna
 
+    machine = _common.machine_info()
     meta = {"table": name, "workloads": len(table), "variants": sum(map(len, table.values())),
             "seeds": args.seeds, "budget": args.budget, "tol": args.tol,
-            "optuna": optuna.__version__, "date": _common.machine_info()["date"],
+            "optuna": optuna.__version__, "date": machine["date"],
             "seconds": round(time.time() - start, 1), "note": args.note}
     text = markdown(rows, meta)
     print(text)
-    result = {"meta": meta, "machine": _common.machine_info(), "summary": rows,
+    result = {"meta": meta, "machine": machine, "summary": rows,
               "runs": [s.__dict__ for s in scores]}
     _common.write_outputs(result, text, json_path=args.json, md_path=args.md)
     return 0

@@ -143,13 +143,14 @@ class AuditWorker:
     def audit(self, config: VariantConfig, target: str) -> AuditResult:
         """Audit in the child; a compile failure there raises RuntimeError here with its message."""
         if self._proc is None or self._proc.poll() is not None:
+            self.close()  # a child that died: release its pipes
             self._start()
         self._proc.stdin.write(f"{config.key} {parse_target(target)}\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
         if not line:
             code = self._proc.wait()
-            self._proc = None
+            self.close()
             raise RuntimeError(f"audit worker exited ({code}) while auditing {config.key}")
         reply = json.loads(line)
         if not reply["ok"]:
@@ -157,10 +158,19 @@ class AuditWorker:
         return AuditResult.from_dict(reply["result"])
 
     def close(self):
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.stdin.close()
-            self._proc.wait(timeout=30)
-        self._proc = None
+        """End the child (EOF on its stdin; killed if it does not exit in 30 s), close its pipes."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
 
 
 def main() -> int:  # pragma: no cover - exercised through AuditWorker in the tests

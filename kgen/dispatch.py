@@ -2,8 +2,9 @@
 
 Per decode step the runtime asks :meth:`Dispatcher.kernel_for` with the step's shape. The step is
 bucketed (powers of two of batch and longest context), the bucket's variant is looked up in the
-tuning database (:mod:`kgen.db.lookup`, with its logged fallbacks) and compiled once; both the
-exact step arguments and the bucket are cached in dicts, so a repeated step costs a dict lookup.
+tuning database (:mod:`kgen.db.lookup`, with its logged fallbacks) and compiled once. The kernel is
+cached by the step's bucketed arguments, so a step (whose context grows by one token each time)
+costs two bucket computations and a dict lookup, and the cache holds one entry per bucket.
 
 Imports here stay light (no optuna, no pandas); torch/triton load with the first kernel.
 """
@@ -14,7 +15,7 @@ from typing import Callable
 
 from kgen.db.lookup import DbReader, LookupResult
 from kgen.device import default_gpu_name, normalize_gpu_name
-from kgen.tune.workload import Workload
+from kgen.tune.workload import Workload, bucket
 
 
 class Dispatcher:
@@ -58,7 +59,8 @@ class Dispatcher:
         max_context : int
             Longest context length in the step, in tokens.
         """
-        step = (str(dtype), head_dim, block_size, group_size, num_seqs, max_context)
+        step = (str(dtype), head_dim, block_size, group_size, bucket(num_seqs, "num_seqs"),
+                bucket(max_context, "max_context"))
         kernel = self._by_step.get(step)
         if kernel is not None:
             return kernel

@@ -1,8 +1,9 @@
 """Render a variant's Triton module from the Jinja templates; cache it on disk; emit it.
 
 Every value the templates print is computed here by :func:`slots` from the frozen
-:class:`~kgen.variant.VariantConfig`; the templates only hold ``{{ }}`` slots and one
-``{% if %}`` for the optional split-K kernels. A module is the concatenation of
+:class:`~kgen.variant.VariantConfig`; the templates only hold ``{{ }}`` slots and simple
+``{% if %}`` blocks (the emitted header's optional lines, the launcher's split-K path); the
+split-K kernels are included by :func:`template_parts`. A module is the concatenation of
 ``header``, ``attend`` (shared inner loop), ``decode`` (single pass), for split-K variants
 ``decode_partial`` and ``merge``, and ``launcher``.
 """
@@ -20,7 +21,7 @@ import jinja2
 
 from kgen import __version__
 from kgen.paths import cache_dir, templates_dir
-from kgen.space import next_pow2, padded_group, padded_head_dim
+from kgen.space import padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
 
 SINGLE_PASS_KERNELS = ("_decode_kernel",)
@@ -89,7 +90,7 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "num_stages": config.num_stages,
         # The merge reads a [16, D_PAD] fp32 tile of partial outputs per step: one warp per 1024
         # of its values (1..4 warps) keeps it at <= 32 registers per thread.
-        "merge_num_warps": max(1, min(4, 16 * next_pow2(d_pad) // 1024)),
+        "merge_num_warps": max(1, min(4, 16 * d_pad // 1024)),
         "merge_chunk": 16,
         "dtype_name": config.dtype,
         "torch_dtype": _TORCH_DTYPES[config.dtype],

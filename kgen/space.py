@@ -77,7 +77,7 @@ def prune_registers(config: VariantConfig) -> str | None:
 
 
 def prune_stages(config: VariantConfig) -> str | None:
-    """Deep pipelines only pay for tiles of at least one page-table gather's worth of tokens."""
+    """No more than 3 pipeline stages for tiles of 128 tokens or more."""
     if config.num_stages > 3 and config.tile_tokens >= 128:
         return "more than 3 stages of 128+ token tiles"
     return None

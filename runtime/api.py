@@ -175,8 +175,10 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         if need > usable:
             raise ValueError(f"prompts[{i}] has {len(t)} tokens and needs {need} blocks of {block_size}; "
                              f"the KV pool has num_blocks={blocks} ({usable} usable for admission)")
+    if max_num_batched_tokens is None:  # a bad max_num_seqs is left for the Scheduler to name
+        max_num_batched_tokens = max(8192, max_num_seqs) if isinstance(max_num_seqs, int) else 8192
     engine = Engine(loaded, num_blocks=blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens or max(8192, max_num_seqs),
+                    max_num_batched_tokens=max_num_batched_tokens,
                     backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
                     watermark=WATERMARK)
     for t, p in zip(ids, params):

@@ -76,12 +76,15 @@ class ModelConfig:
             if not isinstance(data.get(key), int) or data[key] <= 0:
                 raise ValueError(f"config.json field {key}={data.get(key)!r} must be a positive int")
         heads = data["num_attention_heads"]
-        kv_heads = data.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise ValueError(f"num_key_value_heads={kv_heads} must divide num_attention_heads={heads}")
-        head_dim = data.get("head_dim") or data["hidden_size"] // heads
-        if head_dim % 2:
-            raise ValueError(f"head_dim={head_dim} must be even for RoPE")
+        kv_heads = data.get("num_key_value_heads")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+            raise ValueError(f"num_key_value_heads={kv_heads!r} must be a positive int dividing "
+                             f"num_attention_heads={heads}")
+        head_dim = data.get("head_dim")
+        head_dim = data["hidden_size"] // heads if head_dim is None else head_dim
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
+            raise ValueError(f"head_dim={head_dim!r} must be a positive even int (RoPE)")
         theta, scaling = _rope_params(data)
         eos = data.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))

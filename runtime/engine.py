@@ -86,7 +86,10 @@ class Engine:
                                     dtype=self.model.dtype, device=self.device)
         self.max_len = min(c.max_position_embeddings, num_blocks * block_size)
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:  # a fresh seed for this stream only (torch.seed() would reseed the global RNG)
+            self.generator.seed()
         self._seq_ids = itertools.count()
         self._req_ids = itertools.count()
         self._requests: dict[int, _Request] = {}
@@ -128,6 +131,7 @@ class Engine:
     def step(self) -> int:
         """Run one scheduled step; returns how many requests finished in it."""
         out = self.scheduler.schedule()
+        finished_before = len(self._finished)
         for group in out.aborted:
             self._complete(self._requests[group.request_id])
         if out.is_empty():
@@ -146,7 +150,6 @@ class Engine:
         rows: dict[int, list[tuple[Sequence, int]]] = {}
         for row, seq in enumerate(seqs):
             rows.setdefault(self._seq_req[seq.seq_id], []).append((seq, row))
-        finished_before = len(self._finished)
         self._sample_all(rows, logits)
         self.scheduler.free_finished()
         return len(self._finished) - finished_before
@@ -208,7 +211,10 @@ class Engine:
                 pick_rows.append(row)
         if not picks:
             return
-        chosen = logits.index_select(0, torch.tensor(pick_rows, device=logits.device))
+        if pick_rows == list(range(logits.shape[0])):  # the usual step: every row samples once
+            chosen = logits
+        else:
+            chosen = logits.index_select(0, torch.tensor(pick_rows, device=logits.device))
         tokens, logprobs = sample(chosen, [r.params for _, r in picks],
                                   [r.generators.get(s.seq_id) for s, r in picks], self.generator)
         touched: dict[int, _Request] = {}
@@ -226,9 +232,12 @@ class Engine:
         tok = seq.token_ids[-1]
         if tok in params.stop_token_ids or (not params.ignore_eos and tok in self.config.eos_token_ids):
             return "stop"
-        if len(seq) - seq.num_prompt_tokens >= params.max_tokens or len(seq) >= self.max_len:
+        if self._at_length_limit(seq, params):
             return "length"
         return None
+
+    def _at_length_limit(self, seq: Sequence, params: SamplingParams) -> bool:
+        return len(seq) - seq.num_prompt_tokens >= params.max_tokens or len(seq) >= self.max_len
 
     def _beam_step(self, req: _Request, members: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         beams = [s for s, _ in members]
@@ -249,7 +258,7 @@ class Engine:
         live = []
         for seq, tok, lp in assigned:
             seq.append_token(tok, lp)
-            if len(seq) - seq.num_prompt_tokens >= req.params.max_tokens or len(seq) >= self.max_len:
+            if self._at_length_limit(seq, req.params):
                 req.beam.finish_live(seq.output_token_ids, seq.cumulative_logprob, "length")
                 self._drop_beam(req, seq)
             else:

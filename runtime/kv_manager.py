@@ -256,7 +256,7 @@ class KVCacheManager:
         return list(self._seqs.values())
 
     def stats(self) -> dict:
-        """Memory counters; O(total block-table entries).
+        """Memory counters; O(total block-table entries + cached blocks).
 
         ``tokens_stored`` counts distinct physical slots that hold (or are about to hold, in this
         step's forward) a token; ``utilization = tokens_stored / slots_allocated`` (0.0 when no
@@ -271,11 +271,10 @@ class KVCacheManager:
             n = len(seq)
             logical += len(seq.block_table)
             for i, b in enumerate(seq.block_table):
-                f = min(bs, n - i * bs)
-                if f > fill.get(b, 0):
+                f = max(0, min(bs, n - i * bs))
+                if f >= fill.get(b, 0):  # every table block gets an entry (shared_blocks below)
                     fill[b] = f
         in_use = self.pool.num_used
-        refs = [self.pool.ref_count(b) for b in range(self.num_blocks)]
         stored = sum(fill.values())
         slots = in_use * bs
         cache = self.prefix_cache
@@ -285,7 +284,7 @@ class KVCacheManager:
             "num_seqs": len(self._seqs),
             "blocks_in_use": in_use,
             "free_blocks": self.pool.num_free,
-            "shared_blocks": sum(1 for r in refs if r > 1),
+            "shared_blocks": sum(1 for b in fill if self.pool.ref_count(b) > 1),  # refs come from tables
             "logical_blocks": logical,
             "blocks_saved_by_sharing": logical - in_use,
             "tokens_stored": stored,

@@ -77,7 +77,9 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index.name} in {str(folder)!r} has no 'weight_map' object")
         files = {name: folder / fname for name, fname in weight_map.items()}
         for fpath in set(files.values()):
             if not fpath.is_file():

@@ -133,7 +133,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
     -------
     (token ids, log probabilities under the model distribution), one per row.
     """
-    rows = logits.shape[0]
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -151,7 +150,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list,
             noise[row].exponential_(generator=generators[i] or default_generator)
         tokens[idx] = (probs / noise).argmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-    assert chosen.shape[0] == rows
     return tokens.tolist(), chosen.tolist()
 
 

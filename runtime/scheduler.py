@@ -28,7 +28,7 @@ import collections
 from dataclasses import dataclass, field
 
 from runtime.kv_manager import KVCacheManager
-from runtime.sequence import Sequence, SequenceGroup, SequenceStatus
+from runtime.sequence import FINISH_REASONS, Sequence, SequenceGroup, SequenceStatus
 
 
 @dataclass
@@ -204,7 +204,7 @@ class Scheduler:
     # ------------------------------------------------------------------ completion
     def finish_seq(self, seq: Sequence, reason: str = "stop") -> None:
         """Mark ``seq`` finished with ``reason`` (``"stop"`` or ``"length"``) and free its blocks now."""
-        if reason not in ("stop", "length"):
+        if reason not in FINISH_REASONS:
             raise ValueError(f"reason must be 'stop' or 'length', got {reason!r}")
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

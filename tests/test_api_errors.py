@@ -56,6 +56,8 @@ def test_prompt_longer_than_the_pool(ckpt):
     ({"dtype": "int8"}, "dtype='int8'"),
     ({"sampling_params": [SamplingParams()] * 3}, "one per prompt"),
     ({"backend": "triton", "block_size": 4}, "head_dim=16 is not supported by the triton backend"),
+    ({"max_num_seqs": "8"}, "max_num_seqs must be a positive int, got '8'"),
+    ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be an int >= max_num_seqs=256, got 0"),
 ])
 def test_bad_engine_options(ckpt, options, match):
     with pytest.raises(ValueError, match=match):
@@ -105,6 +107,13 @@ def test_missing_files(tmp_path):
                                                       "hidden_size": 8, "intermediate_size": 8,
                                                       "num_hidden_layers": 1, "num_attention_heads": 2}))
     with pytest.raises(FileNotFoundError, match="has neither model.safetensors"):
+        runtime.load_model(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("{}")
+    with pytest.raises(ValueError, match="model.safetensors.index.json in .* has no 'weight_map'"):
+        runtime.load_model(tmp_path)
+    index.write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="shard 'model-00001.safetensors' named in"):
         runtime.load_model(tmp_path)
 
 

@@ -198,6 +198,27 @@ def test_failures_name_the_problem():
     assert passes(narrow, vector_dtypes=())  # fp32-style rule: width not required
 
 
+def test_audit_worker_close_kills_a_hung_child_and_closes_its_pipes():
+    from kgen.audit_compile import AuditWorker
+
+    worker = AuditWorker()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    real_wait = proc.wait
+
+    def wait(timeout=None):  # the child ignores EOF: the bounded wait runs out
+        if timeout is not None:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        return real_wait()
+
+    proc.wait = wait
+    worker._proc = proc
+    worker.close()
+    assert worker._proc is None and proc.returncode is not None  # killed, reaped
+    assert proc.stdin.closed and proc.stdout.closed
+    worker.close()  # idempotent
+
+
 # ---- targets and the CLI ---------------------------------------------------------------------------
 def test_parse_target_spellings():
     assert {parse_target(t) for t in ("sm_80", "sm80", "80", 80, "SM_80")} == {"sm_80"}

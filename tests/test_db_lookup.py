@@ -85,7 +85,7 @@ def test_same_triton_in_range_preferred_over_other(tmp_path):
     _write(tmp_path, "h100", [(1, 512, 4), (16, 8192, 8)])
     result = _lookup(tmp_path, "h100", 1, 1024)  # exact only under 2.0.0; this triton's in range
     assert result.source == "nearest" and result.config == _config(4)
-    result = _lookup(tmp_path, "h100", 32, 1024)  # outside this triton's range: other triton
+    result = _lookup(tmp_path, "h100", 32, 1024)  # outside every tuned range: heuristic
     assert result.source == "heuristic"
 
 
@@ -170,3 +170,17 @@ def test_emit_gpu_writes_the_recorded_best(tmp_path, capsys):
     # Launch options come from the record: giving one as well is a named error (exit 2).
     assert main(argv + ["--num-warps", "8"]) == 2
     assert "--num-warps" in capsys.readouterr().err
+
+
+def test_malformed_block_size_defaults_fall_back_with_a_warning(tmp_path):
+    """The runtime asks for the fastest block size: a hand-damaged record must not crash it."""
+    import json
+
+    _write(tmp_path, "interpreter", [(1, 512, 2)])
+    path = tmp_path / "interpreter" / "best.json"
+    data = json.loads(path.read_text())
+    data["block_size_defaults"]["fp16-d128"] = 16  # not {"block_size": 16, ...}
+    path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="block_size_defaults"):
+        assert lk.preferred_block_size("interpreter", dtype="fp16", head_dim=128,
+                                       db_dir=tmp_path) is None

@@ -112,6 +112,11 @@ def test_block_size_defaults_compare_common_points():
     (lambda text: text.replace('"config_key": "paged_decode', '"config_key": "paged_xx'),
      "config_key"),
     (lambda text: text.replace('"kgen.best"', '"other"'), "schema='other'"),
+    (lambda text: json.dumps({**json.loads(text), "block_size_defaults": {"fp16-d128": 16}}),
+     "block_size_defaults 'fp16-d128'"),
+    (lambda text: json.dumps({**json.loads(text),
+                              "block_size_defaults": {"fp16-d128": {"block_size": "16"}}}),
+     "block_size_defaults 'fp16-d128'"),
 ])
 def test_damaged_best_table_is_named(tmp_path, capsys, damage, message):
     store = TuningStore(tmp_path, "synthetic", PROV)
@@ -139,6 +144,9 @@ def test_damaged_trial_log_and_journal_are_named(tmp_path):
     text = log.read_text()
     log.write_text(text[:-5])  # a killed writer's half line
     with pytest.raises(DbFormatError, match=r"trials.jsonl:4: last line is truncated"):
+        read_trials(log)
+    log.write_text(text.replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": "1"', 1))
+    with pytest.raises(DbFormatError, match=r"trials.jsonl:1: schema_version='1' is not an integer"):
         read_trials(log)
     log.write_text(text.replace('"status": "ok"', '"status": "great"', 1))
     with pytest.raises(DbFormatError, match=r"trials.jsonl:2: status='great'"):

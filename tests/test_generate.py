@@ -109,6 +109,16 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(small):
     assert [c.token_ids for c in other[0].outputs] != tokens[0]
 
 
+def test_unseeded_sampling_leaves_the_global_rng_alone(small):
+    path, _, prompts = small
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    outs = runtime.generate(path, [prompts[0]], SamplingParams(max_tokens=3, temperature=1.0))
+    assert len(outs[0].outputs[0].token_ids) == 3
+    assert torch.equal(torch.rand(4), expected)
+
+
 def _hf_beams(hf, prompt, width, max_new, **kwargs):
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width,
@@ -182,7 +192,7 @@ def test_step_meter_matches_the_memory_manager_every_step(small):
     record, checked = engine.meter.record, []
 
     def checked_record(kv):
-        step, truth = record(kv), kv.stats()  # kv.stats() is exact but O(pool); the meter O(seqs)
+        step, truth = record(kv), kv.stats()  # kv.stats() is exact but O(table entries); the meter O(seqs)
         assert step == {k: truth[k] for k in ("blocks_in_use", "logical_blocks", "tokens_stored")}
         checked.append((truth["logical_blocks"], truth["blocks_in_use"]))
         return step
@@ -195,6 +205,19 @@ def test_step_meter_matches_the_memory_manager_every_step(small):
     assert stats["peak_blocks_no_sharing"] == max(logical for logical, _ in checked)
     assert stats["sharing_saving"] == pytest.approx(1 - sum(u for _, u in checked) / sum(l for l, _ in checked))
     assert len(engine.pop_finished()) == 2
+
+
+def test_step_counts_requests_aborted_alongside_running_ones(small):
+    path, _, prompts = small
+    engine = runtime.Engine(runtime.load_model(path, device="cpu"), num_blocks=4, block_size=4)
+    engine.add_request(prompts[0][:5], SamplingParams(max_tokens=3))       # 2 blocks: runs
+    engine.add_request(list(range(3, 30)), SamplingParams(max_tokens=3))   # 7 blocks > pool: aborted
+    assert engine.step() == 1
+    (done,) = engine.pop_finished()
+    assert done.request_id == 1 and done.completions == [([], 0.0, "length")]
+    while engine.has_unfinished():
+        engine.step()
+    assert [d.request_id for d in engine.pop_finished()] == [0]
 
 
 @pytest.mark.parametrize("dtype,tol", [("float16", 0.02), ("bfloat16", 0.1)])

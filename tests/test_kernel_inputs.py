@@ -54,6 +54,8 @@ def _cases(inputs):
         "out=((3, 4, 64), torch.float32": dict(out=q.new_empty(3, 4, 64, dtype=torch.float32)),
         "block_tables=list": dict(block_tables=[[0]]),
         "scale=inf": dict(scale=float("inf")),
+        "scale='half'": dict(scale="half"),
+        "scale=[0.5]": dict(scale=[0.5]),
     }
 
 
@@ -94,6 +96,8 @@ def test_num_splits_errors(inputs):
         _call(SPLIT, **inputs, num_splits=0)
     with pytest.raises(ValueError, match="num_splits=2.0"):
         _call(SPLIT, **inputs, num_splits=2.0)
+    with pytest.raises(ValueError, match=r"max_seq_len='40' is not an integer \(variant"):
+        _call(SPLIT, **inputs, max_seq_len="40")
 
 
 class _Recorder:

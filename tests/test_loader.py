@@ -63,6 +63,14 @@ def test_config_errors_name_the_field():
         ModelConfig.from_dict(_base_config(num_key_value_heads=3))
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig.from_dict(_base_config(hidden_size=0))
+    with pytest.raises(ValueError, match="num_key_value_heads=0"):
+        ModelConfig.from_dict(_base_config(num_key_value_heads=0))
+    with pytest.raises(ValueError, match="num_key_value_heads='2'"):
+        ModelConfig.from_dict(_base_config(num_key_value_heads="2"))
+    with pytest.raises(ValueError, match="head_dim=0"):
+        ModelConfig.from_dict(_base_config(hidden_size=2, num_attention_heads=4))
+    with pytest.raises(ValueError, match="head_dim=7"):
+        ModelConfig.from_dict(_base_config(head_dim=7))
 
 
 def _prefill_logits(loaded, ids):

@@ -61,6 +61,7 @@ def test_database_entries_and_trial_log(tuned):
         assert prov["triton"] and prov["kgen"] and prov["date"]
     records = store.read_trials()
     assert records[0]["type"] == "provenance"
+    assert [r["type"] for r in records].count("provenance") == 1  # one run, described once
     trials = [r for r in records if r["type"] == "trial"]
     search = [r for r in trials if r["phase"] == "search"]
     assert {r["workload_key"] for r in search} == {W1.key, W2.key}
@@ -130,6 +131,15 @@ def test_settings_validate(tmp_path):
         _settings(tmp_path, sampler="bayes")
 
 
+@pytest.mark.parametrize("field, value", [("head_dim", 128.0), ("block_size", True),
+                                          ("group_size", 4.0), ("batch", 2.0)])
+def test_workload_fields_must_be_integers(field, value):
+    fields = dict(gpu="synthetic", dtype="fp16", head_dim=128, block_size=16, group_size=4,
+                  batch=1, context=512)
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        Workload(**{**fields, field: value})
+
+
 def test_search_space_caps_split_by_pages():
     space = search_space(Workload("synthetic", "fp16", 128, 256, 1, 1, 512))
     assert space["split_k"] == (0, 1, 2)  # auto first; 2 pages of 256 tokens: more splits are empty
@@ -177,3 +187,34 @@ def test_runtime_import_path_stays_light():
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_winner_wrong_on_re_measure_is_not_recorded(tmp_path):
+    """The final re-measure runs the correctness check again on fresh inputs: a winner that fails
+    it is never stored; the default (correct) takes its place."""
+    default = default_variant(W1)
+
+    class Flaky(SyntheticMeasurer):
+        """Every candidate but the default is wrong the second time it is measured."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def _measure(self, config, workload):
+            if config != default and config.key in self.seen:
+                return Measurement("failed", reason="wrong result: max abs error 3 vs reference")
+            self.seen.add(config.key)
+            return super()._measure(config, workload)
+
+    settings = TuneSettings(measurer=Flaky(), device=pseudo_device("synthetic"), db_dir=tmp_path,
+                            trials=15)
+    result = tune(settings, [W1])[0]
+    finals = {r["phase"]: r for r in TuningStore(tmp_path, "synthetic").read_trials()
+              if r["type"] == "trial" and r["phase"].startswith("final")}
+    assert finals["final-winner"]["status"] == "failed"  # the study's winner was not the default
+    assert finals["final-winner"]["config_key"] != default.key
+    assert result.best == default
+    entry = TuningStore(tmp_path, "synthetic").load_best()["entries"][W1.key]
+    assert entry["config_key"] == default.key
+    assert entry["time_ms"] == pytest.approx(SyntheticMeasurer().cost(default, W1))

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# (variant fields, num_seqs, num_kv_heads, seq_lens): single pass, split-K auto, fixed split-K;
+# (variant fields, num_kv_heads, seq_lens): single pass, split-K auto, fixed split-K;
 # lengths at block edges, an empty context and one spanning several partitions.
 DEMO_CASES = (
     (dict(head_dim=128, block_size=16, group_size=4, split_k=1, dtype="fp16"), 2, [0, 1, 16, 17, 95]),

@@ -32,6 +32,8 @@ import hashlib
 import json
 import math
 
+from kgen.variant import BLOCK_SIZES
+
 SCHEMA_VERSION = 1
 BEST_SCHEMA = "kgen.best"
 TRIAL_STATUSES = ("ok", "pruned", "failed")
@@ -157,8 +159,14 @@ def check_best_table(data, where: str) -> dict:
         raise DbFormatError(f"{where}: 'entries' is not an object")
     for key, entry in entries.items():
         check_entry(key, entry, where)
-    if not isinstance(data.get("block_size_defaults", {}), dict):
+    defaults = data.get("block_size_defaults", {})
+    if not isinstance(defaults, dict):
         raise DbFormatError(f"{where}: 'block_size_defaults' is not an object")
+    for key, rec in defaults.items():  # the runtime reads rec["block_size"]
+        block = rec.get("block_size") if isinstance(rec, dict) else None
+        if isinstance(block, bool) or block not in BLOCK_SIZES:
+            raise DbFormatError(f"{where}: block_size_defaults {key!r} = {rec!r} is not "
+                                f"{{'block_size': one of {', '.join(map(str, BLOCK_SIZES))}, ...}}")
     return data
 
 
@@ -168,8 +176,11 @@ def check_trial_line(record, where: str) -> None:
         raise DbFormatError(f"{where}: not a JSON object")
     kind = record.get("type")
     if kind == "provenance":
-        if record.get("schema_version", 0) > SCHEMA_VERSION:
-            raise DbFormatError(f"{where}: schema_version={record.get('schema_version')} is newer "
+        version = record.get("schema_version", 0)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise DbFormatError(f"{where}: schema_version={version!r} is not an integer")
+        if version > SCHEMA_VERSION:
+            raise DbFormatError(f"{where}: schema_version={version} is newer "
                                 f"than this kgen reads ({SCHEMA_VERSION})")
         check_provenance(record.get("provenance"), where)
         return

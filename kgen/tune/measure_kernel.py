@@ -47,6 +47,7 @@ class KernelMeasurer(Measurer):
         self.audit_target = audit_target
         self.num_kv_heads = num_kv_heads
         self.seed = seed
+        self._seed_counter = seed  # advanced per check / timing: each gets fresh inputs
         self._audits: dict[str, str | None] = {}
 
     def audit_reason(self, config: VariantConfig) -> str | None:
@@ -78,7 +79,7 @@ class KernelMeasurer(Measurer):
 
         from kgen.reference import max_abs_error, paged_attention_reference, within_tolerance
 
-        self._seed_counter = getattr(self, "_seed_counter", self.seed) + 1
+        self._seed_counter += 1
         inputs = self._inputs(config, check_lens(config, workload), self._seed_counter)
         out = torch.full_like(inputs["query"], float("nan"))  # poison: all must be written
         module.paged_attention_decode(**inputs, out=out)
@@ -113,7 +114,8 @@ class InterpreterMeasurer(KernelMeasurer):
     """Wall-clock median under the Triton interpreter on a tiny instance (not GPU timings).
 
     Needs ``TRITON_INTERPRET=1`` set before kernel modules are imported (``kgen tune --gpu
-    interpreter`` sets it). bf16 ``tl.dot`` is wrong in the interpreter, so bf16 candidates fail.
+    interpreter`` sets it). The interpreter's bf16 ``tl.dot`` is wrong, so bf16 kernels run their
+    dots in fp32 there (the launcher's ``DOT_FP32``).
     """
 
     method = "triton interpreter wall-clock median (CPU; not GPU timings)"
@@ -187,7 +189,7 @@ class GpuMeasurer(KernelMeasurer):
     def time(self, module, config: VariantConfig, workload: Workload) -> Measurement:
         import torch
 
-        self._seed_counter = getattr(self, "_seed_counter", self.seed) + 1
+        self._seed_counter += 1
         inputs = self._timing_inputs(config, workload, 1_000_003 * self._seed_counter)
         out = torch.empty_like(inputs["query"])
         kernel = module.paged_attention_decode

@@ -8,6 +8,7 @@ table. Every candidate measured is appended to the trial log with the run's prov
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,9 @@ class TuneSettings:
             self.provenance = make_provenance(self.device, method=self.measurer.method,
                                               sampler=self.sampler, seed=self.seed)
 
-    @property
+    @functools.cached_property
     def store(self) -> TuningStore:
+        """The GPU folder's store; one per settings, so the run's provenance is logged once."""
         return TuningStore(self.db_dir, self.device.name, self.provenance)
 
     @property
@@ -136,8 +138,13 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
                           "phase": f"final-{role}"}
                          for role, cfg, m in (("winner", winner, final["winner"]),
                                               ("default", default, final["default"]))])
-    time_ms = final["winner"].time_ms if final["winner"].ok else best_trial.value
     default_ms = final["default"].time_ms if final["default"].ok else None
+    if final["winner"].status == "failed":  # wrong on fresh inputs: never a winner
+        if default_ms is None:
+            return WorkloadResult(workload, None, None, None, measured, counts)
+        winner, time_ms = default, default_ms
+    else:
+        time_ms = final["winner"].time_ms if final["winner"].ok else best_trial.value
     if default_ms is not None and default_ms < time_ms:  # the re-measure says the default wins
         winner, time_ms = default, default_ms
     entry = make_entry(workload, winner, time_ms=time_ms, default_time_ms=default_ms,

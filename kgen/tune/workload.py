@@ -96,8 +96,9 @@ class Workload:
             raise ValueError(f"gpu={self.gpu!r} is not a normalized device name")
         for name, allowed in (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES),
                               ("group_size", GROUP_SIZES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; allowed: "
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; allowed: "
                                  f"{', '.join(map(str, allowed))}")
         for name in ("batch", "context"):
             if not _is_pow2(getattr(self, name)):
