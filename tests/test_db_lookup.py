@@ -170,6 +170,10 @@ def test_emit_gpu_writes_the_recorded_best(tmp_path, capsys):
     # Launch options come from the record: giving one as well is a named error (exit 2).
     assert main(argv + ["--num-warps", "8"]) == 2
     assert "--num-warps" in capsys.readouterr().err
+    # --batch / --context choose a record, so without --gpu they are an error, not ignored
+    plain = ["emit", "--head-dim", "128", "--block-size", "16", "--batch", "4", "-o", str(out)]
+    assert main(plain) == 2
+    assert "--batch=4 only applies with --gpu" in capsys.readouterr().err
 
 
 def test_malformed_block_size_defaults_fall_back_with_a_warning(tmp_path):
@@ -184,3 +188,11 @@ def test_malformed_block_size_defaults_fall_back_with_a_warning(tmp_path):
     with pytest.warns(RuntimeWarning, match="block_size_defaults"):
         assert lk.preferred_block_size("interpreter", dtype="fp16", head_dim=128,
                                        db_dir=tmp_path) is None
+
+
+def test_other_triton_fallback_never_hands_out_this_tritons_entries(tmp_path):
+    _write(tmp_path, "h100", [(8, 16384, 8)], triton="2.0.0")
+    _write(tmp_path, "h100", [(8, 1024, 2), (8, 2048, 4)])
+    # outside this triton's tuned contexts (1024..2048) and outside the other's (16384 only)
+    result = _lookup(tmp_path, "h100", 8, 4096)
+    assert result.source == "heuristic", result.reason

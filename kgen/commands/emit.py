@@ -21,6 +21,9 @@ def config_from_args(args: argparse.Namespace) -> VariantConfig:
              if getattr(args, name) is not None}
     if getattr(args, "gpu", None):
         return emit_config_from_db(args, given)
+    for name in ("batch", "context"):
+        if getattr(args, name, None) is not None:
+            raise ValueError(f"--{name}={getattr(args, name)} only applies with --gpu NAME")
     if args.key:
         if given:
             options = ", ".join(AXIS_OPTIONS[name][0] for name in given)

@@ -137,7 +137,7 @@ class DbReader:
         found = _choose(same, asked)
         if found:
             return self._result(found, asked, gpu, "exact" if found[0] == asked.key else "nearest")
-        found = _choose(candidates, asked)
+        found = _choose([c for c in candidates if c not in same], asked)
         if found:
             return self._result(found, asked, gpu, "other-triton", here=here)
         for other in self.family_gpus(gpu):
