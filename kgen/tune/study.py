@@ -92,17 +92,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+WORKER_PREFIX = "worker:"  # study user attribute ``worker:<host>:<pid>`` per optimizing process
+
+
+def register_worker(study: optuna.Study) -> None:
+    """Note this process in the study before it creates any trial (see :func:`recover_orphans`)."""
+    study.set_user_attr(f"{WORKER_PREFIX}{HOST}:{os.getpid()}", True)
+
+
+def _others_may_be_running(study: optuna.Study) -> bool:
+    """True if a registered worker other than this process may still be alive: one of another
+    host (unknowable here) or a live process of this host."""
+    for name in study.user_attrs:
+        if not name.startswith(WORKER_PREFIX):
+            continue
+        host, _, pid = name[len(WORKER_PREFIX):].rpartition(":")
+        if host != HOST or not pid.isdigit():
+            return True
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            return True
+    return False
+
+
 def recover_orphans(study: optuna.Study) -> int:
     """Fail RUNNING trials left by killed processes of this host and queue their params again.
 
+    A process killed between Optuna creating a trial and the trial recording its owner leaves a
+    RUNNING trial with no owner; it is failed too when no other registered worker may be alive.
     Returns the number of trials recovered. Trials of live processes or other hosts are left.
     """
     recovered = 0
+    ownerless_are_orphans = None  # decided once, when the first ownerless trial shows up
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         attrs = trial_info(trial)
-        if attrs.get("host") != HOST or not isinstance(attrs.get("pid"), int):
+        if not attrs:
+            if ownerless_are_orphans is None:
+                ownerless_are_orphans = not _others_may_be_running(study)
+            if not ownerless_are_orphans:
+                continue
+        elif attrs.get("host") != HOST or not isinstance(attrs.get("pid"), int):
             continue
-        if attrs["pid"] == os.getpid() or _pid_alive(attrs["pid"]):
+        elif attrs["pid"] == os.getpid() or _pid_alive(attrs["pid"]):
             continue
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         if set(trial.params) == set(PARAM_NAMES):
@@ -196,6 +226,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, callbacks=(
         if len(budget_trials(study_)) >= trials:
             study_.stop()
 
+    register_worker(study)
     before = len(study.get_trials(deepcopy=False))
     study.optimize(objective, n_trials=trials * max_free, callbacks=[stop, *callbacks], catch=())
     return len(study.get_trials(deepcopy=False)) - before
