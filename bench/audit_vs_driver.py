@@ -52,8 +52,8 @@ def main(argv=None) -> int:
 
     major, minor = torch.cuda.get_device_capability()
     target = f"sm_{major}{minor}"
-    rows, lines = [], [f"| variant | kernel | regs driver / audit | spills driver / audit | "
-                       f"shared driver / audit | K/V bits driver / audit |", "|---|---|---|---|---|---|"]
+    rows, lines = [], ["| variant | kernel | regs driver / audit | spills driver / audit | "
+                       "shared driver / audit | K/V bits driver / audit |", "|---|---|---|---|---|---|"]
     for key in KEYS:
         config = VariantConfig.from_key(key)
         module = load_kernel(config)

@@ -8,7 +8,6 @@ import pytest
 
 from kgen import render
 from kgen.build import load_kernel, module_name
-from kgen.paths import templates_dir
 from kgen.variant import VariantConfig
 
 CONFIG = VariantConfig(head_dim=80, block_size=8, group_size=3, split_k=4, tile_tokens=32,

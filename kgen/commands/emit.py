@@ -14,16 +14,16 @@ from kgen.variant import VariantConfig
 REQUIRED = ("head_dim", "block_size")
 
 
+def given_axes(args: argparse.Namespace) -> dict:
+    """The axis options given on the command line, parsed."""
+    return {name: parse_axis_value(name, getattr(args, name)) for name in AXIS_OPTIONS
+            if getattr(args, name) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> VariantConfig:
     """The variant named by ``--key`` or by the axis options (unset launch options default to
     :func:`kgen.space.default_config`'s choice for the shape)."""
-    given = {name: parse_axis_value(name, getattr(args, name)) for name in AXIS_OPTIONS
-             if getattr(args, name) is not None}
-    if getattr(args, "gpu", None):
-        return emit_config_from_db(args, given)
-    for name in ("batch", "context"):
-        if getattr(args, name, None) is not None:
-            raise ValueError(f"--{name}={getattr(args, name)} only applies with --gpu NAME")
+    given = given_axes(args)
     if args.key:
         if given:
             options = ", ".join(AXIS_OPTIONS[name][0] for name in given)
@@ -54,7 +54,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    if args.gpu:
+        config = emit_config_from_db(args, given_axes(args))
+    else:
+        for name in ("batch", "context"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name}={getattr(args, name)} only applies with --gpu NAME")
+        config = config_from_args(args)
     reason = prune_reason(config)
     if reason and not args.allow_pruned:
         raise ValueError(f"variant {config.key} is pruned ({reason}); pass --allow-pruned to emit it")

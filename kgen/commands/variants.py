@@ -92,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(config.key + (f"  [pruned: {reason}]" if reason else ""))
     if args.limit and count == args.limit and next(found, None) is not None:
-        print(f"... more match; --limit 0 lists all, --count counts them")
+        print("... more match; --limit 0 lists all, --count counts them")
     return 0
