@@ -1,16 +1,23 @@
 """Attention over the paged KV cache: batch metadata, prefill attention and the decode backends.
 
-Both backends read the same inputs: an NHD cache per layer ``[num_blocks, block_size,
-num_kv_heads, head_dim]``, int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
+Both backends read the same inputs: a layer's NHD caches ``[num_blocks, block_size,
+num_kv_heads, head_dim]`` (a :class:`runtime.kv_cache.LayerKV`, possibly fp8 with per-layer
+scales), int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
 
-- ``torch``: one batched gather of every decode sequence's context per layer, then one SDPA
-  call with a padding mask (the CPU default).
+- ``torch`` (:mod:`runtime.decode_torch`): sequences grouped by context length, one gather of
+  each group's live context per layer and one SDPA call per group (the CPU default).
 - ``triton``: kgen's paged decode kernel, chosen per decode step through ``kgen.dispatch`` (the
   tuning database when it has a record, a sound default otherwise). On a CPU device it runs under
   the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not, with a warning).
 
 Prefill attention (causal, over the tokens of one sequence, after its cached prefix) uses
-``torch.nn.functional.scaled_dot_product_attention`` for both backends.
+``torch.nn.functional.scaled_dot_product_attention`` for both backends: the new tokens' K/V come
+straight from the projections (full precision even with an fp8 cache), the cached prefix is read
+back from the cache (dequantized).
+
+Sliding window ``W`` (Mistral's rule): the query at position ``p`` sees keys ``p - W < j <= p``.
+Block-table entries wholly below that range may have been freed by the memory manager and hold
+anything: no backend may read them.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from runtime.decode_torch import TorchDecode
+from runtime.kv_cache import LayerKV
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -31,15 +41,17 @@ class PrefillSpan:
     """One sequence's prefill tokens inside the flat token batch.
 
     ``start:end`` are rows of the batch; the tokens are positions ``num_cached:ctx_len`` of the
-    sequence. ``ctx_slots`` (int64 ``[ctx_len]``) are the cache slots of all its positions, needed
-    only when a cached prefix must be read back from the cache (``num_cached > 0``).
+    sequence. When ``num_cached > 0`` the prefix is read back from the cache: positions
+    ``read_start:num_cached`` (all of it, or the part a sliding window still sees) at the int64
+    slots ``cached_slots``.
     """
 
     start: int
     end: int
     num_cached: int
     ctx_len: int
-    ctx_slots: torch.Tensor | None = None
+    cached_slots: torch.Tensor | None = None
+    read_start: int = 0
 
 
 @dataclass
@@ -47,15 +59,19 @@ class AttentionMetadata:
     """Everything attention needs for one engine step (built once, used by every layer).
 
     Rows ``[0, num_prefill_tokens)`` of the batch are prefill tokens (see ``prefills``); the rows
-    after them are one token per decode sequence.
+    after them are one token per decode sequence. ``slot_mapping`` holds the cache slot of every
+    row whose K/V is written: all rows when ``write_rows`` is None, else the rows ``write_rows``
+    (a sliding-window prefill does not store the positions its window has already left).
     """
 
-    slot_mapping: torch.Tensor                 # int64 [num_tokens]: cache slot of each token's K/V
+    slot_mapping: torch.Tensor                 # int64 [num_written]: cache slot of each written row
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
     block_tables: torch.Tensor | None = None   # int32 [num_decode, max_blocks]
     seq_lens: torch.Tensor | None = None       # int32 [num_decode]
     max_seq_len: int = 0
+    write_rows: torch.Tensor | None = None     # int64 [num_written], or None: every row
+    windows: tuple = (None,)                   # the sliding windows the model's layers use (None: full)
     extra: dict = field(default_factory=dict)  # backend-prepared tensors (gather index, mask, kernel)
 
     @property
@@ -63,83 +79,35 @@ class AttentionMetadata:
         return 0 if self.seq_lens is None else int(self.seq_lens.shape[0])
 
 
-def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V rows into their slots. k, v: [num_tokens, num_kv_heads, head_dim]."""
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    key_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    value_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, span: PrefillSpan,
+                      scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its context (within ``window``).
 
-
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
-    """Causal attention of one sequence's new tokens over its whole context.
-
-    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' K/V, already
-    written to the cache). Returns [n, num_heads, head_dim].
+    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' K/V).
+    Returns [n, num_heads, head_dim].
     """
     n, heads, head_dim = q.shape
     group = heads // k.shape[1]
-    if span.num_cached:
-        # the cached prefix lives only in the cache: read the whole context back by slot
-        kv_heads = k.shape[1]
-        k = key_cache.view(-1, kv_heads, head_dim).index_select(0, span.ctx_slots)
-        v = value_cache.view(-1, kv_heads, head_dim).index_select(0, span.ctx_slots)
+    first_key = span.num_cached
+    if span.num_cached:  # the cached prefix (or its part inside the window) lives only in the cache
+        first_key = span.read_start
+        k = torch.cat([layer.read(layer.key, span.cached_slots, layer.k_scale), k])
+        v = torch.cat([layer.read(layer.value, span.cached_slots, layer.v_scale), v])
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     # [1, heads, tokens, head_dim]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    if span.num_cached:
-        mask = torch.ones(n, span.ctx_len, dtype=torch.bool, device=q.device).tril(diagonal=span.num_cached)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-    else:
+    if not span.num_cached and (window is None or n <= window):
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        qpos = torch.arange(span.num_cached, span.ctx_len, device=q.device)[:, None]
+        kpos = torch.arange(first_key, span.ctx_len, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return out.squeeze(0).transpose(0, 1)
-
-
-class TorchDecode:
-    """Vectorized paged decode in torch: one gather per layer for all decode sequences.
-
-    The gather reads the cache as rows of ``head_dim`` (one per slot and KV head) in
-    ``[seq, kv_head, position]`` order, so K and V come out contiguous as ``[B, kvh, S, D]`` and
-    the grouped queries ``[B, kvh, group, D]`` attend to them in one SDPA call without expanding
-    the KV heads.
-    """
-
-    name = "torch"
-
-    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32) -> None:
-        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
-        self.dtype = dtype
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """Build the gather index and the padding mask once per step."""
-        bt = meta.block_tables.long()                                   # [B, max_blocks]
-        bs, kvh = self.block_size, self.num_kv_heads
-        offsets = torch.arange(bs, device=bt.device)
-        slots = (bt[:, :, None] * bs + offsets).reshape(bt.shape[0], -1)  # [B, max_blocks * bs]
-        slots = slots[:, : meta.max_seq_len]                              # [B, S]
-        heads = torch.arange(kvh, device=bt.device)
-        rows = slots[:, None, :] * kvh + heads[None, :, None]             # [B, kvh, S]
-        pos = torch.arange(meta.max_seq_len, device=bt.device)
-        pad = pos[None, :] >= meta.seq_lens[:, None].long()               # [B, S]
-        bias = torch.zeros(pad.shape, dtype=self.dtype, device=bt.device).masked_fill_(pad, float("-inf"))
-        meta.extra["gather"] = rows.reshape(-1)
-        meta.extra["bias"] = bias[:, None, None, :]                       # [B, 1, 1, S] additive mask
-
-    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [B, num_heads, head_dim] -> [B, num_heads, head_dim]."""
-        b, heads, d = q.shape
-        kvh, s = self.num_kv_heads, meta.max_seq_len
-        idx = meta.extra["gather"]
-        k = key_cache.view(-1, d).index_select(0, idx).view(b, kvh, s, d)     # [B, kvh, S, D]
-        v = value_cache.view(-1, d).index_select(0, idx).view(b, kvh, s, d)
-        qg = q.reshape(b, kvh, heads // kvh, d)                                # [B, kvh, g, D]
-        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=meta.extra["bias"], scale=scale)
-        return out.reshape(b, heads, d)
 
 
 _WARNED_INTERPRET = False
@@ -167,7 +135,11 @@ class TritonDecode:
     name = "triton"
 
     def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, dispatcher=None) -> None:
+                 dtype: torch.dtype, device: torch.device, dispatcher=None, *, kv_cache_dtype: str = "auto",
+                 windows: tuple = (None,)) -> None:
+        missing = triton_lacks(kv_cache_dtype, windows)
+        if missing:
+            raise ValueError(missing)
         ensure_interpreter_on_cpu(device)
         from kgen.dispatch import Dispatcher
         from kgen.variant import BLOCK_SIZES, HEAD_DIMS, normalize_dtype
@@ -188,10 +160,26 @@ class TritonDecode:
             dtype=self.dtype, head_dim=self.head_dim, block_size=self.block_size,
             group_size=self.group_size, num_seqs=meta.num_decodes, max_context=meta.max_seq_len)
 
-    def decode(self, q, key_cache, value_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def decode(self, q, layer: LayerKV, meta: AttentionMetadata, scale: float, window=None) -> torch.Tensor:
         kernel = meta.extra["kernel"]
-        return kernel(q.contiguous(), key_cache, value_cache, meta.block_tables, meta.seq_lens,
+        return kernel(q.contiguous(), layer.key, layer.value, meta.block_tables, meta.seq_lens,
                       scale=scale, max_seq_len=meta.max_seq_len)
+
+
+def triton_lacks(kv_cache_dtype: str = "auto", windows: tuple = (None,)) -> str | None:
+    """Why kgen's kernels cannot decode this cache yet (a message naming the feature), or None.
+
+    fp8 caches and sliding windows come with the kernel-features work; until then the triton
+    backend refuses them by name rather than decoding something else.
+    """
+    if kv_cache_dtype != "auto":
+        return (f"kv_cache_dtype={kv_cache_dtype!r} is not supported by the triton backend yet "
+                f"(kgen's kernels read caches in the model's dtype); use backend='torch'")
+    window = next((w for w in windows if w is not None), None)
+    if window is not None:
+        return (f"sliding_window={window} is not supported by the triton backend yet (kgen's kernels "
+                f"attend to the whole context); use backend='torch'")
+    return None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -222,13 +210,17 @@ def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, devic
 
 
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
-                        head_dim: int, dtype: torch.dtype, device: torch.device):
-    """The decode backend object for a resolved backend name."""
+                        head_dim: int, dtype: torch.dtype, device: torch.device, kv_cache_dtype: str = "auto",
+                        windows: tuple = (None,)):
+    """The decode backend object for a resolved backend name (``auto`` falls back to torch for
+    what kgen's kernels do not cover)."""
     name = resolve_backend(backend, device)
-    if backend == "auto" and name == "triton" and not triton_supports(head_dim, block_size):
+    if backend == "auto" and name == "triton" and (not triton_supports(head_dim, block_size)
+                                                   or triton_lacks(kv_cache_dtype, windows)):
         name = "torch"
     if name == "triton":
-        return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device)
+        return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device,
+                            kv_cache_dtype=kv_cache_dtype, windows=windows)
     return TorchDecode(block_size, num_kv_heads, head_dim, dtype)
 
 

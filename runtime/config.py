@@ -34,7 +34,11 @@ def parse_dtype(dtype, *, name: str = "dtype") -> torch.dtype:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a Llama-family decoder (Hugging Face names)."""
+    """Hyper-parameters of a Llama-family decoder (Hugging Face names).
+
+    ``sliding_window`` (Mistral's field; read from ``config.json`` for any family): every layer
+    attends to the last ``sliding_window`` positions only; None means full attention.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -54,6 +58,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     torch_dtype: torch.dtype = torch.float32
     architecture: str = "LlamaForCausalLM"
+    sliding_window: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -89,6 +94,9 @@ class ModelConfig:
         eos = data.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         dtype_name = data.get("torch_dtype") or data.get("dtype") or "float32"
+        window = data.get("sliding_window")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise ValueError(f"config.json field sliding_window={window!r} must be a positive int or null")
         return cls(
             vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
             intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
@@ -100,7 +108,7 @@ class ModelConfig:
             mlp_bias=bool(data.get("mlp_bias", False)),
             eos_token_ids=eos_ids, bos_token_id=data.get("bos_token_id"),
             torch_dtype=parse_dtype(dtype_name, name="config.json torch_dtype"),
-            architecture=arch, extra=dict(data),
+            architecture=arch, sliding_window=window, extra=dict(data),
         )
 
     def inv_freq(self) -> torch.Tensor:

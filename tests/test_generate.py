@@ -214,7 +214,8 @@ def test_step_counts_requests_aborted_alongside_running_ones(small):
     engine.add_request(list(range(3, 30)), SamplingParams(max_tokens=3))   # 7 blocks > pool: aborted
     assert engine.step() == 1
     (done,) = engine.pop_finished()
-    assert done.request_id == 1 and done.completions == [([], 0.0, "length")]
+    assert done.request_id == 1 and done.completions == [([], 0.0, "abort")]
+    assert done.error.startswith("request_id=1 needs 7 KV blocks of 4 tokens to be admitted")
     while engine.has_unfinished():
         engine.step()
     assert [d.request_id for d in engine.pop_finished()] == [0]

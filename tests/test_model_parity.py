@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from helpers_checkpoint import make_llama
-from runtime.attention import AttentionMetadata, PrefillSpan, TorchDecode, TritonDecode
+from runtime.attention import AttentionMetadata, PrefillSpan, TritonDecode
+from runtime.decode_torch import TorchDecode
+from runtime.kv_cache import LayerKV
 from runtime.loader import load_model
 
 
@@ -55,7 +57,7 @@ def test_torch_decode_matches_float64(bs, group):
                              seq_lens=seq_lens, max_seq_len=max(lens))
     backend = TorchDecode(bs, 2, 32)
     backend.prepare(meta)
-    out = backend.decode(q, kc, vc, meta, scale=32 ** -0.5)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=32 ** -0.5)
     ref = reference_decode(q, kc, vc, tables, seq_lens, 32 ** -0.5)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -68,7 +70,7 @@ def test_triton_decode_backend_matches_float64():
                              seq_lens=seq_lens, max_seq_len=40)
     backend = TritonDecode(16, 2, 4, 64, torch.float32, device)
     backend.prepare(meta)
-    out = backend.decode(q, kc, vc, meta, scale=0.125)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.125)
     torch.testing.assert_close(out.double().cpu(), reference_decode(*case, 0.125), rtol=1e-4, atol=1e-4)
 
 
@@ -78,8 +80,8 @@ def mixed_step(model, prompts, bs, *, cached=0, decode_extra=1):
 
     Returns logits of: the last token of each prefill, each decode token.
     """
-    kv = model.kv_cache_shape(64, bs)
-    cache = (torch.rand(kv) * 2e4 - 1e4).to(model.dtype)  # garbage everywhere first
+    cache = model.make_kv_cache(64, bs)
+    cache.data.copy_(torch.rand(cache.data.shape) * 2e4 - 1e4)  # garbage everywhere first
     perm = torch.randperm(64).tolist()
     tables = [[perm.pop() for _ in range(-(-(len(p) + decode_extra) // bs))] for p in prompts]
 
@@ -99,7 +101,7 @@ def mixed_step(model, prompts, bs, *, cached=0, decode_extra=1):
         ids += prompts[i][start:]
         pos += range(start, n)
         slot += slots(i, range(start, n))
-        ctx = torch.tensor(slots(i, range(n))) if start else None
+        ctx = torch.tensor(slots(i, range(start))) if start else None
         spans.append(PrefillSpan(len(ids) - (n - start), len(ids), start, n, ctx))
         rows.append(len(ids) - 1)
     npf = len(ids)

@@ -161,8 +161,13 @@ def test_requests_too_big_for_the_pool_are_aborted():
     steps = [eng.step()[0] for _ in range(20)]
     aborted = [g.request_id for o in steps for g in o.aborted]
     assert aborted == [0, 1]
-    s1 = next(g for o in steps for g in o.aborted if g.request_id == 1).seqs[0]
-    assert s1.status is SequenceStatus.FINISHED and s1.finish_reason == "length"
+    g0, g1 = (next(g for o in steps for g in o.aborted if g.request_id == r) for r in (0, 1))
+    s1 = g1.seqs[0]
+    assert s1.status is SequenceStatus.FINISHED and s1.finish_reason == "abort"  # never "length"
+    assert g0.seqs[0].finish_reason == "abort"
+    assert g0.error.startswith("request_id=0 needs 10 KV blocks of 4 tokens to be admitted")
+    assert g1.error.startswith("request_id=1 needs 9 KV blocks of 4 tokens to grow")
+    assert "num_blocks=8" in g1.error
     # 32 tokens filled the pool; the 33rd was sampled from them but has no slot
     assert len(s1) == 8 * 4 + 1 and not eng.sched.has_unfinished() and eng.kv.pool.num_free == 8
 

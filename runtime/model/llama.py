@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.attention import AttentionMetadata, prefill_attention, write_kv
+from runtime.attention import AttentionMetadata, prefill_attention
 from runtime.config import ModelConfig
+from runtime.kv_cache import PagedKVCache
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
@@ -97,17 +98,21 @@ class LlamaModel:
             ))
         self.inv_freq = config.inv_freq().to(self.device)                 # float32 [head_dim // 2]
         self.scale = config.head_dim ** -0.5
+        self.layer_windows = [config.sliding_window] * config.num_hidden_layers  # None: full attention
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``."""
+    def make_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> PagedKVCache:
+        """A zeroed cache ``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``."""
         c = self.config
-        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+        return PagedKVCache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+                            dtype=self.dtype, kv_cache_dtype=kv_cache_dtype, device=self.device)
 
-    def bytes_per_block(self, block_size: int) -> int:
-        """KV-cache bytes of one block across all layers."""
+    def bytes_per_block(self, block_size: int, kv_cache_dtype: str = "auto") -> int:
+        """KV-cache bytes of one block across all layers (fp8 caches take one byte per value)."""
+        from runtime.kv_cache import storage_dtype
+
         c = self.config
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return c.num_hidden_layers * 2 * block_size * c.num_key_value_heads * c.head_dim * elem
+        return PagedKVCache.bytes_per_block(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim,
+                                            storage_dtype(kv_cache_dtype, self.dtype))
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [tokens, 1, head_dim] in the compute dtype for int64 positions [tokens]."""
@@ -116,22 +121,25 @@ class LlamaModel:
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, decode_backend, logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
+                meta: AttentionMetadata, decode_backend, logits_indices: torch.Tensor, *,
+                calibrate_kv: bool = False) -> torch.Tensor:
         """Run one engine step.
 
         Parameters
         ----------
         input_ids, positions : torch.Tensor
             int64 ``[num_tokens]``: prefill tokens first, then one token per decode sequence.
-        kv_cache : torch.Tensor
-            ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, written in place.
+        kv_cache : PagedKVCache
+            The paged cache, written in place.
         meta : AttentionMetadata
             Slot mapping, prefill spans and decode block tables for this step.
         decode_backend
             A :mod:`runtime.attention` decode backend (already ``prepare``-d for ``meta``).
         logits_indices : torch.Tensor
             int64 ``[num_outputs]``: rows whose next-token logits are wanted.
+        calibrate_kv : bool
+            Set each layer's fp8 ``k_scale``/``v_scale`` from this step's K/V before writing them.
 
         Returns
         -------
@@ -151,18 +159,23 @@ class LlamaModel:
             qk = qk * cos + _rotate_half(qk) * sin                             # RoPE on q and k at once
             q, k = qk[:, :heads], qk[:, heads:]                                # [T, heads, D], [T, kvh, D]
             v = qkv[:, (heads + kvh) * d:].view(num_tokens, kvh, d)
-            key_cache, value_cache = kv_cache[li, 0], kv_cache[li, 1]
-            write_kv(key_cache, value_cache, k, v, meta.slot_mapping)
+            if calibrate_kv:
+                kv_cache.calibrate(li, k, v)
+            if meta.write_rows is None:
+                kv_cache.write(li, k, v, meta.slot_mapping)
+            else:  # a sliding-window prefill skips the positions its window has already left
+                kv_cache.write(li, k.index_select(0, meta.write_rows), v.index_select(0, meta.write_rows),
+                               meta.slot_mapping)
+            layer_kv, window = kv_cache.layer(li), self.layer_windows[li]
             if npf == num_tokens and len(meta.prefills) == 1:
-                attn = prefill_attention(q, k, v, key_cache, value_cache, meta.prefills[0], self.scale)
+                attn = prefill_attention(q, k, v, layer_kv, meta.prefills[0], self.scale, window)
             else:
                 attn = torch.empty_like(q)
                 for span in meta.prefills:
                     s, e = span.start, span.end
-                    attn[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], key_cache, value_cache,
-                                                  span, self.scale)
+                    attn[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], layer_kv, span, self.scale, window)
                 if npf < num_tokens:
-                    attn[npf:] = decode_backend.decode(q[npf:], key_cache, value_cache, meta, self.scale)
+                    attn[npf:] = decode_backend.decode(q[npf:], layer_kv, meta, self.scale, window)
             x = x + F.linear(attn.reshape(num_tokens, heads * d), layer.o_proj, layer.o_bias)
             h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
             gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
