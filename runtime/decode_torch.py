@@ -61,14 +61,17 @@ class TorchDecode:
     block_size, num_kv_heads, head_dim : int
     dtype : torch.dtype
         The compute dtype (queries, outputs, the additive mask).
+    group_tokens : int
+        The groups' gather budget (:data:`GROUP_TOKENS`).
     """
 
     name = "torch"
 
     def __init__(self, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, group_tokens: int = GROUP_TOKENS) -> None:
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype = dtype
+        self.group_tokens = group_tokens
 
     def prepare(self, meta) -> None:
         """Build the groups' gather indices and masks once per step, per window in ``meta.windows``."""
@@ -85,7 +88,7 @@ class TorchDecode:
         sorted_counts = counts[order].tolist()
         heads = torch.arange(kvh, device=dev)[None, :, None]
         groups = []
-        for i, j in plan_groups(sorted_counts):
+        for i, j in plan_groups(sorted_counts, self.group_tokens):
             length = sorted_counts[i]
             rows = order[i:j]
             cnt, start = counts[rows], starts[rows]

@@ -12,6 +12,7 @@ class StepMeter:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.peak_blocks_no_sharing = 0
+        self.peak_blocks_per_seq = 0
         self.steps = 0
         self._logical_sum = self._used_sum = self._stored_sum = self._peak_used = 0
         self.at_peak: dict = {}
@@ -29,7 +30,9 @@ class StepMeter:
         last_refs: dict[int, int] = {}
         for seq in kv.tracked_seqs():
             table = seq.block_table
-            logical += kv.num_held_blocks(seq)  # out-of-window entries of a sliding window hold none
+            held = kv.num_held_blocks(seq)  # out-of-window entries of a sliding window hold none
+            logical += held
+            self.peak_blocks_per_seq = max(self.peak_blocks_per_seq, held)
             if table:
                 b = table[-1]
                 last_fill[b] = max(last_fill.get(b, 0), len(seq) - (len(table) - 1) * bs)
@@ -53,8 +56,10 @@ class StepMeter:
         same sequences would hold without sharing); ``blocks_saved_by_sharing_at_peak``: that minus
         ``peak_blocks_in_use``; ``sharing_saving``: saved fraction over all steps;
         ``mean_utilization``: filled over allocated slots, over all steps; ``at_peak``: the picture
-        at the step with the most blocks in use."""
+        at the step with the most blocks in use; ``peak_blocks_per_seq``: the most blocks one
+        sequence held in a step (with a sliding window, about ``window / block_size + 1``)."""
         return {
+            "peak_blocks_per_seq": self.peak_blocks_per_seq,
             "peak_blocks_no_sharing": self.peak_blocks_no_sharing,
             "blocks_saved_by_sharing_at_peak": self.peak_blocks_no_sharing - peak_blocks_in_use,
             "sharing_saving": (1 - self._used_sum / self._logical_sum) if self._logical_sum else 0.0,

@@ -14,15 +14,18 @@ from runtime.kv_cache import LayerKV
 from runtime.loader import load_model
 
 
-def reference_decode(q, key_cache, value_cache, tables, lens, scale):
-    """float64 paged decode, one sequence at a time. q: [B, H, D] -> [B, H, D] float64."""
+def reference_decode(q, key_cache, value_cache, tables, lens, scale, window=None, k_scale=1.0, v_scale=1.0):
+    """float64 paged decode, one sequence at a time, over the last ``window`` positions when given
+    (reading only those blocks). q: [B, H, D] -> [B, H, D] float64."""
     bs, kvh = key_cache.shape[1], key_cache.shape[2]
     group = q.shape[1] // kvh
     out = torch.empty(q.shape, dtype=torch.float64)
     for i, n in enumerate(lens.tolist()):
-        blocks = tables[i, : -(-n // bs)].long()
-        k = key_cache[blocks].reshape(-1, kvh, q.shape[2])[:n].double().repeat_interleave(group, dim=1)
-        v = value_cache[blocks].reshape(-1, kvh, q.shape[2])[:n].double().repeat_interleave(group, dim=1)
+        start = max(0, n - window) if window else 0
+        blocks = tables[i, start // bs: -(-n // bs)].long()
+        lo, hi = start % bs, start % bs + n - start
+        k = key_cache[blocks].reshape(-1, kvh, q.shape[2])[lo:hi].double().repeat_interleave(group, dim=1) * k_scale
+        v = value_cache[blocks].reshape(-1, kvh, q.shape[2])[lo:hi].double().repeat_interleave(group, dim=1) * v_scale
         p = torch.softmax(torch.einsum("hd,thd->ht", q[i].double(), k) * scale, dim=-1)
         out[i] = torch.einsum("ht,thd->hd", p, v)
     return out
@@ -59,6 +62,54 @@ def test_torch_decode_matches_float64(bs, group):
     backend.prepare(meta)
     out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=32 ** -0.5)
     ref = reference_decode(q, kc, vc, tables, seq_lens, 32 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 16])
+@pytest.mark.parametrize("group_tokens", [8, 4096])
+def test_torch_decode_groups_and_windows_never_read_freed_blocks(window, group_tokens):
+    """Many length groups (budget 8 rows) or one; entries a window has freed point at a NaN block."""
+    bs = 4
+    lens = [1, 3, 4, 5, 8, 9, 16, 17, 31]
+    q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, 3, 16, lens, seed=7)
+    used = {int(tables[i, j]) for i, n in enumerate(lens) for j in range(-(-n // bs))}
+    poison = min(set(range(kc.shape[0])) - used)  # a block no sequence holds
+    kc[poison] = float("nan")
+    vc[poison] = float("nan")
+    if window:
+        for i, n in enumerate(lens):
+            tables[i, : max(0, n - window) // bs] = poison   # freed: may hold anything
+    for i, n in enumerate(lens):
+        tables[i, -(-n // bs):] = poison                     # padding too
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=max(lens), windows=(window,))
+    backend = TorchDecode(bs, 2, 16, group_tokens=group_tokens)
+    backend.prepare(meta)
+    groups = meta.extra[("torch_decode", window)]
+    assert (len(groups) > 1) == (group_tokens == 8)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25, window=window)
+    ref = reference_decode(q, kc, vc, tables, seq_lens, 0.25, window=window)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_torch_decode_reads_fp8_with_scales(fmt):
+    """An fp8 cache: the decode equals float64 attention over the dequantized cache."""
+    from runtime.kv_cache import storage_dtype
+
+    bs = 16
+    q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, 4, 32, [1, 15, 16, 17, 40], seed=3)
+    fp8 = storage_dtype(fmt, torch.float32)
+    k_scale, v_scale = 0.02, 0.5
+    kq = (kc.clamp(-1e3, 1e3) / k_scale).clamp(-torch.finfo(fp8).max, torch.finfo(fp8).max).to(fp8)
+    vq = (vc.clamp(-1e3, 1e3) / v_scale).clamp(-torch.finfo(fp8).max, torch.finfo(fp8).max).to(fp8)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=40)
+    backend = TorchDecode(bs, 2, 32, group_tokens=32)
+    backend.prepare(meta)
+    out = backend.decode(q, LayerKV(kq, vq, k_scale, v_scale, torch.float32), meta, scale=32 ** -0.5)
+    ref = reference_decode(q, kq.double(), vq.double(), tables, seq_lens, 32 ** -0.5, k_scale=k_scale,
+                           v_scale=v_scale)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
