@@ -25,20 +25,10 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401 - puts the checkout on sys.path
+from _common import build_checkpoint
 
 MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
              vocab_size=512, intermediate_size=688, max_position_embeddings=1024)
-
-
-def build_checkpoint(folder: Path, model: dict) -> None:
-    """Save a random fp32 Llama (no EOS, so every request runs to its token budget)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(**model, eos_token_id=None, bos_token_id=None, pad_token_id=0,
-                         initializer_range=0.05, rms_norm_eps=1e-5)
-    LlamaForCausalLM(config).save_pretrained(folder)
 
 
 def workloads(quick: bool) -> dict:

@@ -158,7 +158,7 @@ class Engine:
             self.kv_cache.copy_blocks([s for s, _ in out.copies], [d for _, d in out.copies])
         seqs = out.prefill_seqs + out.decode_seqs
         self.meter.record(self.kv)
-        logits = self._forward(out.prefill_seqs, out.decode_seqs)
+        logits = self.run_forward(out.prefill_seqs, out.decode_seqs)
         for seq in seqs:
             seq.num_computed_tokens = len(seq)
         rows: dict[int, list[tuple[Sequence, int]]] = {}
@@ -168,7 +168,10 @@ class Engine:
         self.scheduler.free_finished()
         return len(self._finished) - finished_before
 
-    def _forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
+    def run_forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
+        """One forward over allocated sequences: ``prefill`` over ``token_ids[num_cached_tokens:]``,
+        ``decode`` one token each (their slots made by ``append_slot``). Returns float32 logits
+        ``[len(prefill) + len(decode), vocab]``: each sequence's next-token logits, in that order."""
         dev, kv = self.device, self.kv
         ids: list[int] = []
         pos: list[int] = []

@@ -11,6 +11,7 @@ magnitude seen maps to the format's largest value). Readers multiply by the scal
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,13 +99,22 @@ class PagedKVCache:
     def layer(self, li: int) -> LayerKV:
         return self._layers[li]
 
-    def calibrate(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Set layer ``li``'s scales to ``amax(|x|) / fp8 max`` of these K and V (1.0 if all zero)."""
-        for scales, x in ((self.k_scales, k), (self.v_scales, v)):
-            amax = float(x.detach().abs().max()) if x.numel() else 0.0
-            scales[li] = amax / self.fp8_max if amax > 0 else 1.0
+    def set_scales(self, li: int, k_scale: float, v_scale: float) -> None:
+        """Layer ``li``'s dequantization scales (positive floats)."""
+        for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
+        self.k_scales[li], self.v_scales[li] = float(k_scale), float(v_scale)
         self._layers[li] = LayerKV(self.data[li, 0], self.data[li, 1], self.k_scales[li], self.v_scales[li],
                                    self.dtype)
+
+    def calibrate(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Set layer ``li``'s scales to ``amax(|x|) / fp8 max`` of these K and V (1.0 if all zero)."""
+        scales = []
+        for x in (k, v):
+            amax = float(x.detach().abs().max()) if x.numel() else 0.0
+            scales.append(amax / self.fp8_max if amax > 0 and math.isfinite(amax) else 1.0)
+        self.set_scales(li, *scales)
 
     def write(self, li: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Scatter new K/V rows ``[num_tokens, num_kv_heads, head_dim]`` into int64 ``slots``."""
