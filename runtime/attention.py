@@ -4,8 +4,10 @@ Both backends read the same inputs: a layer's NHD caches ``[num_blocks, block_si
 num_kv_heads, head_dim]`` (a :class:`runtime.kv_cache.LayerKV`, possibly fp8 with per-layer
 scales), int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
 
+- ``native`` (:mod:`runtime.decode_native`): a small C kernel, built on first use, that reads
+  each live K/V row once in place (the CPU default for float32 models when a C compiler works).
 - ``torch`` (:mod:`runtime.decode_torch`): sequences grouped by context length, one gather of
-  each group's live context per layer and one SDPA call per group (the CPU default).
+  each group's live context per layer and one SDPA call per group (any dtype and device).
 - ``triton``: kgen's paged decode kernel, chosen per decode step through ``kgen.dispatch`` (the
   tuning database when it has a record, a sound default otherwise). On a CPU device it runs under
   the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not, with a warning).
@@ -30,10 +32,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from runtime.decode_native import NativeDecode, native_lacks
 from runtime.decode_torch import TorchDecode
 from runtime.kv_cache import LayerKV
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
 @dataclass
@@ -183,11 +186,11 @@ def triton_lacks(kv_cache_dtype: str = "auto", windows: tuple = (None,)) -> str 
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` on the CPU; validates the name."""
+    """``auto`` -> ``triton`` on CUDA, ``native`` on the CPU (before feature checks); validates the name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" else "native"
     return backend
 
 
@@ -211,16 +214,23 @@ def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, devic
 
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
                         head_dim: int, dtype: torch.dtype, device: torch.device, kv_cache_dtype: str = "auto",
-                        windows: tuple = (None,)):
-    """The decode backend object for a resolved backend name (``auto`` falls back to torch for
-    what kgen's kernels do not cover)."""
+                        windows: tuple = (None,), num_blocks: int = 0):
+    """The decode backend object for a backend name; ``auto`` falls back to torch for what kgen's
+    kernels (CUDA) or the native kernel (CPU) do not cover."""
     name = resolve_backend(backend, device)
     if backend == "auto" and name == "triton" and (not triton_supports(head_dim, block_size)
                                                    or triton_lacks(kv_cache_dtype, windows)):
         name = "torch"
+    if backend == "auto" and name == "native" and native_lacks(dtype, num_heads, head_dim, device):
+        name = "torch"
     if name == "triton":
         return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device,
                             kv_cache_dtype=kv_cache_dtype, windows=windows)
+    if name == "native":
+        missing = native_lacks(dtype, num_heads, head_dim, device)
+        if missing:
+            raise ValueError(f"backend='native': {missing}")
+        return NativeDecode(block_size, num_kv_heads, num_heads, head_dim, num_blocks)
     return TorchDecode(block_size, num_kv_heads, head_dim, dtype)
 
 

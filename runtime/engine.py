@@ -98,7 +98,8 @@ class Engine:
         self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                            dtype=self.model.dtype, device=self.device,
-                                           kv_cache_dtype=self.kv_cache.kv_cache_dtype, windows=self.windows)
+                                           kv_cache_dtype=self.kv_cache.kv_cache_dtype, windows=self.windows,
+                                           num_blocks=num_blocks)
         self.calibrate_kv = bool(calculate_kv_scales) and self.kv_cache.quantized
         self.max_len = c.max_position_embeddings  # the pool never caps a length: see the scheduler's aborts
         self.generator = torch.Generator(device=self.device)

@@ -9,6 +9,7 @@ import torch
 
 from helpers_checkpoint import make_llama
 from runtime.attention import AttentionMetadata, PrefillSpan, TritonDecode
+from runtime.decode_native import NativeDecode, native_lacks
 from runtime.decode_torch import TorchDecode
 from runtime.kv_cache import LayerKV
 from runtime.loader import load_model
@@ -52,13 +53,26 @@ def random_paged_case(bs, kvh, group, d, lens, seed=0, dtype=torch.float32):
     return q, key_cache, value_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
 
+NATIVE = native_lacks(torch.float32, 8, 64, torch.device("cpu"))
+
+
+def cpu_backend(name, bs, kvh, heads, d, num_blocks, **kw):
+    """The torch or the native (C) decode backend; the native one is skipped without a C compiler."""
+    if name == "torch":
+        return TorchDecode(bs, kvh, d, **kw)
+    if NATIVE:
+        pytest.skip(NATIVE)
+    return NativeDecode(bs, kvh, heads, d, num_blocks)
+
+
+@pytest.mark.parametrize("name", ["torch", "native"])
 @pytest.mark.parametrize("bs,group", [(1, 1), (16, 4), (32, 3)])
-def test_torch_decode_matches_float64(bs, group):
+def test_cpu_decode_matches_float64(name, bs, group):
     lens = [bs, bs + 1, 2 * bs - 1 if bs > 1 else 3, 1, 3 * bs]
     q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, group, 32, lens, seed=bs)
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=seq_lens, max_seq_len=max(lens))
-    backend = TorchDecode(bs, 2, 32)
+    backend = cpu_backend(name, bs, 2, 2 * group, 32, kc.shape[0])
     backend.prepare(meta)
     out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=32 ** -0.5)
     ref = reference_decode(q, kc, vc, tables, seq_lens, 32 ** -0.5)
@@ -66,9 +80,10 @@ def test_torch_decode_matches_float64(bs, group):
 
 
 @pytest.mark.parametrize("window", [None, 1, 5, 16])
-@pytest.mark.parametrize("group_tokens", [8, 4096])
-def test_torch_decode_groups_and_windows_never_read_freed_blocks(window, group_tokens):
-    """Many length groups (budget 8 rows) or one; entries a window has freed point at a NaN block."""
+@pytest.mark.parametrize("group_tokens", [8, 4096, "native"])
+def test_cpu_decode_windows_never_read_freed_blocks(window, group_tokens):
+    """torch with many length groups (budget 8 rows) or one, and the native kernel (2 threads);
+    entries a window has freed, and the padding, point at a NaN block."""
     bs = 4
     lens = [1, 3, 4, 5, 8, 9, 16, 17, 31]
     q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, 3, 16, lens, seed=7)
@@ -83,17 +98,28 @@ def test_torch_decode_groups_and_windows_never_read_freed_blocks(window, group_t
         tables[i, -(-n // bs):] = poison                     # padding too
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=seq_lens, max_seq_len=max(lens), windows=(window,))
-    backend = TorchDecode(bs, 2, 16, group_tokens=group_tokens)
-    backend.prepare(meta)
-    groups = meta.extra[("torch_decode", window)]
-    assert (len(groups) > 1) == (group_tokens == 8)
+    if group_tokens == "native":
+        backend = cpu_backend("native", bs, 2, 6, 16, kc.shape[0])
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            backend.prepare(meta)
+        finally:
+            torch.set_num_threads(before)
+        assert len(meta.extra[("native_decode", window)][2]) == 2  # two threads' chunks
+    else:
+        backend = TorchDecode(bs, 2, 16, group_tokens=group_tokens)
+        backend.prepare(meta)
+        groups = meta.extra[("torch_decode", window)]
+        assert (len(groups) > 1) == (group_tokens == 8)
     out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25, window=window)
     ref = reference_decode(q, kc, vc, tables, seq_lens, 0.25, window=window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["torch", "native"])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-def test_torch_decode_reads_fp8_with_scales(fmt):
+def test_cpu_decode_reads_fp8_with_scales(name, fmt):
     """An fp8 cache: the decode equals float64 attention over the dequantized cache."""
     from runtime.kv_cache import storage_dtype
 
@@ -105,12 +131,23 @@ def test_torch_decode_reads_fp8_with_scales(fmt):
     vq = (vc.clamp(-1e3, 1e3) / v_scale).clamp(-torch.finfo(fp8).max, torch.finfo(fp8).max).to(fp8)
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=seq_lens, max_seq_len=40)
-    backend = TorchDecode(bs, 2, 32, group_tokens=32)
+    backend = cpu_backend(name, bs, 2, 8, 32, kq.shape[0], **({"group_tokens": 32} if name == "torch" else {}))
     backend.prepare(meta)
     out = backend.decode(q, LayerKV(kq, vq, k_scale, v_scale, torch.float32), meta, scale=32 ** -0.5)
     ref = reference_decode(q, kq.double(), vq.double(), tables, seq_lens, 32 ** -0.5, k_scale=k_scale,
                            v_scale=v_scale)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_refuses_a_block_outside_the_pool():
+    q, kc, vc, tables, seq_lens = random_paged_case(4, 1, 2, 16, [5, 9], seed=1)
+    tables[1, 1] = kc.shape[0]  # one past the pool, inside sequence 1's live range
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=9)
+    backend = cpu_backend("native", 4, 1, 2, 16, kc.shape[0])
+    backend.prepare(meta)
+    with pytest.raises(RuntimeError, match=r"decode sequence 1 has a block id outside \[0, "):
+        backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25)
 
 
 def test_triton_decode_backend_matches_float64():

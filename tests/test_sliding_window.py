@@ -50,11 +50,12 @@ def test_the_reference_differs_from_full_attention(windowed):
     assert no_window != hf_greedy(mistral, prompt, 16)[0]
 
 
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_greedy_matches_mistral_and_frees_out_of_window_blocks(windowed, block_size):
+@pytest.mark.parametrize("block_size,backend", [(1, "auto"), (4, "auto"), (16, "auto"), (4, "torch")])
+def test_greedy_matches_mistral_and_frees_out_of_window_blocks(windowed, block_size, backend):
     path, mistral = windowed
     prompts = random_prompts([3, 8, 9, 21, 30], 128, seed=2)
-    outs = runtime.generate(path, prompts, SamplingParams(max_tokens=24, ignore_eos=True), block_size=block_size)
+    outs = runtime.generate(path, prompts, SamplingParams(max_tokens=24, ignore_eos=True), block_size=block_size,
+                            backend=backend)
     for p, out in zip(prompts, outs):
         ref_ids, ref_logprob = hf_greedy(mistral, p, 24)
         assert out.outputs[0].token_ids == ref_ids

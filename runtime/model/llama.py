@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from runtime.attention import AttentionMetadata, prefill_attention
 from runtime.config import ModelConfig
 from runtime.kv_cache import PagedKVCache
+from runtime.model.linear import Linear
 
 _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 
@@ -26,15 +27,11 @@ _HAS_RMS_NORM = hasattr(F, "rms_norm")  # torch >= 2.4
 @dataclass
 class _Layer:
     input_norm: torch.Tensor      # [hidden]
-    qkv: torch.Tensor             # [(heads + 2 * kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor          # [hidden, heads * head_dim]
-    o_bias: torch.Tensor | None
+    qkv: Linear                   # hidden -> (heads + 2 * kv_heads) * head_dim
+    o_proj: Linear                # heads * head_dim -> hidden
     post_norm: torch.Tensor       # [hidden]
-    gate_up: torch.Tensor         # [2 * intermediate, hidden]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor            # [hidden, intermediate]
-    down_bias: torch.Tensor | None
+    gate_up: Linear               # hidden -> 2 * intermediate
+    down: Linear                  # intermediate -> hidden
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,7 +76,7 @@ class LlamaModel:
             return None if parts[0] is None else torch.cat(parts)
 
         self.embed = w("model.embed_tokens.weight")                       # [vocab, hidden]
-        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else w("lm_head.weight"))
         self.final_norm = w("model.norm.weight")
         self.layers: list[_Layer] = []
         for n in range(config.num_hidden_layers):
@@ -88,13 +85,11 @@ class LlamaModel:
             mlp = [p + "mlp.gate_proj", p + "mlp.up_proj"]
             self.layers.append(_Layer(
                 input_norm=w(p + "input_layernorm.weight"),
-                qkv=torch.cat([w(a + ".weight") for a in attn]),
-                qkv_bias=cat_opt([a + ".bias" for a in attn]),
-                o_proj=w(p + "self_attn.o_proj.weight"), o_bias=opt(p + "self_attn.o_proj.bias"),
+                qkv=Linear(torch.cat([w(a + ".weight") for a in attn]), cat_opt([a + ".bias" for a in attn])),
+                o_proj=Linear(w(p + "self_attn.o_proj.weight"), opt(p + "self_attn.o_proj.bias")),
                 post_norm=w(p + "post_attention_layernorm.weight"),
-                gate_up=torch.cat([w(m + ".weight") for m in mlp]),
-                gate_up_bias=cat_opt([m + ".bias" for m in mlp]),
-                down=w(p + "mlp.down_proj.weight"), down_bias=opt(p + "mlp.down_proj.bias"),
+                gate_up=Linear(torch.cat([w(m + ".weight") for m in mlp]), cat_opt([m + ".bias" for m in mlp])),
+                down=Linear(w(p + "mlp.down_proj.weight"), opt(p + "mlp.down_proj.bias")),
             ))
         self.inv_freq = config.inv_freq().to(self.device)                 # float32 [head_dim // 2]
         self.scale = config.head_dim ** -0.5
@@ -154,7 +149,7 @@ class LlamaModel:
         x = self.embed.index_select(0, input_ids)                          # [T, hidden]
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             qk = qkv[:, : (heads + kvh) * d].view(num_tokens, heads + kvh, d)
             qk = qk * cos + _rotate_half(qk) * sin                             # RoPE on q and k at once
             q, k = qk[:, :heads], qk[:, heads:]                                # [T, heads, D], [T, kvh, D]
@@ -176,9 +171,9 @@ class LlamaModel:
                     attn[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], layer_kv, span, self.scale, window)
                 if npf < num_tokens:
                     attn[npf:] = decode_backend.decode(q[npf:], layer_kv, meta, self.scale, window)
-            x = x + F.linear(attn.reshape(num_tokens, heads * d), layer.o_proj, layer.o_bias)
+            x = x + layer.o_proj(attn.reshape(num_tokens, heads * d))
             h = rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         x = rms_norm(x.index_select(0, logits_indices), self.final_norm, c.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
