@@ -17,7 +17,7 @@ from runtime.engine import Engine, uniform_window
 from runtime.kv_cache import parse_kv_cache_dtype
 from runtime.loader import LoadedModel, load_model, parse_device
 from runtime.sampling import SamplingParams, check_seed
-from runtime.threads import torch_threads
+from runtime.threads import torch_threads, wait_policy
 
 __all__ = ["generate", "SamplingParams", "RequestOutput", "CompletionOutput", "GenerateOutputs"]
 
@@ -210,7 +210,7 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
                         backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
                         watermark=WATERMARK, kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=calculate_kv_scales)
         outputs, stats = _run(engine, ids, params, prompts, loaded, use_tqdm)
-    stats["num_threads"] = threads
+    stats.update(num_threads=threads, omp_wait_policy=wait_policy())
     return (outputs, stats) if return_stats else outputs
 
 

@@ -2,13 +2,18 @@
 
 torch picks its thread count at start-up from ``OMP_NUM_THREADS`` or the machine's cores, and
 any library may change it later, so a generate() that left it alone would run with whatever the
-process happened to hold. Measured on the 2-core CPU (``bench/results/e2e_throughput_cpu.json``),
-one thread per available core is the fastest on an idle machine. Asking for more threads than
-there are free cores is what hurts: OpenMP's barriers then wait for descheduled threads.
+process happened to hold.
 
 Default: ``OMP_NUM_THREADS`` when the environment sets it (the operator's choice), else the
 number of CPUs this process may run on (``os.sched_getaffinity``, which honours ``taskset`` and
-cpusets). The previous count is restored when generate() returns.
+cpusets): on an idle machine every core helps (the projections are ~55% of the time and scale
+with threads). The previous count is restored when generate() returns.
+
+The hazard is OpenMP's default of spinning while it waits: with other work on the same cores, a
+thread that is switched out stalls every barrier its partners spin at. On the shared 2-core
+machine (load average 4.5) the mixed benchmark ran at 165 tok/s with 2 spinning threads, 426
+with 1 thread and 435 with 2 threads under ``OMP_WAIT_POLICY=PASSIVE``; ``import runtime`` sets
+that policy when it comes before torch (:mod:`runtime`), and :func:`wait_policy` reports it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,14 @@ import contextlib
 import os
 
 import torch
+
+
+def wait_policy() -> str:
+    """OpenMP's wait policy as :mod:`runtime` found or set it on import: ``"passive"``, or
+    ``"active"`` (spin, then sleep: also when torch was imported first without the variable)."""
+    import runtime
+
+    return runtime.OMP_WAIT_POLICY
 
 
 def default_num_threads() -> int:
