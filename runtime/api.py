@@ -70,7 +70,8 @@ def _tokenize(prompts, loaded: LoadedModel) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if loaded.tokenizer is None:
-                raise ValueError(f"prompts[{i}] is text but the model has no tokenizer.json; pass token ids")
+                why = loaded.tokenizer_error or "the model has no tokenizer.json"
+                raise ValueError(f"prompts[{i}] is text but {why}; pass token ids")
             ids = loaded.tokenizer.encode(p).ids
         elif isinstance(p, (list, tuple)):
             ids = list(p)
