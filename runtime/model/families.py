@@ -75,7 +75,11 @@ def _qwen_windows(data: dict, n_layers: int, get) -> tuple[int | None, ...]:
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise _bad("max_window_layers", first, "must be a non-negative int")
     default = [SLIDING if window is not None and i >= first else FULL for i in range(n_layers)]
-    return _windows_from_types(_layer_types(data, n_layers, default), window)
+    types = _layer_types(data, n_layers, default)
+    if not use and SLIDING in types:
+        raise ValueError(f"config.json field layer_types names {SLIDING!r} layers (layer {types.index(SLIDING)}) "
+                         f"but use_sliding_window is false (transformers then has no window for them)")
+    return _windows_from_types(types, window)
 
 
 def _gemma2_windows(data: dict, n_layers: int, get) -> tuple[int | None, ...]:
