@@ -78,3 +78,39 @@ def test_prefill_window_and_soft_cap_over_a_cached_prefix(cached, window, cap):
     ref = reference(q, k_all.repeat_interleave(group, 1), v_all.repeat_interleave(group, 1),
                     torch.arange(cached, ctx), 0.5, window, cap)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_backend_routes_each_layer_to_its_feature_kernel():
+    """The wiring for kgen's feature kernels (issue 9): one kernel per distinct feature set, asked
+    with ``features=``, called with the layer's ``sliding_window`` / ``logits_soft_cap``."""
+    from runtime.attention import TritonDecode
+
+    asked, called = [], []
+
+    class FeatureDispatcher:  # answers as a dispatcher with feature kernels will
+        def why_unsupported(self, *, dtype, head_dim, block_size, group_size, kv_dtype="auto", features=()):
+            return None
+
+        def kernel_for(self, *, features=(), **shape):
+            asked.append(features)
+
+            def kernel(q, kc, vc, bt, sl, *, scale, max_seq_len, **extra):
+                called.append((features, extra))
+                return torch.full_like(q, float(len(called)))
+            return kernel
+
+    layers = [LayerAttention(0.2, 8, 0.5), LayerAttention(0.2, None, 0.5), LayerAttention(0.2, 8, 0.5)]
+    backend = TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), FeatureDispatcher(), layers=layers)
+    q, kc, vc, tables, seq_lens = random_paged_case(16, 2, 2, 64, [3, 20], seed=3)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=20)
+    backend.prepare(meta)
+    assert sorted(asked) == [("sliding_window", "soft_cap"), ("soft_cap",)]
+    for la in layers:
+        backend.decode(q, kc, vc, meta, la.scale, sliding_window=la.sliding_window,
+                       logits_soft_cap=la.logits_soft_cap)
+    assert called == [(("sliding_window", "soft_cap"), {"sliding_window": 8, "logits_soft_cap": 0.5}),
+                      (("soft_cap",), {"logits_soft_cap": 0.5}),
+                      (("sliding_window", "soft_cap"), {"sliding_window": 8, "logits_soft_cap": 0.5})]
+    with pytest.raises(ValueError, match=r"not prepared for features \('sliding_window',\)"):
+        backend.decode(q, kc, vc, meta, 0.2, sliding_window=8)
