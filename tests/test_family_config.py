@@ -123,6 +123,8 @@ def test_unsupported_architecture_lists_the_supported_ones():
     ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "partial_rotary_factor": 0.5},
      "partial_rotary_factor=0.5"),
     ("LlamaForCausalLM", {"architectures": "LlamaForCausalLM"}, "architectures='LlamaForCausalLM' must be a list"),
+    ("LlamaForCausalLM", {"max_position_embeddings": "4k"}, "max_position_embeddings='4k' must be a positive int"),
+    ("Qwen3ForCausalLM", {"rms_norm_eps": 0}, "rms_norm_eps=0 must be a positive number"),
 ])
 def test_math_changing_fields_are_refused_by_name(arch, fields, match):
     with pytest.raises(ValueError, match=match):

@@ -114,6 +114,8 @@ class Family:
         Reads ``attn_logit_softcapping`` / ``final_logit_softcapping``, ``query_pre_attn_scalar``.
     windows : callable
         ``(config dict, num_layers, get) -> per-layer sliding window (int or None)``.
+    refused : mapping
+        Fields the model class reads that must be absent, false or null here -> why.
     defaults : mapping
         Transformers' config-class defaults for fields a ``config.json`` may leave out.
     """
@@ -130,6 +132,7 @@ class Family:
     soft_caps: bool = False
     query_scalar: bool = False
     windows: Callable = _no_windows
+    refused: Mapping[str, str] = field(default_factory=dict)
     defaults: Mapping[str, object] = field(default_factory=dict)
 
     def read(self, data: dict) -> dict:
@@ -143,9 +146,9 @@ class Family:
             method = method.get("quant_method", method) if isinstance(method, dict) else method
             raise _bad("quantization_config", method, "is not supported: the runtime reads fp32, fp16 "
                        "or bf16 weights only")
-        if self.architecture == "Gemma2ForCausalLM" and data.get("use_bidirectional_attention"):
-            raise _bad("use_bidirectional_attention", data["use_bidirectional_attention"],
-                       "is not supported: the runtime decodes causally")
+        for name, why in self.refused.items():
+            if data.get(name):
+                raise _bad(name, data[name], f"is not supported: {why}")
         act = get(self.act_field)
         if act not in ACTIVATIONS:
             raise _bad(self.act_field, act, f"is not supported; supported: {', '.join(ACTIVATIONS)}")
@@ -160,6 +163,11 @@ class Family:
             max_position_embeddings=get("max_position_embeddings"),
             rms_norm_eps=get("rms_norm_eps"),
         )
+        max_pos, eps = out["max_position_embeddings"], out["rms_norm_eps"]
+        if isinstance(max_pos, bool) or not isinstance(max_pos, int) or max_pos < 1:
+            raise _bad("max_position_embeddings", max_pos, "must be a positive int")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise _bad("rms_norm_eps", eps, "must be a positive number")
         if self.soft_caps:
             for name in ("attn_logit_softcapping", "final_logit_softcapping"):
                 cap = get(name)
@@ -173,10 +181,8 @@ class Family:
             out["query_pre_attn_scalar"] = float(qs)
         n_layers = data["num_hidden_layers"]
         windows = self.windows(data, n_layers, get)
-        max_pos = out["max_position_embeddings"]
         # a window at least as long as any position can reach never masks anything: drop it
-        out["layer_windows"] = tuple(None if w is not None and isinstance(max_pos, int) and w >= max_pos
-                                     else w for w in windows)
+        out["layer_windows"] = tuple(None if w is not None and w >= max_pos else w for w in windows)
         return out
 
 
@@ -197,6 +203,7 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     Family("Gemma2ForCausalLM", "gemma2", act_field="hidden_activation", norm_offset=1.0,
            sandwich_norms=True, embed_scale=True, soft_caps=True, query_scalar=True,
            windows=_gemma2_windows,
+           refused={"use_bidirectional_attention": "the runtime decodes causally"},
            defaults={"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True,
                      "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
                      "final_logit_softcapping": 30.0, "max_position_embeddings": 8192}),
