@@ -267,21 +267,53 @@ def make_paged_inputs(num_seqs, num_heads, num_kv_heads, head_dim, block_size, s
         "seq_lens": torch.tensor(lens, dtype=torch.int32).to(device),
         "scale": head_dim ** -0.5,
     }
+    inputs.update(feature_arguments(num_heads, num_kv_heads, features=features,
+                                    scale_kind=scale_kind, sliding_window=sliding_window,
+                                    soft_cap=soft_cap, generator=gen, device=device))
+    return inputs
+
+
+def feature_arguments(num_heads: int, num_kv_heads: int, *, features=(), scale_kind=None,
+                      sliding_window=None, soft_cap=None, generator=None, device="cpu") -> dict:
+    """The call's feature arguments: random scales, the window, the cap, ALiBi slopes, sinks.
+
+    Parameters
+    ----------
+    num_heads, num_kv_heads : int
+        Query heads (slopes and sinks are per query head) and KV heads (per-head scales).
+    features : iterable of str
+        Which of ``sliding_window``, ``soft_cap``, ``alibi``, ``sinks`` to give arguments for.
+    scale_kind : None, "float", "tensor" or "head"
+        No ``k_scale``/``v_scale``; random floats in [0.25, 1.75); one-element fp32 tensors;
+        fp32 ``[num_kv_heads]`` tensors.
+    sliding_window, soft_cap : optional
+        The window (required with that feature) and the cap (default 2.0).
+    generator : torch.Generator, optional
+        Source of the random values (a fresh seed-0 one by default).
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``paged_attention_decode`` and :func:`paged_attention_reference`.
+    """
+    features = normalize_features(features)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    out = {}
     if scale_kind is not None:
         for name in ("k_scale", "v_scale"):
             values = 0.25 + 1.5 * torch.rand(num_kv_heads, generator=gen)  # [0.25, 1.75)
             if scale_kind == "float":
-                inputs[name] = float(values[0])
+                out[name] = float(values[0])
             elif scale_kind == "tensor":
-                inputs[name] = values[:1].to(torch.float32).to(device)
+                out[name] = values[:1].to(torch.float32).to(device)
             else:
-                inputs[name] = values.to(torch.float32).to(device)
+                out[name] = values.to(torch.float32).to(device)
     if "sliding_window" in features:
-        inputs["sliding_window"] = int(sliding_window)
+        out["sliding_window"] = int(sliding_window)
     if "soft_cap" in features:
-        inputs["logits_soft_cap"] = 2.0 if soft_cap is None else float(soft_cap)
+        out["logits_soft_cap"] = 2.0 if soft_cap is None else float(soft_cap)
     if "alibi" in features:
-        inputs["alibi_slopes"] = alibi_slopes_for(num_heads).to(device)
+        out["alibi_slopes"] = alibi_slopes_for(num_heads).to(device)
     if "sinks" in features:
-        inputs["sinks"] = (torch.randn(num_heads, generator=gen) * 2.0 + 1.0).to(torch.float32).to(device)
-    return inputs
+        out["sinks"] = (torch.randn(num_heads, generator=gen) * 2.0 + 1.0).to(torch.float32).to(device)
+    return out

@@ -119,8 +119,8 @@ def check_entry(key: str, entry, where: str) -> None:
         raise DbFormatError(f"{here}: its workload is {workload.key!r}")
     if config.key != entry["config_key"]:
         raise DbFormatError(f"{here}: config_key {entry['config_key']!r} != {config.key!r}")
-    mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size")
-                if getattr(config, f) != getattr(workload, f)]
+    mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size", "kv_dtype",
+                            "features") if getattr(config, f) != getattr(workload, f)]
     if mismatch:
         raise DbFormatError(f"{here}: config differs from the workload in {', '.join(mismatch)}")
     _check_time(entry["time_ms"], "time_ms", here)
