@@ -9,6 +9,10 @@ Order tried (the first that gives a config wins):
 4. ``family``     -- 1 or 2 on another GPU of the same family (h200 for h100 ...);
 5. ``heuristic``  -- :func:`kgen.space.default_config`.
 
+Entries tuned against another default than today's (their ``default_key`` differs from
+:func:`kgen.space.default_config`'s key, or is missing) are stale: they show a winner over a
+default that is no longer used, so they are skipped at every step, each logged once.
+
 Each fallback is logged once (logger ``kgen.db``) with what was used and why. A corrupted,
 truncated or future-schema file is skipped with a warning, never a crash. Standard library only.
 """
@@ -145,7 +149,9 @@ class DbReader:
                                   max_context=max_context)
         here = triton_version()
         table = self.table(gpu)
-        candidates = _matching(table, _shape(asked))
+        default_key = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                       group_size=group_size).key
+        candidates = _current(_matching(table, _shape(asked)), default_key)
         same = [c for c in candidates if c[1]["provenance"].get("triton") == here]
         found = _choose(same, asked)
         if found:
@@ -154,7 +160,7 @@ class DbReader:
         if found:
             return self._result(found, asked, gpu, "other-triton", here=here)
         for other in self.family_gpus(gpu):
-            found = _choose(_matching(self.table(other), _shape(asked)), asked)
+            found = _choose(_current(_matching(self.table(other), _shape(asked)), default_key), asked)
             if found:
                 return self._result(found, asked, other, "family")
         config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
@@ -211,6 +217,20 @@ def _matching(table: dict | None, shape: tuple) -> list[tuple[str, dict]]:
         return []
     return [(key, entry) for key, entry in table["entries"].items()
             if _shape(Workload.from_dict(entry["workload"])) == shape]
+
+
+def _current(candidates: list[tuple[str, dict]], default_key: str) -> list[tuple[str, dict]]:
+    """The candidates tuned against ``default_key``; stale ones are logged once and dropped."""
+    kept = []
+    for key, entry in candidates:
+        if entry.get("default_key") == default_key:
+            kept.append((key, entry))
+        else:
+            against = entry.get("default_key") or "an unrecorded default (entry predates default_key)"
+            log_once(logging.WARNING, f"kgen.db lookup: entry {key} ({entry['config_key']}) was tuned "
+                                      f"against {against}; the default is now {default_key}: "
+                                      f"ignored (retune this workload)")
+    return kept
 
 
 def _choose(candidates, asked: Workload):
