@@ -11,6 +11,7 @@ Imports here stay light (no optuna, no pandas); torch/triton load with the first
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from kgen.db.lookup import DbReader, LookupResult
@@ -36,6 +37,26 @@ class Dispatcher:
         self._reader = DbReader(db_dir)
         self._by_step: dict[tuple, Callable] = {}
         self._by_bucket: dict[str, tuple[LookupResult, Callable]] = {}
+
+    def why_unsupported(self, *, dtype, head_dim: int, block_size: int,
+                        group_size: int) -> str | None:
+        """None when kgen has kernels for this layer shape, else why not (naming the value).
+
+        (Stand-in on branch vllm for the lead's version on main, which replaces it at merge.)
+        """
+        from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_dtype
+
+        try:
+            normalize_dtype(dtype)
+        except ValueError as exc:
+            return str(exc)
+        if head_dim not in HEAD_DIMS:
+            return f"head_dim={head_dim} is not supported (kgen has {', '.join(map(str, HEAD_DIMS))})"
+        if block_size not in BLOCK_SIZES:
+            return f"block_size={block_size} is not supported (kgen has {', '.join(map(str, BLOCK_SIZES))})"
+        if group_size not in GROUP_SIZES:
+            return f"group_size={group_size} is not supported (kgen has {GROUP_SIZES[0]}..{GROUP_SIZES[-1]})"
+        return None
 
     def lookup(self, *, dtype, head_dim: int, block_size: int, group_size: int, num_seqs: int,
                max_context: int) -> LookupResult:
@@ -81,3 +102,17 @@ class Dispatcher:
     def chosen(self) -> dict[str, LookupResult]:
         """Workload key -> lookup result, for every bucket dispatched so far."""
         return {key: value[0] for key, value in self._by_bucket.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _shared(gpu: str, db_dir: str | None) -> Dispatcher:
+    return Dispatcher(gpu, db_dir)
+
+
+def get_dispatcher(gpu: str | None = None, db_dir=None) -> Dispatcher:
+    """The process-wide dispatcher for ``gpu`` (None: the device here) and ``db_dir``.
+
+    (Stand-in on branch vllm for the lead's version on main, which replaces it at merge.)
+    """
+    name = normalize_gpu_name(gpu) if gpu else default_gpu_name()
+    return _shared(name, None if db_dir is None else str(db_dir))
