@@ -155,7 +155,7 @@ def layer_plan(impl, *, dtype: torch.dtype, block_size: int, extra_problem: str 
 
 
 def _short(value) -> str:
-    return f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else str(value)
+    return f"tensor{list(value.shape)}" if isinstance(value, torch.Tensor) else str(value)
 
 
 def _shape(plan: LayerPlan) -> dict:
