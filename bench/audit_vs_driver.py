@@ -24,7 +24,7 @@ KEYS = ("paged_decode-d128-b16-g4-s1-t64-w4-st2-bf16", "paged_decode-d128-b16-g4
 
 def driver_view(module) -> dict:
     """Kernel name -> (n_regs, n_spills, shared, kv_load_bits) of the JIT-compiled kernels."""
-    from kgen.asm import ptx_loads
+    from kgen.audit.asm import ptx_loads
 
     kv_names = {"k_cache_ptr", "v_cache_ptr"}
     out = {}

@@ -1,12 +1,22 @@
-"""(workload) -> compiled decode kernel: the one door the runtime uses.
+"""The one door into kgen for engines (kgen's runtime, the vLLM adapter): supported?, which block
+size, which kernel.
 
-Per decode step the runtime asks :meth:`Dispatcher.kernel_for` with the step's shape. The step is
-bucketed (powers of two of batch and longest context), the bucket's variant is looked up in the
-tuning database (:mod:`kgen.db.lookup`, with its logged fallbacks) and compiled once. The kernel is
-cached by the step's bucketed arguments, so a step (whose context grows by one token each time)
-costs two bucket computations and a dict lookup, and the cache holds one entry per bucket.
+A :class:`Dispatcher` holds one GPU name and one database reader, shared by all its questions:
 
-Imports here stay light (no optuna, no pandas); torch/triton load with the first kernel.
+- :meth:`Dispatcher.why_unsupported` -- None when kgen's kernel space covers a layer's shape and
+  dtype, else a reason naming the value (callers fall back to their own attention and say why);
+- :meth:`Dispatcher.preferred_block_size` -- the KV block size the tuning database recorded as
+  fastest for this GPU, dtype and head dim;
+- :meth:`Dispatcher.kernel_for` -- the compiled ``paged_attention_decode`` for one decode step.
+  The step is bucketed (powers of two of batch and longest context), the bucket's variant is
+  looked up in the tuning database (:mod:`kgen.db.lookup`, with its logged fallbacks) and compiled
+  once. Kernels are cached by the step's bucketed arguments, so a step (whose context grows by one
+  token each time) costs two bucket computations and a dict lookup.
+
+:func:`get_dispatcher` returns one shared dispatcher per (GPU, database folder), so an engine that
+asks several questions reads the database and resolves the GPU once.
+
+Imports here stay light (no optuna, no pandas, no torch); torch/triton load with the first kernel.
 """
 
 from __future__ import annotations
@@ -16,11 +26,34 @@ from typing import Callable
 
 from kgen.db.lookup import DbReader, LookupResult
 from kgen.device import default_gpu_name, normalize_gpu_name
-from kgen.tune.workload import Workload, bucket
+from kgen.dtypes import DTYPES, normalize_dtype, torch_dtype
+from kgen.paths import default_db_dir
+from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS
+from kgen.workload import Workload, bucket
+
+__all__ = ["Dispatcher", "get_dispatcher", "normalize_dtype", "torch_dtype", "DTYPES",
+           "HEAD_DIMS", "BLOCK_SIZES", "GROUP_SIZES"]
+
+
+def _support_problem(*, dtype, head_dim: int, block_size: int, group_size: int) -> str | None:
+    """The first reason kgen's kernel space does not cover a shape, or None."""
+    try:
+        normalize_dtype(dtype)
+    except ValueError as exc:
+        return str(exc)
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim={head_dim} is not supported (kgen has {', '.join(map(str, HEAD_DIMS))})"
+    if block_size not in BLOCK_SIZES:
+        return (f"block_size={block_size} is not supported "
+                f"(kgen has {', '.join(map(str, BLOCK_SIZES))})")
+    if group_size not in GROUP_SIZES:
+        return (f"group_size={group_size} (query heads per KV head) is not supported "
+                f"(kgen has {GROUP_SIZES[0]}..{GROUP_SIZES[-1]})")
+    return None
 
 
 class Dispatcher:
-    """Picks and caches a compiled kernel per workload.
+    """Answers an engine's questions about kgen's kernels for one GPU; caches compiled kernels.
 
     Parameters
     ----------
@@ -38,25 +71,32 @@ class Dispatcher:
         self._by_step: dict[tuple, Callable] = {}
         self._by_bucket: dict[str, tuple[LookupResult, Callable]] = {}
 
+    # ---- questions that compile nothing -----------------------------------------------------
     def why_unsupported(self, *, dtype, head_dim: int, block_size: int,
                         group_size: int) -> str | None:
         """None when kgen has kernels for this layer shape, else why not (naming the value).
 
-        (Stand-in on branch vllm for the lead's version on main, which replaces it at merge.)
+        Parameters
+        ----------
+        dtype : str or torch.dtype
+            Query / KV-cache dtype (``fp16``, ``bf16``, ``fp32`` or a torch dtype).
+        head_dim, block_size, group_size : int
+            Head size, tokens per KV page, query heads per KV head.
         """
-        from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_dtype
+        return _support_problem(dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                group_size=group_size)
 
-        try:
-            normalize_dtype(dtype)
-        except ValueError as exc:
-            return str(exc)
-        if head_dim not in HEAD_DIMS:
-            return f"head_dim={head_dim} is not supported (kgen has {', '.join(map(str, HEAD_DIMS))})"
-        if block_size not in BLOCK_SIZES:
-            return f"block_size={block_size} is not supported (kgen has {', '.join(map(str, BLOCK_SIZES))})"
-        if group_size not in GROUP_SIZES:
-            return f"group_size={group_size} is not supported (kgen has {GROUP_SIZES[0]}..{GROUP_SIZES[-1]})"
-        return None
+    def supports(self, **shape) -> bool:
+        """``why_unsupported(**shape) is None``."""
+        return self.why_unsupported(**shape) is None
+
+    def preferred_block_size(self, *, dtype, head_dim: int) -> int | None:
+        """The block size the database recorded as fastest for this GPU, dtype and head dim.
+
+        None when nothing is recorded (callers then use their own default, usually 16).
+        """
+        found = self._reader.preferred_block_size(self.gpu, dtype=dtype, head_dim=head_dim)
+        return found if found in BLOCK_SIZES else None
 
     def lookup(self, *, dtype, head_dim: int, block_size: int, group_size: int, num_seqs: int,
                max_context: int) -> LookupResult:
@@ -65,6 +105,7 @@ class Dispatcher:
                                    block_size=block_size, group_size=group_size,
                                    num_seqs=num_seqs, max_context=max_context)
 
+    # ---- the kernel for a step --------------------------------------------------------------
     def kernel_for(self, *, dtype, head_dim: int, block_size: int, group_size: int,
                    num_seqs: int, max_context: int) -> Callable:
         """The ``paged_attention_decode`` callable to use for this decode step's shape.
@@ -79,17 +120,27 @@ class Dispatcher:
             Sequences in the step (batch).
         max_context : int
             Longest context length in the step, in tokens.
+
+        Raises
+        ------
+        ValueError
+            When the shape is outside kgen's space (the message is :meth:`why_unsupported`'s).
         """
         step = (str(dtype), head_dim, block_size, group_size, bucket(num_seqs, "num_seqs"),
                 bucket(max_context, "max_context"))
         kernel = self._by_step.get(step)
         if kernel is not None:
             return kernel
+        problem = self.why_unsupported(dtype=dtype, head_dim=head_dim, block_size=block_size,
+                                       group_size=group_size)
+        if problem:
+            raise ValueError(problem)
         bucket_key = Workload.for_step(gpu=self.gpu, dtype=dtype, head_dim=head_dim,
                                        block_size=block_size, group_size=group_size,
                                        num_seqs=num_seqs, max_context=max_context).key
         cached = self._by_bucket.get(bucket_key)
         if cached is None:
+            # kgen.build imports torch and triton: loaded with the first kernel, not at import
             from kgen.build import load_kernel
 
             result = self.lookup(dtype=dtype, head_dim=head_dim, block_size=block_size,
@@ -112,7 +163,8 @@ def _shared(gpu: str, db_dir: str | None) -> Dispatcher:
 def get_dispatcher(gpu: str | None = None, db_dir=None) -> Dispatcher:
     """The process-wide dispatcher for ``gpu`` (None: the device here) and ``db_dir``.
 
-    (Stand-in on branch vllm for the lead's version on main, which replaces it at merge.)
+    Every engine and layer asking about the same GPU and database shares one reader and one
+    kernel cache.
     """
     name = normalize_gpu_name(gpu) if gpu else default_gpu_name()
-    return _shared(name, None if db_dir is None else str(db_dir))
+    return _shared(name, str(db_dir if db_dir is not None else default_db_dir()))

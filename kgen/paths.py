@@ -7,6 +7,7 @@ folders are used directly. An installed wheel carries them as the packages ``kge
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import os
 from pathlib import Path
@@ -22,6 +23,25 @@ def templates_dir() -> Path:
     """The folder holding the ``*.j2`` kernel templates."""
     here = REPO_ROOT / "templates"
     return here if (here / "__init__.py").exists() and any(here.glob("*.j2")) else _packaged("templates")
+
+
+def template_files() -> list[Path]:
+    """The ``*.j2`` template files, sorted by name."""
+    return sorted(templates_dir().glob("*.j2"))
+
+
+def template_hash() -> str:
+    """Short sha256 over all template files (names and contents): provenance of rendered code.
+
+    Lives here, beside the templates' location, so the database can stamp and compare records
+    without importing the renderer.
+    """
+    digest = hashlib.sha256()
+    for path in template_files():
+        digest.update(path.name.encode())
+        digest.update(b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def default_db_dir() -> Path:

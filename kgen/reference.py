@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from kgen.variant import normalize_dtype
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from kgen.dtypes import normalize_dtype, torch_dtype
 
 # Allowed |out - ref| <= atol + rtol * |ref| per dtype, against the float64 reference. The 16-bit
 # bounds cover rounding the output (2^-11 / 2^-8 relative) and rounding softmax weights to the dot
 # dtype (as flash attention does); fp32 covers summation-order differences over long contexts.
 TOLERANCES = {"fp16": (4e-3, 4e-3), "bf16": (3e-2, 2e-2), "fp32": (2e-5, 2e-5)}
-
-
-def _torch_dtype(dtype) -> torch.dtype:
-    return _DTYPES[normalize_dtype(dtype)]
 
 
 def paged_attention_reference(query, key_cache, value_cache, block_tables, seq_lens, scale=None):
@@ -121,7 +115,7 @@ def make_paged_inputs(num_seqs, num_heads, num_kv_heads, head_dim, block_size, s
         raise ValueError(f"seq_lens has {len(lens)} entries, expected num_seqs={num_seqs}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    tdtype = _torch_dtype(dtype)
+    tdtype = torch_dtype(dtype)
     gen = torch.Generator().manual_seed(int(seed))
     need = [(n + block_size - 1) // block_size for n in lens]
     max_blocks = max(need + [0]) + int(extra_table_cols)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +19,8 @@ from pathlib import Path
 import jinja2
 
 from kgen import __version__
-from kgen.paths import cache_dir, templates_dir
+from kgen.dtypes import TORCH_NAMES
+from kgen.paths import cache_dir, template_hash, templates_dir
 from kgen.space import padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
 
@@ -29,22 +29,6 @@ SPLIT_KERNELS = ("_decode_kernel", "_decode_partial_kernel", "_merge_kernel")
 # split-K auto sizes the grid for the largest GPU kgen targets (H100/H200: 132 SMs), 2 waves deep.
 TARGET_SMS = 132
 TARGET_WAVES = 2
-_TORCH_DTYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "fp32": "torch.float32"}
-
-
-def template_files() -> list[Path]:
-    """The ``*.j2`` template files, sorted by name."""
-    return sorted(templates_dir().glob("*.j2"))
-
-
-def template_hash() -> str:
-    """Short sha256 over all template files (names and contents): provenance of rendered code."""
-    digest = hashlib.sha256()
-    for path in template_files():
-        digest.update(path.name.encode())
-        digest.update(b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,7 +77,7 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "merge_num_warps": max(1, min(4, 16 * d_pad // 1024)),
         "merge_chunk": 16,
         "dtype_name": config.dtype,
-        "torch_dtype": _TORCH_DTYPES[config.dtype],
+        "torch_dtype": "torch." + TORCH_NAMES[config.dtype],
         # fp32 dots in full precision (not tf32); 16-bit dots use tensor cores either way.
         "dot_precision": "ieee" if config.dtype == "fp32" else "tf32",
         "target_sms": TARGET_SMS,

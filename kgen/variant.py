@@ -25,22 +25,16 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from kgen.dtypes import DTYPES, normalize_dtype, torch_dtype  # noqa: F401 - DTYPES re-exported with the axes
+
 HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 GROUP_SIZES = tuple(range(1, 17))
 TILE_TOKENS = (16, 32, 64, 128, 256)
 NUM_WARPS = (1, 2, 4, 8, 16)
 NUM_STAGES = (1, 2, 3, 4, 5)
-DTYPES = ("fp16", "bf16", "fp32")
 MAX_SPLIT_K = 256
 SPLIT_AUTO = 0  # split_k value meaning "pick the partition count at call time"
-
-# Accepted spellings of dtypes (torch names and short names) -> canonical short name.
-DTYPE_ALIASES = {
-    "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16",
-    "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
-    "fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
-}
 
 KEY_PREFIX = "paged_decode"
 _KEY_RE = re.compile(
@@ -48,14 +42,6 @@ _KEY_RE = re.compile(
     r"-s(?P<split_k>\d+|auto)-t(?P<tile_tokens>\d+)-w(?P<num_warps>\d+)-st(?P<num_stages>\d+)"
     r"-(?P<dtype>fp16|bf16|fp32)$"
 )
-
-
-def normalize_dtype(dtype) -> str:
-    """Map a dtype (``torch.bfloat16``, ``"bfloat16"``, ``"bf16"`` ...) to ``fp16|bf16|fp32``."""
-    name = str(dtype).lower()
-    if name not in DTYPE_ALIASES:
-        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPE_ALIASES[name]
 
 
 def parse_split_k(value) -> int:
@@ -157,9 +143,7 @@ class VariantConfig:
 
     @property
     def torch_dtype(self):
-        import torch
-
-        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.dtype]
+        return torch_dtype(self.dtype)
 
     def __str__(self) -> str:
         return self.key

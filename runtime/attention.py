@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kgen.dispatch import get_dispatcher, normalize_dtype
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -169,19 +171,14 @@ class TritonDecode:
     def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, dispatcher=None) -> None:
         ensure_interpreter_on_cpu(device)
-        from kgen.dispatch import Dispatcher
-        from kgen.variant import BLOCK_SIZES, HEAD_DIMS, normalize_dtype
-
-        if head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim={head_dim} is not supported by the triton backend; "
-                             f"supported: {', '.join(map(str, HEAD_DIMS))} (use backend='torch')")
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size={block_size} is not supported by the triton backend; "
-                             f"supported: {', '.join(map(str, BLOCK_SIZES))} (use backend='torch')")
+        self.dispatcher = dispatcher or get_dispatcher()
         self.block_size, self.head_dim = block_size, head_dim
         self.group_size = num_heads // num_kv_heads
         self.dtype = normalize_dtype(dtype)
-        self.dispatcher = dispatcher or Dispatcher()
+        problem = self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=head_dim,
+                                                  block_size=block_size, group_size=self.group_size)
+        if problem:
+            raise ValueError(f"backend='triton': {problem} (use backend='torch')")
 
     def prepare(self, meta: AttentionMetadata) -> None:
         meta.extra["kernel"] = self.dispatcher.kernel_for(
@@ -211,29 +208,20 @@ def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, devic
     recorded as fastest for this GPU, dtype and head dim; otherwise (or if none is recorded)
     ``fallback``, the paper's and vLLM's default of 16.
     """
-    if resolve_backend(backend, device) != "triton" or not triton_supports(head_dim, fallback):
+    if resolve_backend(backend, device) != "triton":
         return fallback
-    from kgen.db.lookup import preferred_block_size
-    from kgen.device import default_gpu_name
-    from kgen.variant import BLOCK_SIZES
-
-    found = preferred_block_size(default_gpu_name(), dtype=str(dtype), head_dim=head_dim)
-    return found if found in BLOCK_SIZES else fallback
+    return get_dispatcher().preferred_block_size(dtype=dtype, head_dim=head_dim) or fallback
 
 
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
                         head_dim: int, dtype: torch.dtype, device: torch.device):
     """The decode backend object for a resolved backend name."""
     name = resolve_backend(backend, device)
-    if backend == "auto" and name == "triton" and not triton_supports(head_dim, block_size):
+    if backend == "auto" and name == "triton" and get_dispatcher().why_unsupported(
+            dtype=dtype, head_dim=head_dim, block_size=block_size,
+            group_size=num_heads // num_kv_heads):
         name = "torch"
     if name == "triton":
         return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device)
     return TorchDecode(block_size, num_kv_heads, head_dim, dtype)
 
-
-def triton_supports(head_dim: int, block_size: int) -> bool:
-    """Whether kgen's kernel space covers this head dim and block size."""
-    from kgen.variant import BLOCK_SIZES, HEAD_DIMS
-
-    return head_dim in HEAD_DIMS and block_size in BLOCK_SIZES

@@ -11,25 +11,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kgen.dispatch import torch_dtype
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 
 
 def parse_dtype(dtype, *, name: str = "dtype") -> torch.dtype:
-    """``torch.float16`` / ``"bf16"`` / ``"float32"`` ... -> a torch dtype (fp32, fp16 or bf16)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return dtype
-        raise ValueError(f"{name}={dtype!r} is not supported; use float32, float16 or bfloat16")
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise ValueError(f"{name}={dtype!r} is not supported; use float32, float16 or bfloat16")
-    return _DTYPES[key]
+    """``torch.float16`` / ``"bf16"`` / ``"float32"`` ... -> a torch dtype (fp32, fp16 or bf16).
+
+    The one dtype vocabulary is kgen's (:mod:`kgen.dtypes`, re-exported by the dispatch door).
+    """
+    return torch_dtype(dtype, name=name)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def test_prompt_longer_than_the_pool(ckpt):
     ({"num_blocks": 4, "kv_cache_bytes": 1 << 20}, "num_blocks=4 and kv_cache_bytes"),
     ({"dtype": "int8"}, "dtype='int8'"),
     ({"sampling_params": [SamplingParams()] * 3}, "one per prompt"),
-    ({"backend": "triton", "block_size": 4}, "head_dim=16 is not supported by the triton backend"),
+    ({"backend": "triton", "block_size": 4}, "backend='triton': head_dim=16 is not supported"),
     ({"max_num_seqs": "8"}, "max_num_seqs must be a positive int, got '8'"),
     ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be an int >= max_num_seqs=256, got 0"),
 ])

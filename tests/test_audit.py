@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kgen.asm import ptx_loads, resource_usage, sass_load_bits, sass_spill_bytes, sass_width
+from kgen.audit.asm import ptx_loads, resource_usage, sass_load_bits, sass_spill_bytes, sass_width
 from kgen.audit import AuditResult, audit_many, audit_variant, failures, parse_target, passes
 from kgen.variant import VariantConfig
 
@@ -96,7 +96,7 @@ def test_specialization_matches_tritons_own_binder():
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from kgen.launch_capture import capture_launches, load_jit_module, specialize
+    from kgen.audit.capture import capture_launches, load_jit_module, specialize
     from kgen.render import write_source
 
     config = VariantConfig(head_dim=80, block_size=1, group_size=8, split_k=0, dtype="fp16")
@@ -155,8 +155,8 @@ def test_sample_variant_has_no_spills_and_only_16_byte_kv_loads(sample_results, 
 
 SPILL_AND_NARROW = r"""
 import json
-from kgen.audit_compile import audit_compiled, compile_for
-from kgen.launch_capture import capture_launches, load_jit_module, specialize
+from kgen.audit.compile import audit_compiled, compile_for
+from kgen.audit.capture import capture_launches, load_jit_module, specialize
 from kgen.render import write_source
 from kgen.variant import VariantConfig
 config = VariantConfig(head_dim=128, block_size=16, group_size=1, split_k=1, dtype="fp16")
@@ -199,7 +199,7 @@ def test_failures_name_the_problem():
 
 
 def test_audit_worker_close_kills_a_hung_child_and_closes_its_pipes():
-    from kgen.audit_compile import AuditWorker
+    from kgen.audit.worker import AuditWorker
 
     worker = AuditWorker()
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],

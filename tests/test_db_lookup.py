@@ -10,7 +10,7 @@ from kgen.db.schema import make_entry, make_provenance
 from kgen.db.store import TuningStore
 from kgen.device import DeviceInfo
 from kgen.space import default_config
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 
 SHAPE = dict(dtype="fp16", head_dim=128, block_size=16, group_size=4)

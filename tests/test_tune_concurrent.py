@@ -13,7 +13,7 @@ from kgen.db.check import check_db
 from kgen.db.store import TuningStore
 from kgen.tune.search import PARAM_NAMES
 from kgen.tune.study import budget_trials, open_storage, trial_info, trial_outcome
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 
 W = Workload("synthetic", "fp16", 128, 16, 4, 1, 8192)
 
@@ -23,7 +23,7 @@ import sys
 from kgen.device import pseudo_device
 from kgen.tune.measure import SyntheticMeasurer
 from kgen.tune.tuner import TuneSettings, tune
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 db, trials, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 settings = TuneSettings(measurer=SyntheticMeasurer(delay_s=delay), device=pseudo_device("synthetic"),
                         db_dir=db, trials=trials, resume=True)

@@ -12,7 +12,7 @@ from kgen.tune.measure import Measurement, SyntheticMeasurer
 from kgen.tune.search import default_variant, params_of, search_space
 from kgen.tune.study import budget_trials, open_storage
 from kgen.tune.tuner import TuneSettings, tune
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 
 W1 = Workload("synthetic", "fp16", 128, 16, 4, 1, 8192)
 W2 = Workload("synthetic", "fp16", 128, 16, 4, 2, 8192)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kgen.tune.workload import bucket
+from kgen.db.check import check_db
+from kgen.db.lookup import DbReader, preferred_block_size
+from kgen.db.store import gpu_folders, load_best
+from kgen.device import normalize_gpu_name
+from kgen.paths import default_db_dir
+from kgen.workload import bucket
 
 
 def register(subparsers) -> None:
@@ -34,16 +39,11 @@ def register(subparsers) -> None:
 
 
 def _db_dir(args):
-    from kgen.paths import default_db_dir
-
     return args.db or default_db_dir()
 
 
 def show(args) -> int:
-    import pandas as pd
-
-    from kgen.db.store import gpu_folders, load_best
-    from kgen.device import normalize_gpu_name
+    import pandas as pd  # heavy: only for the table
 
     root = _db_dir(args)
     gpus = [normalize_gpu_name(args.gpu)] if args.gpu else gpu_folders(root)
@@ -84,8 +84,6 @@ def _ms(value) -> str:
 
 
 def explain(args) -> int:
-    from kgen.db.lookup import DbReader
-
     reader = DbReader(_db_dir(args))
     result = reader.lookup(args.gpu, dtype=args.dtype, head_dim=args.head_dim,
                            block_size=args.block_size, group_size=args.group_size,
@@ -107,8 +105,6 @@ def explain(args) -> int:
 
 
 def check(args) -> int:
-    from kgen.db.check import check_db
-
     reports = check_db(_db_dir(args))
     bad = 0
     for report in reports:
@@ -145,8 +141,6 @@ def emit_config_from_db(args, given: dict):
     Without ``--block-size`` the block size recorded as fastest for (dtype, head dim) is used.
     """
     import sys
-
-    from kgen.db.lookup import DbReader, preferred_block_size
 
     if getattr(args, "key", None):
         raise ValueError(f"--key={args.key!r} cannot be combined with --gpu={args.gpu!r}")

@@ -6,7 +6,11 @@ import argparse
 import os
 import sys
 
-from kgen.tune.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, parse_int_list
+from kgen.device import resolve_gpu
+from kgen.dtypes import normalize_dtype
+from kgen.paths import default_db_dir
+from kgen.tune.measure import SyntheticMeasurer
+from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
 
 def _csv(values) -> str:
@@ -53,24 +57,19 @@ def register(subparsers) -> None:
 
 def make_measurer(device, *, audit: bool, seed: int):
     """The measurer for a device: synthetic, interpreter, or the GPU's (audited for its target)."""
-    from kgen.tune.measure import SyntheticMeasurer
-
     if device.name == "synthetic":
         return SyntheticMeasurer(seed=seed)
     if device.name == "interpreter":
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-        from kgen.tune.measure_kernel import InterpreterMeasurer
+        from kgen.tune.measure_kernel import InterpreterMeasurer  # after TRITON_INTERPRET is set
 
         return InterpreterMeasurer(seed=seed)
-    from kgen.tune.measure_kernel import GpuMeasurer
+    from kgen.tune.measure_kernel import GpuMeasurer  # imports torch
 
     return GpuMeasurer(device.name, audit_target=device.audit_target if audit else None, seed=seed)
 
 
 def workloads_from_args(args, gpu: str):
-    from kgen.tune.workload import expand_workloads
-    from kgen.variant import normalize_dtype
-
     dtypes = [normalize_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
     if not dtypes:
         raise ValueError(f"--dtype={args.dtype!r} is empty")
@@ -102,16 +101,13 @@ def summary_lines(results, table: dict | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kgen.device import resolve_gpu
-    from kgen.paths import default_db_dir
-
     if args.trials < 1:
         raise ValueError(f"--trials={args.trials} must be at least 1")
     if args.workers < 1:
         raise ValueError(f"--workers={args.workers} must be at least 1")
     device = resolve_gpu(args.gpu)
     workloads = workloads_from_args(args, device.name)
-    from kgen.tune.tuner import TuneSettings, tune
+    from kgen.tune.tuner import TuneSettings, tune  # imports optuna: only when tuning
 
     settings = TuneSettings(
         measurer=make_measurer(device, audit=not args.no_audit, seed=args.seed), device=device,

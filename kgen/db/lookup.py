@@ -22,10 +22,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from kgen.db.schema import DbFormatError
+from kgen.db.schema import DbFormatError, _package_version
 from kgen.db.store import BEST_FILE, gpu_folders, load_best
-from kgen.tune.workload import Workload, log2_distance
-from kgen.variant import VariantConfig, normalize_dtype
+from kgen.workload import Workload, log2_distance
+from kgen.device import family_of, normalize_gpu_name
+from kgen.dtypes import normalize_dtype
+from kgen.paths import default_db_dir
+from kgen.space import default_config
+from kgen.variant import VariantConfig
 
 log = logging.getLogger("kgen.db")
 _logged: set = set()
@@ -40,18 +44,11 @@ def log_once(level: int, message: str) -> None:
 
 @functools.lru_cache(maxsize=1)
 def triton_version() -> str | None:
-    from kgen.db.schema import _package_version
-
     return _package_version("triton")
 
 
 def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int) -> VariantConfig:
     """The generator's default variant for a shape (no tuning data)."""
-    try:
-        from kgen.space import default_config
-    except ImportError:  # generator not present: the contract's defaults
-        return VariantConfig(head_dim=head_dim, block_size=block_size, group_size=group_size,
-                             dtype=dtype)
     return default_config(head_dim=head_dim, block_size=block_size, group_size=group_size,
                           dtype=dtype)
 
@@ -80,31 +77,49 @@ class DbReader:
 
     def __init__(self, db_dir=None) -> None:
         if db_dir is None:
-            from kgen.paths import default_db_dir
-
             db_dir = default_db_dir()
         self.db_dir = Path(db_dir)
-        self._tables: dict[str, dict | None] = {}
+        self._tables: dict[str, tuple[tuple | None, dict | None]] = {}
         self.errors: dict[str, str] = {}
 
     def table(self, gpu: str) -> dict | None:
-        """The validated best table of ``gpu``, or None if missing or unusable."""
-        if gpu not in self._tables:
-            path = self.db_dir / gpu / BEST_FILE
+        """The validated best table of ``gpu``, or None if missing or unusable.
+
+        Read once and kept while the file is unchanged (its size and mtime are checked, one
+        ``stat`` per call), so records a tuning run writes are seen by a running process.
+        """
+        path = self.db_dir / gpu / BEST_FILE
+        try:
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        cached = self._tables.get(gpu)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        table = None
+        if stamp is not None:
             try:
-                self._tables[gpu] = load_best(path)
+                table = load_best(path)
+                self.errors.pop(gpu, None)
             except (DbFormatError, OSError) as exc:
-                self._tables[gpu] = None
                 self.errors[gpu] = str(exc)
                 message = f"tuning database file unusable, falling back: {exc}"
                 if message not in _logged:
                     warnings.warn(message, RuntimeWarning, stacklevel=3)
                 log_once(logging.WARNING, message)
-        return self._tables[gpu]
+        self._tables[gpu] = (stamp, table)
+        return table
+
+    def preferred_block_size(self, gpu: str, *, dtype, head_dim: int) -> int | None:
+        """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
+        table = self.table(normalize_gpu_name(gpu))
+        if not table:
+            return None
+        rec = table.get("block_size_defaults", {}).get(f"{normalize_dtype(dtype)}-d{head_dim}")
+        return int(rec["block_size"]) if rec else None
 
     def family_gpus(self, gpu: str) -> list[str]:
-        from kgen.device import family_of
-
         try:
             family = family_of(gpu)
         except ValueError:
@@ -121,8 +136,6 @@ class DbReader:
         ``num_seqs`` / ``max_context`` of None mean "the middle of the tuned range" (used by
         ``kgen emit --gpu`` when no step size is given).
         """
-        from kgen.device import normalize_gpu_name
-
         gpu = normalize_gpu_name(gpu)
         if num_seqs is None or max_context is None:
             num_seqs, max_context = self._middle(gpu, (normalize_dtype(dtype), head_dim, block_size,
@@ -182,8 +195,6 @@ class DbReader:
 
 
 def _family(name: str) -> str | None:
-    from kgen.device import family_of
-
     try:
         return family_of(name)
     except ValueError:
@@ -247,10 +258,4 @@ def best_config_for(gpu: str, *, dtype, head_dim: int, block_size: int, group_si
 
 def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None) -> int | None:
     """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
-    from kgen.variant import normalize_dtype
-
-    table = DbReader(db_dir).table(gpu)
-    if not table:
-        return None
-    rec = table.get("block_size_defaults", {}).get(f"{normalize_dtype(dtype)}-d{head_dim}")
-    return int(rec["block_size"]) if rec else None
+    return DbReader(db_dir).preferred_block_size(gpu, dtype=dtype, head_dim=head_dim)

@@ -32,7 +32,10 @@ import hashlib
 import json
 import math
 
-from kgen.variant import BLOCK_SIZES
+from kgen import __version__
+from kgen.paths import template_hash
+from kgen.variant import BLOCK_SIZES, VariantConfig
+from kgen.workload import Workload
 
 SCHEMA_VERSION = 1
 BEST_SCHEMA = "kgen.best"
@@ -62,19 +65,8 @@ def _package_version(name: str) -> str | None:
 
 def software_versions() -> dict:
     """torch, triton and kgen versions (without importing torch or triton)."""
-    import kgen
-
     return {"torch": _package_version("torch"), "triton": _package_version("triton"),
-            "kgen": kgen.__version__}
-
-
-def template_hash() -> str | None:
-    """The generator's template hash, or None if the generator is unavailable."""
-    try:
-        from kgen.render import template_hash as _hash
-    except ImportError:
-        return None
-    return _hash()
+            "kgen": __version__}
 
 
 def make_provenance(device, *, method: str, sampler: str | None = None,
@@ -112,9 +104,6 @@ def _check_time(value, name: str, where: str, *, optional: bool = False) -> None
 
 def check_entry(key: str, entry, where: str) -> None:
     """Validate one best-table entry (its workload and config must parse and match the key)."""
-    from kgen.tune.workload import Workload
-    from kgen.variant import VariantConfig
-
     here = f"{where}: entry {key!r}"
     if not isinstance(entry, dict):
         raise DbFormatError(f"{here} is not an object")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from kgen.tune.search import all_candidates, static_prune
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import SPLIT_AUTO, VariantConfig
 
 

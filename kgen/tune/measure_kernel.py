@@ -12,8 +12,9 @@ from __future__ import annotations
 import statistics
 import time
 
+from kgen import audit
 from kgen.tune.measure import Measurement, Measurer
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 
 
@@ -55,8 +56,6 @@ class KernelMeasurer(Measurer):
         if self.audit_target is None:
             return None
         if config.key not in self._audits:
-            from kgen import audit
-
             try:
                 result = audit.audit_variant(config, self.audit_target)
                 problems = audit.failures(result)
@@ -67,6 +66,7 @@ class KernelMeasurer(Measurer):
         return self._audits[config.key]
 
     def _inputs(self, config: VariantConfig, lens: list[int], seed: int) -> dict:
+        # kgen.reference and kgen.build import torch/triton: loaded when a kernel is measured
         from kgen.reference import make_paged_inputs
 
         return make_paged_inputs(len(lens), self.num_kv_heads * config.group_size,

@@ -12,8 +12,9 @@ alike instead of treating them as unrelated categories.
 
 from __future__ import annotations
 
-from kgen.tune.workload import Workload
+from kgen.space import AXES, default_config, prune_reason
 from kgen.variant import SPLIT_AUTO, VariantConfig
+from kgen.workload import Workload
 
 SEARCH_AXES = ("split_k", "tile_tokens", "num_warps", "num_stages")
 PARAM_NAMES = tuple(f"{axis}_idx" for axis in SEARCH_AXES)
@@ -21,8 +22,6 @@ PARAM_NAMES = tuple(f"{axis}_idx" for axis in SEARCH_AXES)
 
 def search_space(workload: Workload) -> dict[str, tuple]:
     """Axis name -> sorted candidate values for one workload (split-K capped by the context)."""
-    from kgen.space import AXES
-
     space = {name: tuple(sorted(AXES[name])) for name in SEARCH_AXES}
     # More partitions than KV pages (of the context bucket) can only add empty partitions.
     pages = max(1, workload.context // workload.block_size)
@@ -66,16 +65,12 @@ def grid_space(workload: Workload) -> dict[str, list[int]]:
 
 def default_variant(workload: Workload) -> VariantConfig:
     """The generator's untuned default for the workload's shape (the warm start)."""
-    from kgen.space import default_config
-
     return default_config(head_dim=workload.head_dim, block_size=workload.block_size,
                           group_size=workload.group_size, dtype=workload.dtype)
 
 
 def static_prune(config: VariantConfig) -> str | None:
     """The generator's prune rules (pure, instant): a reason to skip ``config``, or None."""
-    from kgen.space import prune_reason
-
     return prune_reason(config)
 
 

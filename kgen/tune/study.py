@@ -18,7 +18,7 @@ import optuna
 
 from kgen.tune.measure import Measurement, Measurer
 from kgen.tune.search import PARAM_NAMES, config_for, grid_space, params_of, search_space
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 
 SAMPLERS = ("tpe", "random", "grid")
 DONE_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

@@ -18,7 +18,7 @@ from kgen.db.store import TuningStore
 from kgen.tune import study as st
 from kgen.tune.measure import Measurer
 from kgen.tune.search import default_variant
-from kgen.tune.workload import Workload, log2_distance
+from kgen.workload import Workload, log2_distance
 from kgen.variant import VariantConfig
 
 
