@@ -7,7 +7,10 @@ tokens, the largest |logprob difference| per block size, kgen's call counts, the
 each vLLM process. ``--time-venv DIR`` also times ``bash tests/vllm_venv.sh DIR`` (DIR must not
 exist yet, so the whole install is timed). Usage::
 
-    python bench/vllm_parity.py [--time-venv /tmp/fresh-venv] [--json bench/results/vllm_parity.json]
+    python bench/vllm_parity.py [--quick] [--time-venv /tmp/fresh-venv] [--json bench/results/vllm_parity.json]
+
+``--quick`` is accepted for symmetry with the other scripts: the run is already the smallest that
+covers the checks (about a minute and a half here).
 
 The vLLM environment is ``$KGEN_VLLM_PYTHON`` or ``.venv-vllm/bin/python`` (tests/vllm_venv.sh).
 """
@@ -86,6 +89,7 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the same run (it is already small)")
     ap.add_argument("--time-venv", type=Path, help="time tests/vllm_venv.sh into this new folder "
                                                    "and use that environment")
     ap.add_argument("--json", type=Path, help="write results here (and .md beside it)")

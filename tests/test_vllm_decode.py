@@ -158,5 +158,5 @@ def test_prefill_and_unsupported_layers_go_to_the_stock_backend(fresh_log, caplo
                               layout="bhnc", stock_name="TEST")
     assert torch.isnan(output).all()
     said = [r.getMessage() for r in caplog.records]
-    assert said == ["kgen: TEST keeps layers with sliding_window=8 (not passed to kgen's kernels yet)"]
+    assert said == ["kgen: layers stay on TEST's kernels: sliding_window=8 (not passed to kgen's kernels yet)"]
     assert vllm_decode.STATS == {"decode_calls": 0, "stock_calls": 4}

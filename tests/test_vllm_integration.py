@@ -89,7 +89,7 @@ def test_vllm_cpu_cache_writer_is_read_back_by_kgen_views(runs):
 def test_custom_gpu_backend_is_wired_to_vllm_triton_backend(runs):
     assert runs["kgen"]["checks"]["gpu_wiring"] == {
         "name": "CUSTOM", "impl_is_triton_impl": True, "impl": "KgenAttentionImpl",
-        "block_sizes": [16]}
+        "builder_is_triton_builder": True, "full_cuda_graphs": "NEVER", "block_sizes": [16]}
 
 
 def test_venv_script_leaves_a_working_environment_alone(runs):
@@ -98,3 +98,18 @@ def test_venv_script_leaves_a_working_environment_alone(runs):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "nothing to do" in done.stdout
+
+
+def test_bench_script_summarizes_the_same_runs(runs):
+    """bench/vllm_parity.py turns these runs into its table (no second vLLM run)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import vllm_parity
+
+    summary = vllm_parity.summarize(runs)
+    kernels = [(r["block_size"], r["kernel"], r["tokens_identical"]) for r in summary["rows"]]
+    assert kernels[:2] == [(16, "kgen", True), (32, "kgen", True)]
+    assert summary["rows"][0]["max_abs_logprob_diff"] <= LOGPROB_TOL
+    assert summary["rows"][2]["max_abs_logprob_diff"] > 100 * LOGPROB_TOL
+    text = vllm_parity.table({**summary, "machine": {"date": "d", "host_cpu": "c", "cpu_count": 2},
+                              "versions": {"vllm": "0.32.0"}, "venv": None})
+    assert "| 16 | kgen | yes |" in text and "| 32 | scale x1.1 |" in text

@@ -95,14 +95,18 @@ def check_cpu_packing() -> dict:
 
 def check_gpu_wiring() -> dict:
     from vllm.v1.attention.backend import MultipleOf
-    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+    from vllm.v1.attention.backends.triton_attn import (TritonAttentionImpl,
+                                                        TritonAttentionMetadataBuilder)
 
     from kgen.integrations.vllm_gpu import KgenAttentionBackend, KgenAttentionImpl
 
     sizes = KgenAttentionBackend.get_supported_kernel_block_sizes()
+    builder = KgenAttentionBackend.get_builder_cls()
     return {"name": KgenAttentionBackend.get_name(),
             "impl_is_triton_impl": issubclass(KgenAttentionImpl, TritonAttentionImpl),
             "impl": KgenAttentionBackend.get_impl_cls().__name__,
+            "builder_is_triton_builder": issubclass(builder, TritonAttentionMetadataBuilder),
+            "full_cuda_graphs": builder._cudagraph_support.name,
             "block_sizes": [s.base if isinstance(s, MultipleOf) else s for s in sizes]}
 
 

@@ -231,7 +231,7 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
                           extra_problem=extra_problem() if extra_problem else None)
         impl._kgen_plan = plan
     if plan.reason is not None:
-        _say_once(f"kgen: {stock_name} keeps layers with {plan.reason}")
+        _say_once(f"kgen: layers stay on {stock_name}'s kernels: {plan.reason}")
         STATS["stock_calls"] += 1
         return False
     if not is_pure_decode(meta):

