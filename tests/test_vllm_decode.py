@@ -87,7 +87,7 @@ def test_features_pass_through_once_the_kernels_take_them(monkeypatch):
     plan = _plan(impl, dispatcher=Dispatcher())
     assert plan.reason is None
     assert asked["kv_dtype"] == "fp8_e4m3"
-    assert asked["features"] == ("alibi", "sinks", "sliding_window", "soft_cap")
+    assert asked["features"] == ("sliding_window", "soft_cap", "alibi", "sinks")
     layer = SimpleNamespace(_k_scale=torch.tensor(0.5), _v_scale=torch.tensor(0.25))
     kwargs = feature_kwargs(plan, layer, torch.device("cpu"))
     assert kwargs["k_scale"] is layer._k_scale and kwargs["v_scale"] is layer._v_scale

@@ -36,7 +36,7 @@ logger = logging.getLogger("vllm.kgen")
 # sinks) are not in kgen's kernels yet, so a layer needing one stays on the stock backend.
 PASSED_KV_DTYPES = frozenset({"auto"})
 PASSED_FEATURES: frozenset[str] = frozenset()
-FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")
+FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")  # kgen's names, in kgen's order
 # vLLM's --kv-cache-dtype -> kgen's kv_dtype name (the same element type as the model is "auto")
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 _SAME_AS_MODEL = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -165,7 +165,7 @@ def _shape(plan: LayerPlan) -> dict:
     if plan.kv_dtype != "auto":
         shape["kv_dtype"] = plan.kv_dtype
     if plan.features:
-        shape["features"] = tuple(sorted(plan.features))
+        shape["features"] = tuple(name for name in FEATURES if name in plan.features)
     return shape
 
 
