@@ -19,13 +19,22 @@ from pathlib import Path
 import jinja2
 
 from kgen import __version__
-from kgen.dtypes import TORCH_NAMES
+from kgen.dtypes import KV_TORCH_NAMES, TORCH_NAMES
 from kgen.paths import cache_dir, template_hash, templates_dir
 from kgen.space import padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
 
 SINGLE_PASS_KERNELS = ("_decode_kernel",)
 SPLIT_KERNELS = ("_decode_kernel", "_decode_partial_kernel", "_merge_kernel")
+# Kernel parameters each compiled-in feature adds (the launcher passes them by name). A plain
+# variant's kernels have none of them: its signature and code are those of the plain space.
+FEATURE_PARAMS = {
+    "kv_fp8": ("k_scale_ptr", "v_scale_ptr", "stride_ksc", "stride_vsc", "v_mul"),
+    "sliding_window": ("window",),
+    "soft_cap": ("cap_log2",),
+    "alibi": ("alibi_ptr", "stride_al"),
+    "sinks": ("sinks_ptr", "stride_sk"),
+}
 # split-K auto sizes the grid for the largest GPU kgen targets (H100/H200: 132 SMs), 2 waves deep.
 TARGET_SMS = 132
 TARGET_WAVES = 2
@@ -42,6 +51,12 @@ def kernel_names(config: VariantConfig) -> tuple[str, ...]:
     return SPLIT_KERNELS if config.split_k != 1 else SINGLE_PASS_KERNELS
 
 
+def feature_params(config: VariantConfig) -> tuple[str, ...]:
+    """Names of the kernel parameters the variant's KV dtype and features add, in order."""
+    groups = (["kv_fp8"] if config.kv_fp8 else []) + list(config.features)
+    return tuple(name for group in groups for name in FEATURE_PARAMS[group])
+
+
 def slots(config: VariantConfig, *, generated_at: str | None = None,
           command_line: str | None = None) -> dict:
     """Every value the templates print, computed from ``config``."""
@@ -49,6 +64,8 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         raise ValueError(f"config={config!r} is not a VariantConfig")
     d_pad = padded_head_dim(config.head_dim)
     split = config.split_k != 1
+    params = feature_params(config)
+    kv_torch = KV_TORCH_NAMES.get(config.kv_dtype, TORCH_NAMES[config.dtype])
     return {
         "variant_key": config.key,
         "config_text": ", ".join(f"{k}={v}" for k, v in config.to_dict().items()),
@@ -78,6 +95,13 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "merge_chunk": 16,
         "dtype_name": config.dtype,
         "torch_dtype": "torch." + TORCH_NAMES[config.dtype],
+        "kv_dtype_name": config.kv_dtype if config.kv_fp8 else config.dtype,
+        "kv_torch_dtype": "torch." + kv_torch,
+        "kv_fp8": config.kv_fp8,
+        "features": repr(tuple(config.features)),
+        "features_text": ", ".join(config.features) if config.features else "none",
+        # "a, b, " spliced into kernel signatures and calls before the next parameter ('' if plain)
+        "feature_params": "".join(f"{name}, " for name in params),
         # fp32 dots in full precision (not tf32); 16-bit dots use tensor cores either way.
         "dot_precision": "ieee" if config.dtype == "fp32" else "tf32",
         "target_sms": TARGET_SMS,

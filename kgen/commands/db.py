@@ -9,6 +9,8 @@ from kgen.db.check import check_db
 from kgen.db.lookup import DbReader, preferred_block_size
 from kgen.db.store import gpu_folders, load_best
 from kgen.device import normalize_gpu_name
+from kgen.dtypes import normalize_kv_dtype
+from kgen.features import features_text, normalize_features
 from kgen.paths import default_db_dir
 from kgen.workload import bucket
 
@@ -31,6 +33,11 @@ def register(subparsers) -> None:
     explain.add_argument("--block-size", type=int, default=16)
     explain.add_argument("--group-size", type=int, default=1)
     explain.add_argument("--dtype", default="fp16")
+    explain.add_argument("--kv-dtype", default="auto",
+                         help="KV-cache element type: auto, fp8_e4m3, fp8_e5m2 (default auto)")
+    explain.add_argument("--features", default="",
+                         help="attention features of the step, a comma set of sliding_window, "
+                              "soft_cap, alibi, sinks (default none)")
     check = sub.add_parser("check", help="validate every file of the database")
     for p in (show, explain, check):
         p.add_argument("--db", default=None, metavar="DIR",
@@ -56,7 +63,9 @@ def show(args) -> int:
             continue
         for key, entry in sorted(table["entries"].items()):
             w, c, prov = entry["workload"], entry["config"], entry["provenance"]
-            rows.append({"gpu": gpu, "dtype": w["dtype"], "d": w["head_dim"], "b": w["block_size"],
+            rows.append({"gpu": gpu, "dtype": w["dtype"], "kv": w.get("kv_dtype", "auto"),
+                         "features": features_text(tuple(w.get("features", ()))),
+                         "d": w["head_dim"], "b": w["block_size"],
                          "g": w["group_size"], "batch": w["batch"], "context": w["context"],
                          "split": "auto" if c["split_k"] == 0 else c["split_k"],
                          "tile": c["tile_tokens"], "warps": c["num_warps"],
@@ -87,10 +96,13 @@ def explain(args) -> int:
     reader = DbReader(_db_dir(args))
     result = reader.lookup(args.gpu, dtype=args.dtype, head_dim=args.head_dim,
                            block_size=args.block_size, group_size=args.group_size,
-                           num_seqs=args.batch, max_context=args.context)
+                           num_seqs=args.batch, max_context=args.context,
+                           kv_dtype=normalize_kv_dtype(args.kv_dtype, name="--kv-dtype"),
+                           features=normalize_features(args.features, name="--features"))
     print(f"step: batch {args.batch} (bucket {bucket(args.batch, '--batch')}), context "
           f"{args.context} (bucket {bucket(args.context, '--context')})")
-    print(f"workload: {result.workload.key}")
+    print(f"workload: {result.workload.key} (kv dtype {result.workload.kv_dtype}, features "
+          f"{features_text(result.workload.features)})")
     print(f"source: {result.source}")
     print(f"why: {result.reason}")
     print(f"variant: {result.config.key}")
@@ -151,14 +163,17 @@ def emit_config_from_db(args, given: dict):
     if "head_dim" not in given:
         raise ValueError("--head-dim is required with --gpu")
     dtype = given.get("dtype", "fp16")
+    kv_dtype, features = given.get("kv_dtype", "auto"), given.get("features", ())
     block_size = given.get("block_size") or preferred_block_size(
-        args.gpu, dtype=dtype, head_dim=given["head_dim"], db_dir=_db_dir(args))
+        args.gpu, dtype=dtype, head_dim=given["head_dim"], db_dir=_db_dir(args),
+        kv_dtype=kv_dtype, features=features)
     if block_size is None:
         raise ValueError(f"--block-size is required: no fastest block size is recorded for "
                          f"gpu={args.gpu!r}, {dtype}, head dim {given['head_dim']}")
     result = DbReader(_db_dir(args)).lookup(
         args.gpu, dtype=dtype, head_dim=given["head_dim"], block_size=block_size,
-        group_size=given.get("group_size", 1), num_seqs=args.batch, max_context=args.context)
+        group_size=given.get("group_size", 1), num_seqs=args.batch, max_context=args.context,
+        kv_dtype=kv_dtype, features=features)
     sys.stderr.write(f"kgen emit: {result.source}: {result.reason}\n")
     return result.config
 

@@ -7,8 +7,10 @@ import os
 import sys
 
 from kgen.device import resolve_gpu
-from kgen.dtypes import normalize_dtype
+from kgen.dtypes import normalize_dtype, normalize_kv_dtype
+from kgen.features import normalize_features
 from kgen.paths import default_db_dir
+from kgen.space import default_config, target_prune_reason
 from kgen.tune.measure import SyntheticMeasurer
 from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
@@ -21,8 +23,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tune", help="tune kernel variants per workload with Optuna into tuning_db/",
         description="Search split-K, tile tokens, num_warps and num_stages per workload (dtype x "
-                    "head dim x block size x group size x batch bucket x context bucket) and "
-                    "record the best variant per workload. E.g. 'kgen tune --gpu interpreter "
+                    "KV dtype x features x head dim x block size x group size x batch bucket x "
+                    "context bucket) and record the best variant per workload. E.g. 'kgen tune --gpu interpreter "
                     "--trials 4 --head-dim 64 --block-size 16 --batch 1 --context 512'.")
     parser.add_argument("--gpu", required=True, metavar="NAME",
                         help="device to tune: h100, a100, l40s, ... (must be the one present), "
@@ -31,6 +33,14 @@ def register(subparsers) -> None:
     parser.add_argument("--block-size", default="16", metavar="LIST", help="default 16")
     parser.add_argument("--group-size", default="1", metavar="LIST", help="default 1")
     parser.add_argument("--dtype", default="fp16", metavar="LIST", help="default fp16")
+    parser.add_argument("--kv-dtype", default="auto", metavar="LIST",
+                        help="KV-cache element types: auto (the --dtype), fp8_e4m3, fp8_e5m2 "
+                             "(default auto)")
+    parser.add_argument("--features", default="", metavar="SET",
+                        help="attention features compiled into every tuned variant, one comma "
+                             "set of sliding_window, soft_cap, alibi, sinks (default none); "
+                             "sliding-window workloads are timed with a window of half the "
+                             "context bucket")
     parser.add_argument("--batch", default=_csv(DEFAULT_BATCHES), metavar="LIST",
                         help=f"batch buckets, powers of two (default {_csv(DEFAULT_BATCHES)})")
     parser.add_argument("--context", default=_csv(DEFAULT_CONTEXTS), metavar="LIST",
@@ -73,7 +83,11 @@ def workloads_from_args(args, gpu: str):
     dtypes = [normalize_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
     if not dtypes:
         raise ValueError(f"--dtype={args.dtype!r} is empty")
+    kv_dtypes = [normalize_kv_dtype(k.strip(), name="--kv-dtype") for k in args.kv_dtype.split(",")
+                 if k.strip()] or ["auto"]
     return expand_workloads(
+        kv_dtypes=list(dict.fromkeys(kv_dtypes)),
+        feature_sets=[normalize_features(args.features, name="--features")],
         gpu=gpu, dtypes=dtypes, head_dims=parse_int_list(args.head_dim, "--head-dim"),
         block_sizes=parse_int_list(args.block_size, "--block-size"),
         group_sizes=parse_int_list(args.group_size, "--group-size"),
@@ -107,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers={args.workers} must be at least 1")
     device = resolve_gpu(args.gpu)
     workloads = workloads_from_args(args, device.name)
+    cc = device.compute_capability
+    target = f"sm_{cc[0]}{cc[1]}" if cc else (None if device.is_pseudo else device.audit_target)
+    for workload in workloads if target else ():
+        reason = target_prune_reason(default_config(**workload.variant_fields()), target)
+        if reason:
+            raise ValueError(f"cannot tune {workload.key} on {device.name} ({target}): {reason}")
     from kgen.tune.tuner import TuneSettings, tune  # imports optuna: only when tuning
 
     settings = TuneSettings(

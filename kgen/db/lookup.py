@@ -4,7 +4,8 @@ Order tried (the first that gives a config wins):
 
 1. ``exact``      -- the workload's own entry, tuned under this triton version;
 2. ``nearest``    -- the nearest tuned (batch, context) bucket in log2 distance with the same
-                     dtype/head dim/block size/group size, inside the tuned range on both axes;
+                     dtype/head dim/block size/group size/KV dtype/features, inside the tuned
+                     range on both axes (a plain record never serves a feature workload);
 3. ``other-triton`` -- 1 or 2 among entries of the same GPU tuned under another triton version;
 4. ``family``     -- 1 or 2 on another GPU of the same family (h200 for h100 ...);
 5. ``heuristic``  -- :func:`kgen.space.default_config`.
@@ -28,9 +29,8 @@ from pathlib import Path
 
 from kgen.db.schema import DbFormatError, _package_version
 from kgen.db.store import BEST_FILE, gpu_folders, load_best
-from kgen.workload import Workload, log2_distance
+from kgen.workload import Workload, head_key, log2_distance
 from kgen.device import family_of, normalize_gpu_name
-from kgen.dtypes import normalize_dtype
 from kgen.paths import default_db_dir
 from kgen.space import default_config
 from kgen.variant import VariantConfig
@@ -51,10 +51,11 @@ def triton_version() -> str | None:
     return _package_version("triton")
 
 
-def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int) -> VariantConfig:
+def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int,
+                     kv_dtype="auto", features=()) -> VariantConfig:
     """The generator's default variant for a shape (no tuning data)."""
     return default_config(head_dim=head_dim, block_size=block_size, group_size=group_size,
-                          dtype=dtype)
+                          dtype=dtype, kv_dtype=kv_dtype, features=features)
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,14 @@ class DbReader:
         self._tables[gpu] = (stamp, table)
         return table
 
-    def preferred_block_size(self, gpu: str, *, dtype, head_dim: int) -> int | None:
-        """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
+    def preferred_block_size(self, gpu: str, *, dtype, head_dim: int, kv_dtype="auto",
+                             features=()) -> int | None:
+        """The block size recorded as fastest for (gpu, dtype, head dim[, KV dtype, features]),
+        or None if not tuned."""
         table = self.table(normalize_gpu_name(gpu))
         if not table:
             return None
-        rec = table.get("block_size_defaults", {}).get(f"{normalize_dtype(dtype)}-d{head_dim}")
+        rec = table.get("block_size_defaults", {}).get(head_key(dtype, head_dim, kv_dtype, features))
         return int(rec["block_size"]) if rec else None
 
     def family_gpus(self, gpu: str) -> list[str]:
@@ -134,24 +137,29 @@ class DbReader:
 
     # ---- the lookup -----------------------------------------------------------------------
     def lookup(self, gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
-               num_seqs: int | None, max_context: int | None) -> LookupResult:
+               num_seqs: int | None, max_context: int | None, kv_dtype="auto",
+               features=()) -> LookupResult:
         """The config to use for one decode step shape on ``gpu`` (see the module docstring).
 
         ``num_seqs`` / ``max_context`` of None mean "the middle of the tuned range" (used by
-        ``kgen emit --gpu`` when no step size is given).
+        ``kgen emit --gpu`` when no step size is given). ``kv_dtype`` / ``features`` select
+        records of that KV dtype and feature set only.
         """
         gpu = normalize_gpu_name(gpu)
         if num_seqs is None or max_context is None:
-            num_seqs, max_context = self._middle(gpu, (normalize_dtype(dtype), head_dim, block_size,
-                                                       group_size), num_seqs, max_context)
+            shape = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim,
+                                      block_size=block_size, group_size=group_size, num_seqs=1,
+                                      max_context=1, kv_dtype=kv_dtype, features=features).shape
+            num_seqs, max_context = self._middle(gpu, shape, num_seqs, max_context)
         asked = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
                                   group_size=group_size, num_seqs=num_seqs,
-                                  max_context=max_context)
+                                  max_context=max_context, kv_dtype=kv_dtype, features=features)
         here = triton_version()
         table = self.table(gpu)
         default_key = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                       group_size=group_size).key
-        candidates = _current(_matching(table, _shape(asked)), default_key)
+                                       group_size=group_size, kv_dtype=kv_dtype,
+                                       features=features).key
+        candidates = _current(_matching(table, asked.shape), default_key)
         same = [c for c in candidates if c[1]["provenance"].get("triton") == here]
         found = _choose(same, asked)
         if found:
@@ -160,11 +168,12 @@ class DbReader:
         if found:
             return self._result(found, asked, gpu, "other-triton", here=here)
         for other in self.family_gpus(gpu):
-            found = _choose(_current(_matching(self.table(other), _shape(asked)), default_key), asked)
+            found = _choose(_current(_matching(self.table(other), asked.shape), default_key), asked)
             if found:
                 return self._result(found, asked, other, "family")
         config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                  group_size=group_size)
+                                  group_size=group_size, kv_dtype=asked.kv_dtype,
+                                  features=asked.features)
         why = "no database for this GPU" if table is None else "no tuned entry in range"
         reason = f"{asked.key}: {why} ({self.db_dir / gpu}); using the heuristic default {config.key}"
         log_once(logging.INFO, f"kgen.db lookup: {reason}")
@@ -207,16 +216,13 @@ def _family(name: str) -> str | None:
         return None
 
 
-def _shape(w: Workload) -> tuple:
-    return (w.dtype, w.head_dim, w.block_size, w.group_size)
-
-
 def _matching(table: dict | None, shape: tuple) -> list[tuple[str, dict]]:
-    """Entries of ``table`` with this (dtype, head dim, block size, group size)."""
+    """Entries of ``table`` of this :attr:`Workload.shape` (dtype, head dim, block size, group
+    size, KV dtype, features)."""
     if not table:
         return []
     return [(key, entry) for key, entry in table["entries"].items()
-            if _shape(Workload.from_dict(entry["workload"])) == shape]
+            if Workload.from_dict(entry["workload"]).shape == shape]
 
 
 def _current(candidates: list[tuple[str, dict]], default_key: str) -> list[tuple[str, dict]]:
@@ -269,13 +275,16 @@ def lookup(gpu: str, *, db_dir=None, **shape) -> LookupResult:
 
 def best_config_for(gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
                     num_seqs: int | None = None, max_context: int | None = None,
-                    db_dir=None) -> VariantConfig:
+                    db_dir=None, kv_dtype="auto", features=()) -> VariantConfig:
     """The recorded best variant for a shape on ``gpu`` (with the lookup's fallbacks)."""
     return DbReader(db_dir).lookup(gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
                                    group_size=group_size, num_seqs=num_seqs,
-                                   max_context=max_context).config
+                                   max_context=max_context, kv_dtype=kv_dtype,
+                                   features=features).config
 
 
-def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None) -> int | None:
+def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None, kv_dtype="auto",
+                         features=()) -> int | None:
     """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
-    return DbReader(db_dir).preferred_block_size(gpu, dtype=dtype, head_dim=head_dim)
+    return DbReader(db_dir).preferred_block_size(gpu, dtype=dtype, head_dim=head_dim,
+                                                 kv_dtype=kv_dtype, features=features)

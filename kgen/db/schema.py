@@ -123,8 +123,8 @@ def check_entry(key: str, entry, where: str) -> None:
         raise DbFormatError(f"{here}: its workload is {workload.key!r}")
     if config.key != entry["config_key"]:
         raise DbFormatError(f"{here}: config_key {entry['config_key']!r} != {config.key!r}")
-    mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size")
-                if getattr(config, f) != getattr(workload, f)]
+    mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size", "kv_dtype",
+                            "features") if getattr(config, f) != getattr(workload, f)]
     if mismatch:
         raise DbFormatError(f"{here}: config differs from the workload in {', '.join(mismatch)}")
     _check_time(entry["time_ms"], "time_ms", here)
@@ -193,7 +193,8 @@ def check_trial_line(record, where: str) -> None:
 def default_key_for(workload) -> str:
     """The key of the heuristic default variant of ``workload``'s shape (what tuning beats)."""
     return default_config(head_dim=workload.head_dim, block_size=workload.block_size,
-                          group_size=workload.group_size, dtype=workload.dtype).key
+                          group_size=workload.group_size, dtype=workload.dtype,
+                          kv_dtype=workload.kv_dtype, features=workload.features).key
 
 
 def make_entry(workload, config, *, time_ms: float, default_time_ms: float | None,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kgen.db.schema import (DbFormatError, SCHEMA_VERSION, check_best_table, check_trial_line,
                             new_best_table, provenance_id)
+from kgen.workload import Workload
 
 BEST_FILE = "best.json"
 TRIALS_FILE = "trials.jsonl"
@@ -92,16 +93,17 @@ def atomic_write_json(path: Path, data) -> None:
 
 
 def block_size_defaults(entries: dict) -> dict:
-    """Per ``dtype-d<head_dim>``: the block size with the lowest geometric-mean best time.
+    """Per ``dtype-d<head_dim>`` (plus the KV dtype / feature suffixes of feature workloads, so
+    plain and feature records never mix): the block size with the lowest geometric-mean best time.
 
     Only (group, batch, context) points tuned for every block size are compared, so that a block
     size tuned on easier workloads does not win by that; if there are none, all entries count.
     """
     by_head: dict[str, dict[int, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     for entry in entries.values():
-        w = entry["workload"]
-        point = (w["group_size"], w["batch"], w["context"])
-        by_head[f"{w['dtype']}-d{w['head_dim']}"][w["block_size"]][point] = entry["time_ms"]
+        w = Workload.from_dict(entry["workload"])
+        point = (w.group_size, w.batch, w.context)
+        by_head[w.head_key][w.block_size][point] = entry["time_ms"]
     out = {}
     for head_key, per_block in sorted(by_head.items()):
         common = set.intersection(*(set(points) for points in per_block.values()))
