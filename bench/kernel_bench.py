@@ -104,6 +104,19 @@ def bytes_moved(case, elsize: int) -> int:
     return 2 * kv_tokens * num_kv * head_dim * elsize + 2 * case["query"].numel() * elsize
 
 
+def split_plan(kernel, query, key_cache, ctx) -> dict:
+    """The partitions a kernel's launcher used for this shape, and the device slots it planned
+    with (SMs, resident programs per SM), read after its calls so they are the steady state."""
+    g = getattr(kernel, "__globals__", {})
+    num_seqs, num_kv = query.shape[0], key_cache.shape[2]
+    if "device_slots" not in g:
+        return {}
+    sms, per_sm = g["device_slots"](query.device)
+    fixed = g.get("_SPLIT_K", 0)
+    splits = fixed if fixed else g["choose_num_splits"](num_seqs, num_kv, ctx, device=query.device)
+    return dict(splits=splits, sms=sms, programs_per_sm=per_sm, programs=num_seqs * num_kv * splits)
+
+
 def _time_kernels(torch, timer, row, kernels, args_in, ref, ctx, nbytes, copy_gbs, detail):
     """Check each kernel against SDPA's output, then time it; fills the row's per-kernel fields."""
     for name, kernel in kernels.items():
@@ -118,6 +131,7 @@ def _time_kernels(torch, timer, row, kernels, args_in, ref, ctx, nbytes, copy_gb
         row[f"{name}_frac_copy"] = row[f"{name}_gbs"] / copy_gbs
         row[f"{name}_max_err"] = err
         row[f"{name}_variant"] = _common.kernel_key(kernel)
+        row[f"{name}_plan"] = split_plan(kernel, args_in[0], args_in[1], ctx)
         if detail and ok and name == "tuned":
             row["tuned_graph_ms"] = timing.graph_ms(torch, timer, call)
             names = getattr(kernel, "__globals__", {}).get("KERNELS", ())
@@ -187,17 +201,18 @@ def _ms(value) -> str:
 
 def table(result: dict) -> str:
     head = ("| dtype | d | block | g | batch x ctx | default ms | % copy | tuned ms (source) "
-            "| % copy | tuned graph ms | SDPA ms (mode) | x SDPA | tuned / default |")
+            "| % copy | tuned graph ms | SDPA ms (mode) | x SDPA | tuned / default | splits d/t |")
     lines = [f"Device: {result['gpu']} ({result['device']}), copy bandwidth "
              f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write)", "", head,
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in result["rows"]:
         lines.append(
             f"| {r['dtype']} | {r['head_dim']} | {r['block_size']} | {r['group_size']} "
             f"| {r['batch']} x {r['context']} | {r['default_ms']:.4f} | {r['default_frac_copy']:.0%} "
             f"| {r['tuned_ms']:.4f} ({r.get('tuned_source', '?')}) | {r['tuned_frac_copy']:.0%} "
             f"| {_ms(r.get('tuned_graph_ms'))} | {r['sdpa_ms']:.4f} ({r.get('sdpa_mode', '?')}) "
-            f"| {r['speedup_vs_sdpa']:.2f}x | {r['default_ms'] / r['tuned_ms']:.2f}x |")
+            f"| {r['speedup_vs_sdpa']:.2f}x | {r['default_ms'] / r['tuned_ms']:.2f}x "
+            f"| {r.get('default_plan', {}).get('splits', '?')}/{r.get('tuned_plan', {}).get('splits', '?')} |")
     split = [r for r in result["rows"] if r.get("tuned_kernel_us")]
     if split:
         lines += ["", "Tuned kernel device time per call (us, torch.profiler, L2 flushed):", "",
