@@ -160,6 +160,8 @@ def evaluate(result: dict, baseline: dict | None = None) -> list[dict]:
         ratio = r["default_ms"] / tuned if ok and _finite(r.get("default_ms")) else float("nan")
         met = ratio >= 1.0 if math.isfinite(ratio) else False
         note = f"tuned from {r.get('tuned_source', '?')}"
+        if r.get("tuned_same_as_default"):
+            note += " (the default kernel itself)"
         if not met and ratio >= 1.0 - TIMING_NOISE:
             note += f"; within {TIMING_NOISE:.0%} timing noise"
         checks.append(_check("tuned_row", label, f"{ratio:.2f}x default", ">= 1.00x", met, note))

@@ -53,8 +53,10 @@ def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
     assert "failed steps: none" in result.stdout
     res = tmp_path / "res"
     for name in ("env.json", "tune.log", "kernel_bench.json", "kernel_tests.log",
-                 "e2e_throughput.json"):
+                 "decode_steps.json", "e2e_throughput.json"):
         assert (res / name).stat().st_size > 0, name
+    steps = json.loads((res / "decode_steps.json").read_text())
+    assert [r["batch"] for r in steps["rows"]] == [1] and steps["rows"][0]["eager"]["steps_per_s"] > 0
     assert "1 passed" in (res / "kernel_tests.log").read_text()
     best = json.loads((tmp_path / "db" / "interpreter" / "best.json").read_text())
     assert best["entries"], "the tune step recorded no workload"
