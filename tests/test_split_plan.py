@@ -190,3 +190,34 @@ def test_merge_step_edges(monkeypatch, num_splits):
     load_kernel(SMALL).paged_attention_decode(**inputs, out=out, num_splits=num_splits)
     ref = paged_attention_reference(**inputs)
     assert within_tolerance(out, ref, "fp32"), max_abs_error(out, ref)
+
+
+def test_cuda_slots_come_from_the_device_and_the_compiled_kernel(monkeypatch):
+    """The GPU path without a GPU: SM count from the device properties (read once), residency
+    from the first launched kernel's registers and shared memory."""
+    from types import SimpleNamespace
+
+    module = load_kernel(SUITE_G8)
+    props = SimpleNamespace(multi_processor_count=132, shared_memory_per_multiprocessor=233472,
+                            max_threads_per_multi_processor=2048)
+    reads = []
+
+    def get_props(index):
+        reads.append(index)
+        return props
+
+    monkeypatch.setattr(module.torch.cuda, "get_device_properties", get_props)
+    monkeypatch.setattr(module, "_interpreting", lambda: False)
+    monkeypatch.setattr(module, "_SMS", {})
+    monkeypatch.setattr(module, "_RESIDENT", {})
+    cuda0 = torch.device("cuda", 0)
+    assert module.device_slots(cuda0) == (132, 2)  # before any launch: the assumed 2 per SM
+    module._learn_residency(cuda0, None)  # the interpreter's launch returns nothing: no change
+    compiled = SimpleNamespace(n_regs=120, metadata=SimpleNamespace(shared=55296, num_warps=4))
+    module._learn_residency(cuda0, compiled)
+    module._learn_residency(cuda0, SimpleNamespace(n_regs=255, metadata=compiled.metadata))  # kept
+    assert module.device_slots(cuda0) == (132, 4)
+    assert module.device_slots(cuda0) == (132, 4)
+    assert reads == [0, 0]  # SM count once, the properties once for the residency
+    assert module.choose_num_splits(1, 4, 32768, device=cuda0) == 128
+    assert module.device_slots(torch.device("cpu")) == (132, 2)
