@@ -27,8 +27,8 @@ set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 QUICK=${1:-}
-T_TESTS=${T_TESTS:-80}; T_TUNE=${T_TUNE:-160}; T_BENCH=${T_BENCH:-170}; T_STEPS=${T_STEPS:-75}
-T_E2E=${T_E2E:-60}
+T_TESTS=${T_TESTS:-75}; T_TUNE=${T_TUNE:-130}; T_BENCH=${T_BENCH:-220}; T_STEPS=${T_STEPS:-70}
+T_E2E=${T_E2E:-50}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 START=$(date +%s)

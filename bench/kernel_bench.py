@@ -18,6 +18,11 @@ partials vs merge). The issue-13 targets (:mod:`kernel_targets`) are judged over
 printed, and written into the JSON (``targets``) and the Markdown; JSON and Markdown are rewritten
 after every row, so a run cut short keeps what it measured.
 
+Two more kinds of rows (bench/kernel_bench_features.py): fp8-KV rows for every plain row
+(``--kv-dtypes``; bandwidth on the fp8 bytes, time as a fraction of the plain row's) and
+sliding-window rows (``--windows``: a fixed window over the contexts of ``--window-contexts``;
+the window variant's time should stay flat while the full-context kernel's grows).
+
 On a GPU timings come from ``triton.testing.do_bench`` (median, L2 flushed). Without one the
 script still runs (``--quick``, under ``TRITON_INTERPRET=1``) on tiny sizes, to test the script,
 and its timings are CPU wall-clock: useful for nothing but checking that it works.
@@ -38,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import kernel_bench_features as features  # noqa: E402
 import kernel_targets  # noqa: E402
 import timing  # noqa: E402
 from kernel_targets import NUM_HEADS  # noqa: E402
@@ -45,6 +51,8 @@ from kernel_targets import NUM_HEADS  # noqa: E402
 GPU_SHAPES = list(kernel_targets.SUITE_SHAPES)
 CPU_SHAPES = [(1, 96), (3, 40)]  # interpreter smoke sizes
 DETAIL_MAX_BATCH = 4  # rows this small also get graph replay time and the per-kernel breakdown
+GPU_WINDOW = dict(windows="4096", contexts="4096,8192,16384,32768", batch=8)
+CPU_WINDOW = dict(windows="16", contexts="32,64", batch=2)  # interpreter smoke sizes
 
 
 def _timer(device: str):
@@ -154,6 +162,7 @@ def run(args, on_row=None) -> dict:
 
     from kgen.build import load_kernel
     from kgen.db.lookup import lookup
+    from kgen.dispatch import get_dispatcher
     from kgen.space import default_config
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -164,10 +173,14 @@ def run(args, on_row=None) -> dict:
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     combos = list(itertools.product(args.dtypes, args.head_dims, args.block_sizes, args.groups, shapes))
-    rows = []
+    rows, fp8_rows = [], []
+    window = GPU_WINDOW if device == "cuda" else CPU_WINDOW
+    args.windows = _ints(args.windows if args.windows is not None else window["windows"])
+    args.window_contexts = _ints(args.window_contexts or window["contexts"])
+    args.window_batch = args.window_batch or window["batch"]
     result = dict(machine=_common.machine_info(), device=device, gpu=gpu_name,
                   copy_bandwidth_gbs=copy_gbs, sdpa_enable_gqa=kernel_targets.gqa_supported(torch),
-                  rows=rows)
+                  rows=rows, fp8_rows=fp8_rows, window_rows=[])
     for i, (dt, d, bs, g, (batch, ctx)) in enumerate(combos):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
         case = make_case(torch, dtype=dtype, head_dim=d, block_size=bs, group=g, batch=batch,
@@ -199,9 +212,22 @@ def run(args, on_row=None) -> dict:
         print(f"[{i + 1}/{len(combos)}] {dt} d{d} b{bs} g{g} {batch}x{ctx}: "
               f"default {row['default_ms']:.4f} ms ({row['default_frac_copy']:.0%} of copy), "
               f"tuned {row['tuned_ms']:.4f} ms, sdpa ({mode}) {row['sdpa_ms']:.4f} ms", flush=True)
+        for kv in args.kv_dtypes:
+            problem = get_dispatcher(gpu_name).why_unsupported(
+                dtype=dt, head_dim=d, block_size=bs, group_size=g, kv_dtype=kv)
+            if problem:  # e.g. e4m3 on an A100: say so once per row, measure nothing
+                print(f"    {kv}: skipped: {problem}", flush=True)
+                continue
+            fp8 = features.fp8_row(torch, case, row, kv_dtype=kv, timer=timer, copy_gbs=copy_gbs,
+                                   gpu_name=gpu_name)
+            fp8_rows.append(fp8)
+            print(f"    {kv}: default {fp8['default_ms']:.4f} ms ({fp8['default_frac_copy']:.0%} "
+                  f"of copy, {fp8['time_vs_plain']:.2f} x the plain time)", flush=True)
         if on_row:
             on_row(result)
         del case
+    result["window_rows"] = features.window_rows(torch, args, make_case=make_case, timer=timer,
+                                                 copy_gbs=copy_gbs, gpu_name=gpu_name, device=device)
     return result
 
 
@@ -230,7 +256,11 @@ def table(result: dict) -> str:
         for r in split:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["tuned_kernel_us"].items())
             lines.append(f"| {r['dtype']} | {r['group_size']} | {r['batch']} x {r['context']} | {parts} |")
-    return "\n".join(lines)
+    return "\n".join(lines + features.tables(result))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
 
 
 def with_targets(result: dict, baseline) -> str:
@@ -260,7 +290,19 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", type=Path, default=kernel_targets.BASELINE,
                         help="committed kernel_bench JSON the no-regression target compares "
                              "against (default: %(default)s)")
+    parser.add_argument("--kv-dtypes", default="fp8_e4m3",
+                        help="fp8 caches to add a row for, after each plain row ('' for none; "
+                             "fp8_e5m2 on GPUs older than sm_89)")
+    parser.add_argument("--windows", default=None,
+                        help="sliding windows of the window rows ('' for none; default 4096, "
+                             "16 without a GPU)")
+    parser.add_argument("--window-contexts", default=None,
+                        help="contexts of the window rows (default 4096,8192,16384,32768; "
+                             "32,64 without a GPU)")
+    parser.add_argument("--window-batch", type=int, default=None,
+                        help="sequences per window row (default 8; 2 without a GPU)")
     args = parser.parse_args(argv)
+    args.kv_dtypes = [k.strip() for k in args.kv_dtypes.split(",") if k.strip()]
     if args.quick:
         args.head_dims, args.block_sizes = "128", "16"
     if args.suite:

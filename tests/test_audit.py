@@ -279,8 +279,16 @@ def test_audit_sweep_quick_runs(tmp_path):
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["machine"]["triton"] and len(data["rows"]) == 6
+    assert data["machine"]["triton"] and len(data["rows"]) == 8
     assert {row["target"] for row in data["rows"]} == {"sm_80", "sm_90"}
-    assert all(row["passes"] for row in data["rows"]), data["rows"]
+    # the fp8 e4m3 variant (every feature on) is not compiled for sm_80: a target rule says why
+    (skipped,) = [row for row in data["rows"] if "unsupported" in row]
+    assert skipped["target"] == "sm_80" and "sm_89" in skipped["unsupported"]
+    compiled = [row for row in data["rows"] if "unsupported" not in row]
+    assert all(row["passes"] for row in compiled), compiled
+    (fp8,) = [row for row in compiled if row["kv_dtype"] == "fp8_e4m3"]
+    assert fp8["target"] == "sm_90" and set(fp8["kv_load_bits"]) == {"128"}
+    assert fp8["spill_bytes"] == 0 and fp8["features"] == ["sliding_window", "soft_cap", "alibi", "sinks"]
     assert (tmp_path / "audit.md").read_text().startswith("# Static audit sweep")
-    assert "| sm_90 | bf16 |" in proc.stdout
+    assert "| sm_90 | bf16 | auto | none |" in proc.stdout
+    assert "| sm_90 | bf16 | fp8_e4m3 | sliding_window,soft_cap,alibi,sinks |" in proc.stdout

@@ -36,6 +36,16 @@ def test_kernel_bench_runs_tiny_under_interpreter(tmp_path):
         assert row[f"{name}_ms"] > 0
     assert data["copy_bandwidth_gbs"] > 0
     assert "| fp16 | 128 | 16 | 8 | 2 x 40 |" in result.stdout
+    # the fp8-KV row of the same case and the sliding-window rows (fixed window, two contexts)
+    (fp8,) = data["fp8_rows"]
+    assert fp8["kv_dtype"] == "fp8_e4m3" and fp8["default_max_err"] < 2e-2
+    assert fp8["bytes"] < row["bytes"] and fp8["time_vs_plain"] > 0
+    assert "kvfp8e4m3" in fp8["default_variant"]
+    windows = data["window_rows"]
+    assert [(w["window"], w["context"]) for w in windows] == [(16, 32), (16, 64)]
+    assert all(w["window_max_err"] < 2e-2 and w["window_ms"] > 0 for w in windows)
+    assert all(w["window_variant"].endswith("-swa") for w in windows)
+    assert "| fp16 | fp8_e4m3 | 128 | 16 | 8 | 2 x 40 |" in result.stdout
 
 
 def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
