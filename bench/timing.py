@@ -17,20 +17,13 @@ def graph_ms(torch, timer, fn, *, warmup: int = 2) -> float:
     """Median ms of replaying ``fn`` captured in a CUDA graph (``timer``: fn -> median ms).
 
     ``fn`` must be capturable: no host sync, the same launches every call. It runs ``warmup``
-    times eagerly first (compilation, allocator pools) on a side stream, as torch's docs ask.
+    times eagerly first (:func:`runtime.cuda_graphs.capture_graph`, the runtime's own capture).
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    from runtime.cuda_graphs import capture_graph  # with torch, only on the GPU path
+
+    replay, _ = capture_graph(fn, warmup=warmup)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return timer(graph.replay)
+    return timer(replay)
 
 
 def kernel_device_us(torch, fn, names, *, calls: int = 20, flush_bytes: int = 256 << 20) -> dict:
