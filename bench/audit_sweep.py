@@ -139,7 +139,8 @@ def _table(header, rows) -> list[str]:
     return lines
 
 
-def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float) -> str:
+def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float, *,
+           every_row: bool = False) -> str:
     """Markdown: the per-target/dtype summary, every failing variant, and the d128/b16/g4 rows."""
     from kgen.commands.inspect import format_bits
     from kgen.render import template_hash
@@ -168,15 +169,24 @@ def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float)
     lines += _table(("variant", "target", "why"),
                     [(r["variant"], r["target"], r.get("error") or "; ".join(r["failures"]))
                      for r in bad]) if bad else ["none"]
-    note = [r for r in rows if "error" not in r and ("-d128-b16-g4-" in r["variant"]
+    note = [r for r in rows if "error" not in r and (every_row or "-d128-b16-g4-" in r["variant"]
                                                       or "-d128-b16-g8-" in r["variant"]
                                                       and r.get("kv_dtype", "auto") != "auto")]
-    lines += ["", "## d128 / b16 / g4 variants (and d128 / b16 / g8 fp8 variants)", ""]
+    lines += ["", "## Every variant audited" if every_row else
+              "## d128 / b16 / g4 variants (and d128 / b16 / g8 fp8 variants)", ""]
     lines += _table(("variant", "target", "regs", "spill B", "shared B", "K/V loads", "other loads"),
                     [(r["variant"], r["target"], r["registers"], r["spill_bytes"],
                       r["shared_bytes"], format_bits({int(k): v for k, v in r["kv_load_bits"].items()}),
                       format_bits({int(k): v for k, v in r["other_load_bits"].items()}))
                      for r in note])
+    if every_row:
+        lines += ["", "Per kernel (a split variant's second `_merge_kernel` is the widest merge "
+                  "step: 64 partitions, 8 warps):", ""]
+        lines += _table(("variant", "target", "kernel", "regs", "spill B", "shared B", "K/V loads"),
+                        [(r["variant"], r["target"], k["name"], k["registers"], k["spill_bytes"],
+                          k["shared_bytes"],
+                          format_bits({int(b): n for b, n in k["kv_load_bits"].items()}) or "-")
+                         for r in note for k in r["kernels"]])
     return "\n".join(lines)
 
 
@@ -191,6 +201,9 @@ def main(argv=None) -> int:
                         help="comma list of: shapes, launch, fp8, features (default shapes,launch)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile processes (default min(2, CPUs))")
+    parser.add_argument("--keys", default="",
+                        help="comma list of variant keys to audit instead of --parts (each row "
+                             "listed in the Markdown)")
     args = parser.parse_args(argv)
     from kgen.audit import audit_many, parse_target
     from kgen.render import template_hash
@@ -203,6 +216,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--parts: unknown part {part!r}; use {', '.join(PARTS)}")
     configs = sweep_configs("quick", True) if args.quick else list(dict.fromkeys(
         c for part in parts for c in sweep_configs(part, False)))
+    if args.keys:
+        from kgen.variant import VariantConfig
+
+        configs, parts = [VariantConfig.from_key(k.strip()) for k in args.keys.split(",") if k.strip()], []
     start = time.perf_counter()
     rows = [row_of(c, t, reason) for c in configs for t in targets
             if (reason := target_prune_reason(c, t))]
@@ -220,7 +237,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     machine = _common.machine_info()
     summary = summarize(rows)
-    text = render(summary, rows, machine, seconds)
+    text = render(summary, rows, machine, seconds, every_row=bool(args.keys))
     print(text)
     result = {"benchmark": "audit_sweep", "machine": machine, "quick": args.quick,
               "parts": parts, "template_hash": template_hash(), "targets": targets,
