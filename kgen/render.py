@@ -5,7 +5,8 @@ Every value the templates print is computed here by :func:`slots` from the froze
 ``{% if %}`` blocks (the emitted header's optional lines, the launcher's split-K path); the
 split-K kernels are included by :func:`template_parts`. A module is the concatenation of
 ``header``, ``attend`` (shared inner loop), ``decode`` (single pass), for split-K variants
-``decode_partial`` and ``merge``, ``plan`` (the split planner) and ``launcher``.
+``decode_partial`` and ``merge``, ``plan`` (the split planner), ``launch_features`` (checks and
+kernel arguments of the KV dtype and the attention features) and ``launcher``.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def plan_slots(config: VariantConfig, d_pad: int) -> dict:
 def template_parts(config: VariantConfig) -> tuple[str, ...]:
     """Template names making up the variant's module, in order."""
     middle = ("decode_partial.py.j2", "merge.py.j2") if config.split_k != 1 else ()
-    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "plan.py.j2", "launcher.py.j2")
+    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "plan.py.j2",
+            "launch_features.py.j2", "launcher.py.j2")
 
 
 def render_source(config: VariantConfig, *, generated_at: str | None = None,

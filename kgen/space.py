@@ -111,8 +111,22 @@ def prune_stages(config: VariantConfig) -> str | None:
     return None
 
 
-PRUNE_RULES: tuple[Callable[[VariantConfig], str | None], ...] = (prune_smem, prune_registers,
-                                                                   prune_stages)
+def prune_fp32_fp8_stages(config: VariantConfig) -> str | None:
+    """fp32 queries over an fp8 cache: no pipelining (num_stages > 1) at head dims padded to 128+.
+
+    The static audit (bench/results/audit_sweep_features.md) found every such variant spilling
+    hundreds of bytes on sm_80 and sm_90 (the pipelined fp8 tile is converted to fp32 in the FMA
+    dot's operand layout), and the same tiles spill-free with one stage.
+    """
+    if (config.kv_fp8 and config.dtype == "fp32" and config.num_stages > 1
+            and padded_head_dim(config.head_dim) >= 128):
+        return (f"fp32 queries over a pipelined {config.kv_dtype} tile (num_stages="
+                f"{config.num_stages}) at head dim {config.head_dim} spill")
+    return None
+
+
+PRUNE_RULES: tuple[Callable[[VariantConfig], str | None], ...] = (
+    prune_smem, prune_registers, prune_stages, prune_fp32_fp8_stages)
 
 
 def prune_reason(config: VariantConfig) -> str | None:
@@ -171,8 +185,12 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
 
     Tiles of 64 tokens for 16-bit dtypes (fp32: 32, or 16 for padded head dims of 256 and for block size 1), 4 warps,
     2 stages: enough work per step to hide latency while fitting every GPU's shared memory and
-    register budgets (the fp32 tiles are the ones the static audit found spill-free). An fp8
-    cache keeps these tiles but never fewer than 16 elements per thread (one 16-byte load).
+    register budgets (the fp32 tiles are the ones the static audit found spill-free).
+
+    An fp8 cache (bench/results/audit_sweep_features.md): 16-bit queries keep tiles of 64 tokens,
+    128 for head dim 64 (64-token fp8 tiles left an 8-byte ptxas stack spill on sm_90); fp32
+    queries over head dims padded to 128+ take 32-token tiles, 8 warps and one stage (see
+    :func:`prune_fp32_fp8_stages`); never fewer than 16 fp8 elements per thread (one 16-byte load).
     """
     dtype = normalize_dtype(dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
@@ -181,11 +199,16 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     else:
         # block size 1 gathers one page per token row: 64-bit row addresses cost registers too
         tile = 16 if d_pad >= 256 or block_size == 1 else 32
+    warps, stages = 4, 2
     if normalize_kv_dtype(kv_dtype) != "auto":
-        tile = max(tile, VECTOR_BYTES * 32 * 4 // d_pad)
+        if dtype != "fp32":
+            tile = 128 if d_pad <= 64 else 64
+        elif d_pad >= 128:
+            tile, warps, stages = 32, 8, 1
+        tile = max(tile, VECTOR_BYTES * 32 * warps // d_pad)
     config = VariantConfig(head_dim=head_dim, block_size=block_size, group_size=group_size,
-                           split_k=parse_split_k(split_k), tile_tokens=tile, num_warps=4,
-                           num_stages=2, dtype=dtype, kv_dtype=kv_dtype, features=features)
+                           split_k=parse_split_k(split_k), tile_tokens=tile, num_warps=warps,
+                           num_stages=stages, dtype=dtype, kv_dtype=kv_dtype, features=features)
     reason = prune_reason(config)
     if reason:  # pragma: no cover - guarded by tests over the whole shape space
         raise AssertionError(f"default variant {config.key} is pruned: {reason}")

@@ -89,6 +89,24 @@ def test_ptx_provenance_separates_kv_from_block_table_loads():
     assert got == [(32, "ld", (1,)), (128, "cp.async", (0, 2)), (128, "ld", (0, 2))]
 
 
+def test_ptx_provenance_flows_through_shared_memory():
+    """Row addresses Triton re-lays out through shared memory keep their K/V provenance."""
+    ptx = """
+	ld.param.b64 	%rd1, [_k_param_0];
+	ld.param.b64 	%rd2, [_k_param_1];
+	ld.global.b32 { %r2 }, [ %rd2 + 0 ];
+	mul.wide.s32 	%rd3, %r2, 256;
+	add.s64 	%rd4, %rd1, %rd3;
+	st.shared.b64 	[%r15+32768], %rd4;
+	bar.sync 	0;
+	ld.shared.b64 	%rd5, [%r15+32768];
+	cp.async.cg.shared.global [ %r8 + 0 ], [ %rd5 + 0 ], 0x10, %r2;
+	ld.shared.v2.b32 	{%r20, %r21}, [%r16];
+"""
+    got = sorted((l.bits, l.kind, tuple(sorted(l.params))) for l in ptx_loads(ptx))
+    assert got == [(32, "ld", (1,)), (128, "cp.async", (0,))]
+
+
 # ---- specialization matches Triton's JIT ---------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_specialization_matches_tritons_own_binder():

@@ -94,6 +94,13 @@ def test_fp8_prune_rules_name_their_reason():
     wide = VariantConfig(head_dim=256, tile_tokens=128, num_warps=8, num_stages=2, dtype="bf16")
     assert "shared memory" in space.prune_smem(wide)
     assert space.prune_smem(wide.replace(kv_dtype="fp8_e5m2")) is None
+    # fp32 queries over a pipelined fp8 tile at head dims >= 128 spill (the audit): one stage only
+    fp32 = VariantConfig(head_dim=128, tile_tokens=32, num_warps=8, num_stages=2, dtype="fp32",
+                         kv_dtype="fp8_e5m2")
+    assert "num_stages=2" in space.prune_fp32_fp8_stages(fp32)
+    assert space.prune_fp32_fp8_stages(fp32.replace(num_stages=1)) is None
+    assert space.prune_fp32_fp8_stages(fp32.replace(head_dim=64)) is None
+    assert space.prune_fp32_fp8_stages(fp32.replace(kv_dtype="auto")) is None
     e4m3 = VariantConfig(kv_dtype="fp8_e4m3")
     assert "sm_89" in space.target_prune_reason(e4m3, "sm_80")
     assert space.target_prune_reason(e4m3, "sm_90") is None
