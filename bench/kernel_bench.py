@@ -32,6 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from kgen.build import load_kernel  # noqa: E402  (kernel modules, and triton, load per call)
+from kgen.db.lookup import lookup  # noqa: E402
+from kgen.space import default_config  # noqa: E402
+
 GPU_SHAPES = [(1, 32768), (4, 8192), (64, 4096), (256, 1024)]
 CPU_SHAPES = [(1, 96), (3, 40)]  # interpreter smoke sizes
 NUM_HEADS = 32  # query heads (Llama-7B/8B-like); KV heads = NUM_HEADS // group
@@ -107,10 +111,6 @@ def bytes_moved(case, elsize: int) -> int:
 
 def run(args) -> dict:
     import torch
-
-    from kgen.build import load_kernel
-    from kgen.db.lookup import lookup
-    from kgen.space import default_config
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     timer = _timer(device)

@@ -10,6 +10,7 @@ from kgen.device import resolve_gpu
 from kgen.dtypes import normalize_dtype
 from kgen.paths import default_db_dir
 from kgen.tune.measure import SyntheticMeasurer
+from kgen.tune.measure_kernel import GpuMeasurer, InterpreterMeasurer
 from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
 
@@ -61,11 +62,7 @@ def make_measurer(device, *, audit: bool, seed: int):
         return SyntheticMeasurer(seed=seed)
     if device.name == "interpreter":
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-        from kgen.tune.measure_kernel import InterpreterMeasurer  # after TRITON_INTERPRET is set
-
         return InterpreterMeasurer(seed=seed)
-    from kgen.tune.measure_kernel import GpuMeasurer  # imports torch
-
     return GpuMeasurer(device.name, audit_target=device.audit_target if audit else None, seed=seed)
 
 
