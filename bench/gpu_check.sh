@@ -2,10 +2,13 @@
 # One GPU check, in one command that ends within ~8 minutes on an H100:
 #   1. a short `kgen tune --gpu <present>` over a few workloads (records into tuning_db/<gpu>/)
 #   2. the kernel benchmarks (default vs tuned variant vs torch SDPA, % of copy bandwidth)
-#   3. the kernel correctness suite on the GPU (compiled kernels, not the interpreter)
+#   3. the kernel correctness suite on the GPU (compiled kernels, not the interpreter), then the
+#      tests marked `gpu` (tests/test_gpu_*.py: bf16 tensor-core dots, 32k contexts, the tuner's
+#      timing path, generate() on compiled kernels), which the CPU suite skips
 #   4. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
 # Every result lands, with provenance, in files that can be committed:
-#   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,e2e_throughput.{json,md}}
+#   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,gpu_tests.log,
+#                        e2e_throughput.{json,md}}
 #   tuning_db/<gpu>/...
 # It needs only torch and triton on the machine (python3 with both). Other dependencies
 # (optuna and what it needs) are installed from wheels given in $KGEN_WHEELS (default ./.whl) when
@@ -16,12 +19,14 @@
 # Usage: bash bench/gpu_check.sh [--quick]      (--quick: fewer workloads and shapes)
 # Without a GPU it runs the same steps at a tiny size under the Triton interpreter (a smoke test
 # of the script itself; its timings mean nothing). Environment overrides: KGEN_RESULTS (results
-# folder), KGEN_DB (tuning database folder), T_TUNE / T_BENCH / T_TESTS / T_E2E (step limits, s).
+# folder), KGEN_DB (tuning database folder), T_TUNE / T_BENCH / T_TESTS / T_GPU_TESTS / T_E2E
+# (step limits, s).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 QUICK=${1:-}
-T_TESTS=${T_TESTS:-150}; T_TUNE=${T_TUNE:-170}; T_BENCH=${T_BENCH:-150}; T_E2E=${T_E2E:-90}
+T_TESTS=${T_TESTS:-150}; T_GPU_TESTS=${T_GPU_TESTS:-120}; T_TUNE=${T_TUNE:-170}; T_BENCH=${T_BENCH:-150}
+T_E2E=${T_E2E:-90}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -95,6 +100,10 @@ step "3. kernel correctness on the $GPU"
 timeout "$T_TESTS" $PY -m pytest -q -p no:cacheprovider $TEST_ARGS tests/test_kernels_interp.py \
     tests/test_emit.py 2>&1 | tee "$RES/kernel_tests.log" | tail -n 25
 check kernel_tests
+# the `gpu`-marked tests (skipped, with the reason, where there is no GPU)
+timeout "$T_GPU_TESTS" $PY -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_gpu_*.py 2>&1 \
+    | tee "$RES/gpu_tests.log" | tail -n 25
+check gpu_tests
 
 step "4. end-to-end decode throughput"
 timeout "$T_E2E" $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" \

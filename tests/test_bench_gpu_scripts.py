@@ -52,9 +52,11 @@ def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "failed steps: none" in result.stdout
     res = tmp_path / "res"
-    for name in ("env.json", "tune.log", "kernel_bench.json", "kernel_tests.log",
+    for name in ("env.json", "tune.log", "kernel_bench.json", "kernel_tests.log", "gpu_tests.log",
                  "e2e_throughput.json"):
         assert (res / name).stat().st_size > 0, name
     assert "1 passed" in (res / "kernel_tests.log").read_text()
+    gpu_log = (res / "gpu_tests.log").read_text()  # the gpu-marked tests, skipped here with why
+    assert "skipped" in gpu_log and "needs a CUDA GPU" in gpu_log and "passed" not in gpu_log
     best = json.loads((tmp_path / "db" / "interpreter" / "best.json").read_text())
     assert best["entries"], "the tune step recorded no workload"
