@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -152,6 +153,7 @@ def run(args) -> dict:
             row[f"{name}_variant"] = _common.kernel_key(kernel)
         row["sdpa_ms"] = timer(sdpa)
         row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["tuned_ms"]
+        row["default_speedup_vs_sdpa"] = row["sdpa_ms"] / row["default_ms"]
         rows.append(row)
         print(f"[{i + 1}/{len(combos)}] {dt} d{d} b{bs} g{g} {batch}x{ctx}: "
               f"default {row['default_ms']:.4f} ms ({row['default_frac_copy']:.0%} of copy), "
@@ -162,16 +164,20 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
+    """The Markdown table of a result (``result["note"]``, when present, comes first)."""
     head = ("| dtype | d | block | g | batch x ctx | default ms | default GB/s | % copy "
-            "| tuned ms (source) | % copy | SDPA ms | tuned / SDPA speedup |")
-    lines = [f"Device: {result['gpu']} ({result['device']}), copy bandwidth "
-             f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write)", "", head,
-             "|" + "---|" * 12]
+            "| default / SDPA speedup | tuned ms (source) | % copy | SDPA ms | tuned / SDPA speedup |")
+    lines = [result["note"], ""] if result.get("note") else []
+    lines += [f"Device: {result['gpu']} ({result['device']}), copy bandwidth "
+              f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write)", "", head,
+              "|" + "---|" * 13]
     for r in result["rows"]:
+        source = f" ({r['tuned_source']})" if r.get("tuned_source") else ""
+        default_speedup = r["sdpa_ms"] / r["default_ms"]  # also in the row of newer results
         lines.append(
             f"| {r['dtype']} | {r['head_dim']} | {r['block_size']} | {r['group_size']} "
             f"| {r['batch']} x {r['context']} | {r['default_ms']:.4f} | {r['default_gbs']:.0f} "
-            f"| {r['default_frac_copy']:.0%} | {r['tuned_ms']:.4f} ({r.get('tuned_source', '?')}) "
+            f"| {r['default_frac_copy']:.0%} | {default_speedup:.2f}x | {r['tuned_ms']:.4f}{source} "
             f"| {r['tuned_frac_copy']:.0%} "
             f"| {r['sdpa_ms']:.4f} | {r['speedup_vs_sdpa']:.2f}x |")
     return "\n".join(lines)
@@ -190,7 +196,15 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", default="1,8")
     parser.add_argument("--shapes", default="", help="batch x context list, e.g. 1x32768,64x4096")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--from-json", type=Path, metavar="PATH",
+                        help="measure nothing: print (and with --md write) the table of a results "
+                             "JSON written earlier")
     args = parser.parse_args(argv)
+    if args.from_json:
+        text = table(json.loads(args.from_json.read_text()))
+        print(text)
+        _common.write_outputs({}, text, md_path=args.md)
+        return 0
     if args.quick:
         args.head_dims, args.block_sizes = "128", "16"
     args.dtypes = args.dtypes.split(",")
