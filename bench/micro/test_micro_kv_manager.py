@@ -7,6 +7,8 @@ in the prefix cache (the steady state of a decoding sequence).
 
 import random
 
+import pytest
+
 from runtime.kv_manager import KVCacheManager
 from runtime.sequence import Sequence
 
@@ -33,20 +35,15 @@ def _run(benchmark, fn, setup):
     return benchmark.pedantic(fn, setup=lambda: setup(next(counter)), rounds=ROUNDS, warmup_rounds=20)
 
 
-def test_append_slot_same_block(benchmark):
-    """One decode token that lands in the sequence's last, private, block (65 -> 66 tokens)."""
+@pytest.mark.parametrize("length, what", [
+    (65, "One decode token that lands in the sequence's last, private, block (65 -> 66 tokens)."),
+    (64, "One decode token that starts a new block (64 -> 65 tokens): a block from the free queue."),
+], ids=["same_block", "new_block"])
+def test_append_slot(benchmark, length, what):
+    benchmark.extra_info["what"] = what
+
     def setup(i):
-        kv, seq = _allocated(i, 65)
-        seq.append_token(7)
-        return (kv, seq), {}
-
-    _run(benchmark, lambda kv, seq: kv.append_slot(seq), setup)
-
-
-def test_append_slot_new_block(benchmark):
-    """One decode token that starts a new block (64 -> 65 tokens): a block from the free queue."""
-    def setup(i):
-        kv, seq = _allocated(i, 64)
+        kv, seq = _allocated(i, length)
         seq.append_token(7)
         return (kv, seq), {}
 
