@@ -13,11 +13,13 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from kgen.db.schema import (DbFormatError, SCHEMA_VERSION, check_best_table, check_trial_line,
                             new_best_table, provenance_id)
+from kgen.db.tail import repair_tail
 
 BEST_FILE = "best.json"
 TRIALS_FILE = "trials.jsonl"
@@ -164,6 +166,9 @@ class TuningStore:
             lines.append(line)
         payload = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         with self.lock():
+            repaired = repair_tail(self.trials_path)  # a kill mid-append left a half line
+            if repaired:
+                warnings.warn(repaired, RuntimeWarning, stacklevel=2)
             with open(self.trials_path, "ab") as handle:
                 handle.write(payload.encode("utf-8"))
                 handle.flush()

@@ -1,0 +1,314 @@
+"""Where the Optuna studies live: a journal file (one machine) or a relational database (a fleet).
+
+:func:`open_storage` turns ``--storage`` (or the default journal path) into a :class:`TuneStorage`:
+the Optuna storage plus the :mod:`claims <kgen.tune.claims>` that keep concurrent workers from
+measuring one candidate twice.
+
+* A **journal file** is written under an ``flock`` lock (:class:`FlockLock`). Optuna's default
+  symlink lock outlives a process killed while holding it (and with a relative path its symlink
+  points nowhere, so the next run spun forever without a word); the kernel drops an ``flock`` when
+  its holder dies, so no interruption can leave a blocking lock. A symlink lock left by an older
+  run is removed with a message (:func:`clear_stale_journal_lock`), and a line cut short by a kill
+  is set aside before the next append (:class:`RepairingJournalBackend`, :mod:`kgen.db.tail`).
+* A **database URL** (``postgresql://``, ``mysql://``, ``sqlite:///``) opens Optuna's
+  ``RDBStorage`` with heartbeats, so the running trials of a killed member (on any machine) are
+  failed after the grace period and their candidates queued again. Optuna creates its tables on
+  first use; fleet members start together, so on PostgreSQL the creation runs under an advisory
+  lock (elsewhere it is retried) instead of racing into ``IntegrityError ... studydirection``.
+  Bad URLs end in one :class:`StorageError` line naming the URL (password hidden) and the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import inspect
+import json
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+try:  # the lock's base class is not re-exported by optuna.storages.journal
+    from optuna.storages.journal._file import BaseJournalFileLock
+except ImportError:  # pragma: no cover - other optuna layouts
+    BaseJournalFileLock = object
+
+from kgen.db.tail import repair_tail
+from kgen.tune.claims import FileClaims, NullClaims, RdbClaims
+
+DEFAULT_HEARTBEAT_S = 10
+LEGACY_LOCK_SUFFIX = ".lock"  # Optuna's JournalFileSymlinkLock
+FLOCK_SUFFIX = ".flock"
+_SCHEMA_LOCK_ID = 0x6B67656E  # "kgen": the advisory lock serializing table creation
+
+
+class StorageError(ValueError):
+    """A ``--storage`` that cannot be used; the message names the URL and what is wrong."""
+
+
+def is_url(location: str) -> bool:
+    return "://" in str(location)
+
+
+def describe(location: str) -> str:
+    """The location for messages: a URL with its password replaced by ``***``."""
+    location = str(location)
+    if not is_url(location):
+        return location
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(location).render_as_string(hide_password=True)
+    except Exception:  # not parseable: show it as given, minus anything after a password colon
+        head, sep, rest = location.partition("://")
+        if "@" in rest and ":" in rest.split("@", 1)[0]:
+            user = rest.split("@", 1)[0].split(":", 1)[0]
+            return f"{head}{sep}{user}:***@{rest.split('@', 1)[1]}"
+        return location
+
+
+@dataclass
+class TuneStorage:
+    """An opened storage: ``optuna`` goes to ``optuna.create_study``; ``claims`` guards
+    candidates; ``grace_s`` is how long a silent running trial may stay before it counts as
+    abandoned (None: no heartbeats, liveness is known only for this host's processes)."""
+
+    optuna: object
+    claims: object
+    location: str
+    grace_s: float | None = None
+
+    @property
+    def shared_across_hosts(self) -> bool:
+        return self.grace_s is not None
+
+
+# ---- journal file ----------------------------------------------------------------------------
+class FlockLock(BaseJournalFileLock):
+    """A journal lock the kernel releases when its holder dies (``flock`` on ``<journal>.flock``).
+
+    Local file systems only (as the journal itself: never on NFS; use a database there).
+    """
+
+    def __init__(self, journal_path: str) -> None:
+        self.path = str(journal_path) + FLOCK_SUFFIX
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class RepairingJournalBackend(optuna.storages.journal.JournalFileBackend):
+    """Optuna's journal file backend with :class:`FlockLock` and a cut last line repaired before
+    appending (a half-written operation would otherwise swallow the next one)."""
+
+    def __init__(self, path: str) -> None:
+        self.flock = FlockLock(path)
+        super().__init__(path, lock_obj=self.flock)
+
+    def append_logs(self, logs) -> None:
+        with self.flock.held():
+            message = repair_tail(self._file_path)
+            if message:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            text = "".join(json.dumps(log, separators=(",", ":"))
+                           + "\n" for log in logs)
+            with open(self._file_path, "ab") as handle:
+                handle.write(text.encode("utf-8"))
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def clear_stale_journal_lock(journal_path, wait_s: float = 2.0) -> str | None:
+    """Remove an Optuna symlink lock (``<journal>.lock``) that no writer holds.
+
+    kgen's own writers never create it (they use :class:`FlockLock`); one left behind is from an
+    interrupted older run. A live Optuna writer holds it for milliseconds, so a lock still there
+    after ``wait_s`` is stale. Returns a message naming it (and where its link pointed) when it
+    was removed, else None.
+    """
+    lock = str(journal_path) + LEGACY_LOCK_SUFFIX
+    deadline = time.monotonic() + wait_s
+    while os.path.lexists(lock):
+        if time.monotonic() >= deadline:
+            try:
+                target = os.readlink(lock)
+                dangling = not os.path.exists(os.path.join(os.path.dirname(lock), target))
+                what = f" (a link to {target!r}{', which does not exist' if dangling else ''})"
+            except OSError:
+                what = ""
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            return f"removed a stale Optuna journal lock {lock}{what} left by an interrupted run"
+        time.sleep(0.05)
+    return None
+
+
+def _open_journal(path: str) -> TuneStorage:
+    path = os.path.abspath(path)  # an absolute path: nothing below depends on the cwd
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        backend = RepairingJournalBackend(path)
+    except OSError as exc:
+        raise StorageError(f"journal {path}: {exc.strerror or exc}") from None
+    storage = optuna.storages.JournalStorage(backend)
+    return TuneStorage(storage, FileClaims(path + ".claims"), path)
+
+
+# ---- relational database -----------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
+
+
+def _check_url(url: str):
+    import sqlalchemy
+
+    shown = describe(url)
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except Exception:
+        raise StorageError(f"--storage {shown!r} is not a database URL (expected e.g. "
+                           f"postgresql://user@host/db, sqlite:///path/to/file.db, or a journal "
+                           f"file path)") from None
+    try:
+        parsed.get_dialect()
+    except Exception:
+        raise StorageError(f"--storage {shown!r}: unknown database kind {parsed.drivername!r} "
+                           f"(use postgresql://, mysql:// or sqlite:///)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise StorageError(f"--storage {shown!r}: an in-memory SQLite database cannot be "
+                               f"shared; give a file, e.g. sqlite:///tune.db")
+        folder = Path(database).expanduser().absolute().parent
+        if not folder.is_dir():
+            raise StorageError(f"--storage {shown!r}: the folder {folder} of the SQLite file "
+                               f"does not exist")
+    return parsed
+
+
+@contextlib.contextmanager
+def _schema_lock(parsed):
+    """Serialize Optuna's table creation among processes starting together (PostgreSQL)."""
+    if parsed.get_backend_name() != "postgresql":
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_ID})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"),
+                             {"k": _SCHEMA_LOCK_ID})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+# optuna >= 4.9 names it heartbeat_stale_trial_callback (the old name warns)
+_STALE_CALLBACK = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
+                   inspect.signature(optuna.storages.RDBStorage).parameters
+                   else "failed_trial_callback")
+
+
+def _open_rdb(url: str, heartbeat_s: int, on_stale) -> TuneStorage:
+    import sqlalchemy.exc as sa_exc
+
+    shown = describe(url)
+    parsed = _check_url(url)
+    last = None
+    for attempt in range(8):
+        try:
+            with _schema_lock(parsed), warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
+                    **{_STALE_CALLBACK: on_stale})
+                claims = RdbClaims(storage.engine)
+            return TuneStorage(storage, claims, shown, grace_s=3 * heartbeat_s)
+        except (ImportError, ModuleNotFoundError) as exc:
+            cause = exc.__cause__ or exc
+            hint = (" (pip install 'kgen[postgres]')" if parsed.get_backend_name() == "postgresql"
+                    else "")
+            raise StorageError(f"--storage {shown!r}: its database driver is not installed: "
+                               f"{cause}{hint}") from None
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.InternalError) as exc:
+            last = exc  # another process created the same table or type first: try again
+        except sa_exc.OperationalError as exc:
+            if "already exists" not in str(exc) and "locked" not in str(exc):
+                raise StorageError(f"--storage {shown!r}: cannot open the database: "
+                                   f"{_first_line(exc)}") from None
+            last = exc
+        except sa_exc.SQLAlchemyError as exc:
+            raise StorageError(f"--storage {shown!r}: {_first_line(exc)}") from None
+        time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+    raise StorageError(f"--storage {shown!r}: could not create Optuna's tables: "
+                       f"{_first_line(last)}")
+
+
+# ---- the door ----------------------------------------------------------------------------------
+def open_storage(location, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
+                 on_stale=None) -> TuneStorage:
+    """Open ``location``: a database URL (contains ``://``) or a journal file path.
+
+    Parameters
+    ----------
+    location : str or path
+    heartbeat_s : int
+        Database storages only: seconds between a running trial's heartbeats; a trial silent
+        for three of them is failed (and ``on_stale(study, trial)`` called) by any member.
+    on_stale : callable or None
+        Called with each trial failed for a stale heartbeat (kgen queues its candidate again).
+
+    Raises
+    ------
+    StorageError
+        One line naming the location and what is wrong with it.
+    """
+    location = str(location)
+    if is_url(location):
+        if heartbeat_s is None or int(heartbeat_s) < 1:
+            raise ValueError(f"heartbeat_s={heartbeat_s!r} must be a whole number of seconds >= 1")
+        return _open_rdb(location, int(heartbeat_s), on_stale)
+    return _open_journal(location)
+
+
+def in_memory() -> TuneStorage:
+    """An in-process storage (replays, tests): nothing shared, nothing to claim."""
+    return TuneStorage(optuna.storages.InMemoryStorage(), NullClaims(), ":memory:")
