@@ -195,6 +195,21 @@ class TuningStore:
         return table
 
 
+    def remove_entries(self, keys) -> dict | None:
+        """Drop entries (workload keys) from the best table under the lock; returns the table
+        written (None when there is no table). The trial log keeps its history."""
+        with self.lock():
+            table = self.load_best()
+            if table is None:
+                return None
+            for key in keys:
+                table["entries"].pop(key, None)
+            table["block_size_defaults"] = block_size_defaults(table["entries"])
+            check_best_table(table, f"{self.best_path} (about to be written)")
+            atomic_write_json(self.best_path, table)
+        return table
+
+
 def gpu_folders(db_dir) -> list[str]:
     """Names of the GPU folders in a database root (sorted; [] if the root does not exist)."""
     root = Path(db_dir)

@@ -39,9 +39,9 @@ except ImportError:  # pragma: no cover - other optuna layouts
     BaseJournalFileLock = object
 
 from kgen.db.tail import repair_tail
+from kgen.tune import DEFAULT_HEARTBEAT_S
 from kgen.tune.claims import FileClaims, NullClaims, RdbClaims
 
-DEFAULT_HEARTBEAT_S = 10
 LEGACY_LOCK_SUFFIX = ".lock"  # Optuna's JournalFileSymlinkLock
 FLOCK_SUFFIX = ".flock"
 _SCHEMA_LOCK_ID = 0x6B67656E  # "kgen": the advisory lock serializing table creation
@@ -189,12 +189,26 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(orig).__name__
 
 
+def _with_installed_driver(parsed):
+    """``postgresql://`` names no driver and SQLAlchemy picks one by its version (psycopg2 before
+    2.1, psycopg after): use whichever of the two is installed."""
+    import importlib.util
+
+    if parsed.drivername != "postgresql":
+        return parsed
+    for module, driver in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return parsed.set(drivername=driver)
+    return parsed
+
+
 def _check_url(url: str):
+    """The parsed URL (its driver made explicit), or a StorageError saying what is wrong."""
     import sqlalchemy
 
     shown = describe(url)
     try:
-        parsed = sqlalchemy.engine.make_url(url)
+        parsed = _with_installed_driver(sqlalchemy.engine.make_url(url))
     except Exception:
         raise StorageError(f"--storage {shown!r} is not a database URL (expected e.g. "
                            f"postgresql://user@host/db, sqlite:///path/to/file.db, or a journal "
@@ -257,7 +271,7 @@ def _open_rdb(url: str, heartbeat_s: int, on_stale) -> TuneStorage:
             with _schema_lock(parsed), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"pool_pre_ping": True},
+                    parsed.render_as_string(hide_password=False), engine_kwargs={"pool_pre_ping": True},
                     heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s,
                     **{_STALE_CALLBACK: on_stale})
                 claims = RdbClaims(storage.engine)
