@@ -131,7 +131,7 @@ class DbReader:
         config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
                                   group_size=group_size)
         why = ("no database for this GPU" if table is None else
-               f"no current tuned entry in range ({held} is not served: measured against other "
+               f"no current tuned entry in range ({held} held back: measured against other "
                f"kernel templates)" if held else "no tuned entry in range")
         reason = f"{asked.key}: {why} ({self.db_dir / gpu}); using the heuristic default {config.key}"
         log_once(logging.INFO, f"kgen.db lookup: {reason}")

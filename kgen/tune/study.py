@@ -19,6 +19,7 @@ only correct, timed kernels can be the best trial. Only this package imports opt
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -42,6 +43,30 @@ HOST = os.environ.get("KGEN_HOST") or socket.gethostname()
 # ordinal split axis misleads TPE; the other axes are ordinal (neighbours perform alike).
 CATEGORICAL = ("split_k_idx",)
 OWNERLESS_GRACE_S = 30.0  # a running trial that never named its candidate for this long is dead
+
+
+class _InterruptedTrialFilter(logging.Filter):
+    """Optuna logs a trial cut by Ctrl-C / SIGTERM as a failure (with a traceback, then "failed
+    with value None"); kgen says what an interrupt recorded itself, so both records are dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record) -> bool:
+        words = record.getMessage().split()
+        number = words[1] if len(words) > 1 and words[0] == "Trial" else None
+        info = record.exc_info
+        if info and info[0] is not None and issubclass(info[0], KeyboardInterrupt):
+            self.interrupted.add(number)
+            return False
+        if number in self.interrupted and "failed with value" in record.getMessage():
+            self.interrupted.discard(number)
+            return False
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_InterruptedTrialFilter())
 
 
 def make_sampler(name: str, seed: int, workload: Workload | None = None):

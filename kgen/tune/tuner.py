@@ -266,8 +266,10 @@ def tune(settings: TuneSettings, workloads: list[Workload]) -> list[WorkloadResu
             if settings.workers == 1:
                 _run_trials(settings, workload, callbacks=[tick])
             else:
-                wk.run_workers(_run_trials, (settings, workload), settings.workers,
-                               poll=lambda: tick(study, None), notify=_notify)
+                stopped = wk.run_workers(_run_trials, (settings, workload), settings.workers,
+                                         poll=lambda: tick(study, None), notify=_notify)
+                if stopped and st.needs_work(study, settings.trials):
+                    raise KeyboardInterrupt("the workers were stopped")  # nobody finished it
             tick(study, None)
             results.append(finalize(settings, workload, study))
     except KeyboardInterrupt as exc:

@@ -59,8 +59,9 @@ def stop_workers(procs, timeout_s: float = STOP_TIMEOUT_S) -> None:
             proc.join()
 
 
-def run_workers(target, args: tuple, count: int, poll=None, notify=None) -> None:
-    """Run ``target(*args)`` in ``count`` spawned processes until all end.
+def run_workers(target, args: tuple, count: int, poll=None, notify=None) -> int:
+    """Run ``target(*args)`` in ``count`` spawned processes until all end; returns how many were
+    stopped by a signal sent to them alone (interrupted or killed).
 
     Parameters
     ----------
@@ -102,9 +103,12 @@ def run_workers(target, args: tuple, count: int, poll=None, notify=None) -> None
             signal.signal(signal.SIGTERM, previous[1])
         raise
     failed = [p for p in procs if p.exitcode not in (0, 130) and p.exitcode > 0]
+    stopped = 0
     for proc in procs:
-        stopped = proc.exitcode == 130 or proc.exitcode < 0
-        if stopped and notify is not None:
+        if proc.exitcode != 130 and proc.exitcode >= 0:
+            continue
+        stopped += 1
+        if notify is not None:
             how = ("was interrupted" if proc.exitcode == 130
                    else f"was killed by {signal.Signals(-proc.exitcode).name}")
             notify(f"worker {proc.name} (pid {proc.pid}) {how}; its unfinished trial was "
@@ -112,3 +116,4 @@ def run_workers(target, args: tuple, count: int, poll=None, notify=None) -> None
     if failed:
         raise RuntimeError(", ".join(f"worker {p.name} exited with code {p.exitcode}"
                                      for p in failed) + " (its error is above)")
+    return stopped
