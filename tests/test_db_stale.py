@@ -16,7 +16,6 @@ from kgen.dispatch import Dispatcher
 from kgen.paths import REPO_ROOT, template_hash
 from kgen.space import default_config
 from kgen.tune.measure import SyntheticMeasurer
-from kgen.tune.remeasure import remeasure_stale
 from kgen.tune.search import default_variant
 from kgen.variant import VariantConfig
 from kgen.workload import Workload

@@ -4,7 +4,6 @@ Needs the server of ``tests/postgres.sh`` (``$KGEN_TEST_PG_URL``); fails, never 
 without it (see tests/helpers_pg.py).
 """
 
-import json
 import os
 import signal
 import subprocess

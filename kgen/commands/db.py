@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kgen.db.check import check_db, prune_stale, stale_records
 from kgen.db.lookup import DbReader, preferred_block_size
+from kgen.db.schema import DbFormatError
 from kgen.db.tables import LayeredTables
 from kgen.device import normalize_gpu_name
 from kgen.paths import default_db_dir
@@ -84,6 +85,8 @@ def show(args) -> int:
     rows, defaults = [], []
     for gpu in gpus:
         table = tables.get(gpu)
+        if gpu in tables.errors:  # show the database as it is: a bad file is an error here
+            raise DbFormatError(tables.errors[gpu])
         if table is None:
             if args.gpu:
                 raise FileNotFoundError(f"no tuning records for gpu={args.gpu!r} in "

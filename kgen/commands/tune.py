@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
 
 from kgen.device import resolve_gpu
@@ -121,24 +119,6 @@ def summary_lines(results, table: dict | None) -> list[str]:
     return lines
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM ends the run like Ctrl-C: trials are failed and queued again, locks released."""
-    def handler(signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt("SIGTERM")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise ValueError(f"--trials={args.trials} must be at least 1")
@@ -149,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_gpu(args.gpu)
     workloads = workloads_from_args(args, device.name)
     # kgen.tune.tuner imports optuna: only when tuning
+    from kgen.tune import interrupts
     from kgen.tune.tuner import TuneInterrupted, TuneSettings, tune
 
     settings = TuneSettings(
@@ -159,15 +140,17 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"tuning {len(workloads)} workload(s) x {args.trials} trials on {device.full_name} "
               f"({device.name}) into {settings.store.dir}", flush=True)
+    previous = interrupts.install()  # Ctrl-C and SIGTERM stop at the next safe point
     try:
-        with _sigterm_interrupts():
-            results = tune(settings, workloads)
+        results = tune(settings, workloads)
     except TuneInterrupted as stop:
         if stop.results:
             for line in summary_lines(stop.results, None):
                 print(line)
         sys.stderr.write(f"kgen tune: {stop.message}\n")
         return 130
+    finally:
+        interrupts.uninstall(previous)
     for line in summary_lines(results, settings.store.load_best()):
         print(line)
     return 0

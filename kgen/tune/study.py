@@ -29,6 +29,7 @@ import zlib
 import optuna
 
 from kgen.paths import template_hash
+from kgen.tune import interrupts
 from kgen.tune.claims import NullClaims
 from kgen.tune.measure import Measurement, Measurer
 from kgen.tune.search import PARAM_NAMES, config_for, grid_space, params_of, search_space
@@ -351,11 +352,13 @@ class Objective:
             if held.state in DONE_STATES:
                 return self._copy(held)
             if held.state == TrialState.RUNNING:
-                time.sleep(self.poll_s)
+                with interrupts.interruptible():
+                    time.sleep(self.poll_s)
                 self.stale(study)  # a silent holder is failed, and its claim passes to us
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.current = trial
+        interrupts.checkpoint()
         params = {name: (trial.suggest_categorical(name, list(range(size))) if name in CATEGORICAL
                          else trial.suggest_int(name, 0, size - 1))
                   for name, size in self.sizes.items()}
@@ -365,7 +368,8 @@ class Objective:
         copied = self._known(trial.study, config.key) or self._claim(trial, config.key)
         if copied is None:
             try:
-                result = self.measurer.measure(config, self.workload)
+                with interrupts.interruptible():
+                    result = self.measurer.measure(config, self.workload)
             except Exception as exc:  # a crashing candidate is a failed record, not a crash
                 result = Measurement("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
         else:
@@ -421,6 +425,7 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, callbacks=(
     interrupted trial's candidate again before it propagates.
     """
     def stop(study_, _trial) -> None:
+        interrupts.checkpoint()  # between trials: a safe place to stop
         if not needs_work(study_, trials):
             study_.stop()
 
@@ -447,7 +452,8 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, callbacks=(
         watched = running if watched is None else watched & running
         if not watched:
             break
-        time.sleep(poll_s)
+        with interrupts.interruptible():
+            time.sleep(poll_s)
     return ran
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kgen.db.schema import make_entry, make_provenance
 from kgen.db.store import TuningStore
+from kgen.tune import interrupts
 from kgen.tune import study as st
 from kgen.tune import workers as wk
 from kgen.tune.measure import Measurer
@@ -180,8 +181,10 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
     measurer, store = settings.measurer, settings.store
     winner = VariantConfig.from_key(st.trial_info(best_trial)["config_key"])
     default = default_variant(workload)
-    final = {"winner": measurer.measure(winner, workload)}
-    final["default"] = final["winner"] if default == winner else measurer.measure(default, workload)
+    with interrupts.interruptible():
+        final = {"winner": measurer.measure(winner, workload)}
+        final["default"] = (final["winner"] if default == winner
+                            else measurer.measure(default, workload))
     store.append_trials([{"workload_key": workload.key, "config_key": cfg.key, "status": m.status,
                           "time_ms": m.time_ms, "reason": m.reason, "study": workload.key,
                           "phase": f"final-{role}"}
@@ -272,6 +275,7 @@ def tune(settings: TuneSettings, workloads: list[Workload]) -> list[WorkloadResu
                     raise KeyboardInterrupt("the workers were stopped")  # nobody finished it
             tick(study, None)
             results.append(finalize(settings, workload, study))
+            interrupts.checkpoint()
     except KeyboardInterrupt as exc:
         if isinstance(exc, TuneInterrupted):
             raise

@@ -1,11 +1,11 @@
 """Worker processes of ``kgen tune --workers K``, and how interrupts reach them.
 
-Each worker is a fresh (spawned) process running the same body on the same storage. On Ctrl-C or
-SIGTERM the parent tells every live worker to stop (SIGTERM), waits a bounded time for them to
-queue their interrupted candidate again and exit, and kills what is left; it never blocks on a
-pool that waits for tasks which will not finish. A worker stopped on its own (a signal sent to it
-alone) is reported and its trial recovered by the others; one that fails with an error fails the
-run.
+Each worker is a fresh (spawned) process running the same body on the same storage; a signal
+stops it at a safe point (:mod:`kgen.tune.interrupts`). On Ctrl-C or SIGTERM the parent tells
+every live worker to stop (SIGTERM), waits a bounded time for them to queue their interrupted
+candidate again and exit, and kills what is left; it never blocks on a pool that waits for tasks
+which will not finish. A worker stopped on its own (a signal sent to it alone) is reported and
+its trial recovered by the others; one that fails with an error fails the run.
 """
 
 from __future__ import annotations
@@ -17,25 +17,13 @@ import signal
 import sys
 import time
 
+from kgen.tune import interrupts
+
 STOP_TIMEOUT_S = 20.0
 
 
-def interrupts_raise() -> None:
-    """Make SIGINT and SIGTERM raise KeyboardInterrupt once; later ones are ignored, so the
-    clean-up that follows the first is not cut short by the second (e.g. Ctrl-C pressed twice,
-    or the terminal's Ctrl-C and the parent's SIGTERM both arriving)."""
-
-    def handler(signum, _frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _worker_main(target, args) -> None:
-    interrupts_raise()
+    interrupts.install()
     try:
         target(*args)
     except KeyboardInterrupt:
@@ -90,17 +78,12 @@ def run_workers(target, args: tuple, count: int, poll=None, notify=None) -> int:
         for proc in procs:
             proc.start()
         while any(proc.is_alive() for proc in procs):
-            multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], 0.5)
+            with interrupts.interruptible():
+                multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], 0.5)
             if poll is not None:
                 poll()
     except KeyboardInterrupt:
-        previous = (signal.signal(signal.SIGINT, signal.SIG_IGN),
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN))
-        try:
-            stop_workers(procs)
-        finally:
-            signal.signal(signal.SIGINT, previous[0])
-            signal.signal(signal.SIGTERM, previous[1])
+        stop_workers(procs)  # (a second signal does not cut this short: kgen.tune.interrupts)
         raise
     failed = [p for p in procs if p.exitcode not in (0, 130) and p.exitcode > 0]
     stopped = 0
