@@ -57,6 +57,9 @@ def _assert_log_matches_study(tmp_path, study, orphans=frozenset()):
                 if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
                 and not trial_outcome(t)["cached"]}
     assert measured <= set(logged) <= measured | set(orphans)
+    # no candidate measured twice by concurrent workers (they used to draw the same ones)
+    keys = [trial_info(t)["config_key"] for t in budget_trials(study)]
+    assert len(keys) == len(set(keys))
 
 
 def test_two_processes_on_one_study_lose_no_trial(tmp_path):

@@ -185,6 +185,7 @@ def test_members_starting_together_on_an_empty_database_all_start(pg_url, tmp_pa
     assert len(optuna.get_all_study_names(open_storage(pg_url).optuna)) == 1
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials asked by hand
 def test_claims_on_postgresql(pg_url):  # noqa: F811
     storage = open_storage(pg_url)
     study = optuna.create_study(study_name="claims", storage=storage.optuna)

@@ -11,8 +11,8 @@ import pytest
 from kgen.cli import main
 from kgen.db.tail import repair_tail
 from kgen.tune.claims import FileClaims, RdbClaims
-from kgen.tune.storage import (FlockLock, StorageError, clear_stale_journal_lock, describe,
-                               open_storage)
+from kgen.tune.journal import FlockLock, clear_stale_journal_lock
+from kgen.tune.storage import StorageError, describe, open_storage
 
 ARGS = ["tune", "--gpu", "synthetic", "--trials", "2", "--batch", "1", "--context", "512",
         "--quiet"]
@@ -45,7 +45,7 @@ def test_unreachable_server_hides_the_password(tmp_path, capsys):
 def test_flock_is_released_when_its_holder_dies(tmp_path):
     journal = tmp_path / "journal.log"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from kgen.tune.storage import FlockLock\n"
+        "import sys, time; from kgen.tune.journal import FlockLock\n"
         f"FlockLock({str(journal)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -53,7 +53,7 @@ def test_flock_is_released_when_its_holder_dies(tmp_path):
     holder.wait()
     lock = FlockLock(str(journal))
     done = subprocess.run([sys.executable, "-c", (
-        "from kgen.tune.storage import FlockLock\n"
+        "from kgen.tune.journal import FlockLock\n"
         f"l = FlockLock({str(journal)!r}); l.acquire(); l.release(); print('ok')")],
         capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "ok"  # not blocked by the dead holder
@@ -109,6 +109,7 @@ def _two_trials(storage):
     return study, first, second
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # trials asked by hand
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
 def test_claims_one_holder_and_a_failed_holder_passes_its_claim(tmp_path, kind):
     location = (str(tmp_path / "journal.log") if kind == "journal"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from kgen.db.check import check_db, prune_stale, stale_records
@@ -84,7 +85,9 @@ def show(args) -> int:
     gpus = [normalize_gpu_name(args.gpu)] if args.gpu else tables.gpus()
     rows, defaults = [], []
     for gpu in gpus:
-        table = tables.get(gpu)
+        with warnings.catch_warnings():  # a bad file is this command's error, said once below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            table = tables.get(gpu)
         if gpu in tables.errors:  # show the database as it is: a bad file is an error here
             raise DbFormatError(tables.errors[gpu])
         if table is None:

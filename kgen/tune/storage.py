@@ -4,12 +4,9 @@
 the Optuna storage plus the :mod:`claims <kgen.tune.claims>` that keep concurrent workers from
 measuring one candidate twice.
 
-* A **journal file** is written under an ``flock`` lock (:class:`FlockLock`). Optuna's default
-  symlink lock outlives a process killed while holding it (and with a relative path its symlink
-  points nowhere, so the next run spun forever without a word); the kernel drops an ``flock`` when
-  its holder dies, so no interruption can leave a blocking lock. A symlink lock left by an older
-  run is removed with a message (:func:`clear_stale_journal_lock`), and a line cut short by a kill
-  is set aside before the next append (:class:`RepairingJournalBackend`, :mod:`kgen.db.tail`).
+* A **journal file** (:mod:`kgen.tune.journal`) is written under an ``flock`` the kernel releases
+  when its holder dies, so no interruption leaves a lock that blocks the next run; a line cut
+  short by a kill is repaired before the next append.
 * A **database URL** (``postgresql://``, ``mysql://``, ``sqlite:///``) opens Optuna's
   ``RDBStorage`` with heartbeats, so the running trials of a killed member (on any machine) are
   failed after the grace period and their candidates queued again. Optuna creates its tables on
@@ -21,10 +18,7 @@ measuring one candidate twice.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
-import json
-import os
 import random
 import time
 import warnings
@@ -33,17 +27,12 @@ from pathlib import Path
 
 import optuna
 
-try:  # the lock's base class is not re-exported by optuna.storages.journal
-    from optuna.storages.journal._file import BaseJournalFileLock
-except ImportError:  # pragma: no cover - other optuna layouts
-    BaseJournalFileLock = object
-
-from kgen.db.tail import repair_tail
 from kgen.tune import DEFAULT_HEARTBEAT_S
-from kgen.tune.claims import FileClaims, NullClaims, RdbClaims
+from kgen.tune.claims import NullClaims, RdbClaims
+from kgen.tune.journal import clear_stale_journal_lock, open_journal
 
-LEGACY_LOCK_SUFFIX = ".lock"  # Optuna's JournalFileSymlinkLock
-FLOCK_SUFFIX = ".flock"
+__all__ = ["StorageError", "TuneStorage", "open_storage", "in_memory", "describe", "is_url",
+           "clear_stale_journal_lock", "DEFAULT_HEARTBEAT_S"]
 _SCHEMA_LOCK_ID = 0x6B67656E  # "kgen": the advisory lock serializing table creation
 
 
@@ -86,100 +75,6 @@ class TuneStorage:
     @property
     def shared_across_hosts(self) -> bool:
         return self.grace_s is not None
-
-
-# ---- journal file ----------------------------------------------------------------------------
-class FlockLock(BaseJournalFileLock):
-    """A journal lock the kernel releases when its holder dies (``flock`` on ``<journal>.flock``).
-
-    Local file systems only (as the journal itself: never on NFS; use a database there).
-    """
-
-    def __init__(self, journal_path: str) -> None:
-        self.path = str(journal_path) + FLOCK_SUFFIX
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def held(self):
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
-
-class RepairingJournalBackend(optuna.storages.journal.JournalFileBackend):
-    """Optuna's journal file backend with :class:`FlockLock` and a cut last line repaired before
-    appending (a half-written operation would otherwise swallow the next one)."""
-
-    def __init__(self, path: str) -> None:
-        self.flock = FlockLock(path)
-        super().__init__(path, lock_obj=self.flock)
-
-    def append_logs(self, logs) -> None:
-        with self.flock.held():
-            message = repair_tail(self._file_path)
-            if message:
-                warnings.warn(message, RuntimeWarning, stacklevel=2)
-            text = "".join(json.dumps(log, separators=(",", ":"))
-                           + "\n" for log in logs)
-            with open(self._file_path, "ab") as handle:
-                handle.write(text.encode("utf-8"))
-                handle.flush()
-                os.fsync(handle.fileno())
-
-
-def clear_stale_journal_lock(journal_path, wait_s: float = 2.0) -> str | None:
-    """Remove an Optuna symlink lock (``<journal>.lock``) that no writer holds.
-
-    kgen's own writers never create it (they use :class:`FlockLock`); one left behind is from an
-    interrupted older run. A live Optuna writer holds it for milliseconds, so a lock still there
-    after ``wait_s`` is stale. Returns a message naming it (and where its link pointed) when it
-    was removed, else None.
-    """
-    lock = str(journal_path) + LEGACY_LOCK_SUFFIX
-    deadline = time.monotonic() + wait_s
-    while os.path.lexists(lock):
-        if time.monotonic() >= deadline:
-            try:
-                target = os.readlink(lock)
-                dangling = not os.path.exists(os.path.join(os.path.dirname(lock), target))
-                what = f" (a link to {target!r}{', which does not exist' if dangling else ''})"
-            except OSError:
-                what = ""
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
-            return f"removed a stale Optuna journal lock {lock}{what} left by an interrupted run"
-        time.sleep(0.05)
-    return None
-
-
-def _open_journal(path: str) -> TuneStorage:
-    path = os.path.abspath(path)  # an absolute path: nothing below depends on the cwd
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        backend = RepairingJournalBackend(path)
-    except OSError as exc:
-        raise StorageError(f"journal {path}: {exc.strerror or exc}") from None
-    storage = optuna.storages.JournalStorage(backend)
-    return TuneStorage(storage, FileClaims(path + ".claims"), path)
 
 
 # ---- relational database -----------------------------------------------------------------------
@@ -258,6 +153,14 @@ def _schema_lock(parsed):
 _STALE_CALLBACK = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in
                    inspect.signature(optuna.storages.RDBStorage).parameters
                    else "failed_trial_callback")
+
+
+def _open_journal(path: str) -> TuneStorage:
+    try:
+        storage, claims, path = open_journal(path)
+    except OSError as exc:
+        raise StorageError(f"journal {path}: {exc.strerror or exc}") from None
+    return TuneStorage(storage, claims, path)
 
 
 def _open_rdb(url: str, heartbeat_s: int, on_stale) -> TuneStorage:

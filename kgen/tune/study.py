@@ -1,4 +1,7 @@
-"""One Optuna study per workload: sampler, warm start, recovery, the objective, the loop.
+"""One Optuna study per workload: sampler, opening, warm start, the loop.
+
+(The objective is :mod:`kgen.tune.objective`, what trials carry :mod:`kgen.tune.trials`, the
+recovery of dead workers' trials :mod:`kgen.tune.recovery`.)
 
 A study is named by its workload key and lives in a :mod:`storage <kgen.tune.storage>` (a journal
 file by default, a database for a fleet). Any number of processes, each with any number of
@@ -21,9 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
-import warnings
 import zlib
 
 import optuna
@@ -31,19 +32,19 @@ import optuna
 from kgen.paths import template_hash
 from kgen.tune import interrupts
 from kgen.tune.claims import NullClaims
-from kgen.tune.measure import Measurement, Measurer
-from kgen.tune.search import PARAM_NAMES, config_for, grid_space, params_of, search_space
+from kgen.tune.objective import Objective
+from kgen.tune.recovery import fail_trial, recover_orphans, requeue
+from kgen.tune.search import grid_space, params_of
+from kgen.tune.trials import (HOST, TrialState, budget_trials, done_trials, register_worker,
+                              trial_info, trial_outcome, workers)
 from kgen.workload import Workload
 
-TrialState = optuna.trial.TrialState
+# the study's vocabulary, used through this module by the tuner and the importer
+__all__ = ["HOST", "TEMPLATE_ATTR", "TrialState", "Objective", "budget_trials", "done_trials",
+           "trial_info", "trial_outcome", "workers", "requeue", "recover_orphans",
+           "make_sampler", "worker_seed", "open_study", "warm_start", "needs_work", "optimize",
+           "best_complete"]
 SAMPLERS = ("tpe", "random", "grid")
-DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-# The host a worker records (fleet tests run "machines" on one host by naming them).
-HOST = os.environ.get("KGEN_HOST") or socket.gethostname()
-# Split-K is searched as categories: ``auto`` (index 0) performs unlike its neighbour 1, so an
-# ordinal split axis misleads TPE; the other axes are ordinal (neighbours perform alike).
-CATEGORICAL = ("split_k_idx",)
-OWNERLESS_GRACE_S = 30.0  # a running trial that never named its candidate for this long is dead
 
 
 class _InterruptedTrialFilter(logging.Filter):
@@ -118,167 +119,6 @@ def open_study(workload: Workload, storage, sampler) -> optuna.Study:
     return study
 
 
-def done_trials(study: optuna.Study) -> list:
-    return study.get_trials(deepcopy=False, states=DONE_STATES)
-
-
-def trial_info(trial) -> dict:
-    """``{"config_key", "host", "pid"}`` of a trial (empty before it suggested its params)."""
-    return trial.user_attrs.get("run", {})
-
-
-def trial_outcome(trial) -> dict:
-    """``{"status": ok|pruned|failed, "reason", "cached", "static"}`` of a finished trial."""
-    return trial.user_attrs.get("outcome", {"status": "ok", "reason": None, "cached": False,
-                                            "static": False})
-
-
-def budget_trials(study: optuna.Study) -> list:
-    """The done trials that count toward ``--trials``: candidates really built and measured (or
-    failed / pruned by the audit), not free ones (static prune, repeats answered from the study)."""
-    return [t for t in done_trials(study)
-            if not trial_outcome(t)["cached"] and not trial_outcome(t).get("static")]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-WORKER_PREFIX = "worker:"  # study user attribute ``worker:<host>:<pid>`` per optimizing process
-
-
-def register_worker(study: optuna.Study, info: dict | None = None) -> None:
-    """Note this process (and its provenance, for ``kgen db import``) in the study before it
-    creates any trial (see :func:`recover_orphans`)."""
-    study.set_user_attr(f"{WORKER_PREFIX}{HOST}:{os.getpid()}", info or True)
-
-
-def workers(study: optuna.Study) -> dict[tuple[str, int], dict]:
-    """(host, pid) -> what the worker registered, for every worker of the study."""
-    out = {}
-    for name, value in study.user_attrs.items():
-        if name.startswith(WORKER_PREFIX):
-            host, _, pid = name[len(WORKER_PREFIX):].rpartition(":")
-            if pid.isdigit():
-                out[(host, int(pid))] = value if isinstance(value, dict) else {}
-    return out
-
-
-def _others_may_be_running(study: optuna.Study) -> bool:
-    """True if a registered worker other than this process may still be alive: one of another
-    host (unknowable here) or a live process of this host."""
-    for host, pid in workers(study):
-        if host != HOST:
-            return True
-        if pid != os.getpid() and _pid_alive(pid):
-            return True
-    return False
-
-
-def candidate_params(trial) -> dict | None:
-    """The full parameter set a trial was running (suggested, or fixed by the queue), or None."""
-    params = dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
-    return params if set(params) == set(PARAM_NAMES) else None
-
-
-def requeue(study: optuna.Study, trial) -> bool:
-    """Queue a failed trial's candidate again (so it is measured); False if it had none yet.
-
-    Also the heartbeat callback of database storages: Optuna calls it for each trial it failed
-    because its worker fell silent.
-    """
-    params = candidate_params(trial)
-    if params is None:
-        return False
-    study.enqueue_trial(params, user_attrs={"requeued_from": trial.number})
-    return True
-
-
-def _fail(study: optuna.Study, trial) -> bool:
-    """Mark a running trial FAIL; False if another worker ended it first."""
-    try:
-        return bool(study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL))
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-
-
-def recover_orphans(study: optuna.Study) -> int:
-    """Fail RUNNING trials left by killed processes of this host and queue their params again.
-
-    A process killed between Optuna creating a trial and the trial recording its owner leaves a
-    RUNNING trial with no owner; it is failed too when no other registered worker may be alive.
-    Returns the number of trials recovered. Trials of live processes or other hosts are left
-    (other hosts' are recovered by heartbeat, :func:`recover_stale`).
-    """
-    recovered = 0
-    ownerless_are_orphans = None  # decided once, when the first ownerless trial shows up
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial_info(trial)
-        if not attrs:
-            if ownerless_are_orphans is None:
-                ownerless_are_orphans = not _others_may_be_running(study)
-            if not ownerless_are_orphans:
-                continue
-        elif attrs.get("host") != HOST or not isinstance(attrs.get("pid"), int):
-            continue
-        elif attrs["pid"] == os.getpid() or _pid_alive(attrs["pid"]):
-            continue
-        if _fail(study, trial):
-            requeue(study, trial)
-            recovered += 1
-    return recovered
-
-
-class StaleWatch:
-    """Finds running trials whose worker is gone, on any storage, and queues them again.
-
-    * database storages: Optuna's heartbeat check (a trial silent for the grace period, any host),
-      whose callback is :func:`requeue`;
-    * this host: trials of dead processes (:func:`recover_orphans`);
-    * a trial that never named its candidate for :data:`OWNERLESS_GRACE_S` (seen by this watch's
-      own clock, so hosts' clocks need not agree): its worker died before the objective ran.
-    """
-
-    def __init__(self, storage=None) -> None:
-        self.storage = storage
-        self._ownerless_since: dict[int, float] = {}
-
-    def __call__(self, study: optuna.Study) -> int:
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        if self.storage is not None and self.storage.grace_s is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-        recovered = recover_orphans(study)
-        now = time.monotonic()
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        seen = set()
-        for trial in running:
-            if trial_info(trial):
-                continue
-            seen.add(trial._trial_id)
-            first = self._ownerless_since.setdefault(trial._trial_id, now)
-            if now - first > OWNERLESS_GRACE_S and _fail(study, trial):
-                requeue(study, trial)
-                recovered += 1
-        self._ownerless_since = {k: v for k, v in self._ownerless_since.items() if k in seen}
-        after = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        return recovered + max(0, after - before)
-
-    def watchable(self, trial) -> bool:
-        """Whether this process can tell when ``trial`` (running) is abandoned."""
-        if self.storage is not None and self.storage.grace_s is not None:
-            return True
-        info = trial_info(trial)
-        return not info or info.get("host") == HOST
-
-
 def warm_start(study: optuna.Study, workload: Workload, configs: list, claims=None,
                limit: int | None = None) -> int:
     """Queue ``configs`` (the default first, then neighbours' winners) on an empty study: once
@@ -298,100 +138,6 @@ def warm_start(study: optuna.Study, workload: Workload, configs: list, claims=No
     return len(queued)
 
 
-class Objective:
-    """The Optuna objective of one workload: suggest, claim, build, measure, record.
-
-    Parameters
-    ----------
-    workload : Workload
-    measurer : Measurer
-    record : callable or None
-        ``record(dict)`` called with a trial-log record for every candidate measured here.
-    storage : TuneStorage or None
-        Where the study lives: its claims (None: nothing shared, nothing to claim).
-    poll_s : float
-        How often a trial waiting for another worker's measurement of its candidate looks again.
-    """
-
-    def __init__(self, workload: Workload, measurer: Measurer, record=None, storage=None,
-                 poll_s: float = 0.25) -> None:
-        self.workload = workload
-        self.measurer = measurer
-        self.record = record
-        self.claims = storage.claims if storage is not None else NullClaims()
-        self.stale = StaleWatch(storage)
-        self.poll_s = poll_s
-        self.current = None  # the trial being run (for requeue on interrupt)
-        self.sizes = {name: len(values) for name, values in
-                      zip(PARAM_NAMES, search_space(workload).values())}
-
-    def _known(self, study: optuna.Study, config_key: str):
-        """An earlier trial's outcome for the same variant (any process), or None."""
-        for trial in done_trials(study):
-            if trial_info(trial).get("config_key") == config_key:
-                return self._copy(trial)
-        return None
-
-    @staticmethod
-    def _copy(trial) -> tuple[Measurement, int]:
-        outcome = trial_outcome(trial)
-        value = trial.value if outcome["status"] == "ok" else None
-        extra = {"static": True} if outcome.get("static") else {}
-        return (Measurement(outcome["status"], time_ms=value, reason=outcome.get("reason"),
-                            extra=extra), trial.number)
-
-    def _claim(self, trial: optuna.Trial, config_key: str):
-        """None when this trial is to measure ``config_key``; else (outcome, trial number) copied
-        from the trial that measured it (waiting while that one runs)."""
-        study = trial.study
-        while True:
-            holder = self.claims.claim(study, trial._trial_id, config_key)
-            if holder is None:
-                return None
-            held = study._storage.get_trial(holder)
-            if held.state in DONE_STATES:
-                return self._copy(held)
-            if held.state == TrialState.RUNNING:
-                with interrupts.interruptible():
-                    time.sleep(self.poll_s)
-                self.stale(study)  # a silent holder is failed, and its claim passes to us
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        self.current = trial
-        interrupts.checkpoint()
-        params = {name: (trial.suggest_categorical(name, list(range(size))) if name in CATEGORICAL
-                         else trial.suggest_int(name, 0, size - 1))
-                  for name, size in self.sizes.items()}
-        config = config_for(self.workload, params)
-        # one attribute per journal write: who runs which variant (for orphan recovery) ...
-        trial.set_user_attr("run", {"config_key": config.key, "host": HOST, "pid": os.getpid()})
-        copied = self._known(trial.study, config.key) or self._claim(trial, config.key)
-        if copied is None:
-            try:
-                with interrupts.interruptible():
-                    result = self.measurer.measure(config, self.workload)
-            except Exception as exc:  # a crashing candidate is a failed record, not a crash
-                result = Measurement("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
-        else:
-            result = copied[0]
-        # ... and the outcome (status/reason for pruned and failed candidates)
-        trial.set_user_attr("outcome", {"status": result.status, "reason": result.reason,
-                                        "cached": copied is not None,
-                                        "static": bool(result.extra.get("static")),
-                                        **({"copy_of": copied[1]} if copied else {})})
-        if self.record is not None and copied is None:
-            self.record({"workload_key": self.workload.key, "config_key": config.key,
-                         "status": result.status, "time_ms": result.time_ms,
-                         "reason": result.reason, "study": self.workload.key,
-                         "trial": trial.number, "phase": "search", "host": HOST,
-                         "pid": os.getpid(),
-                         **({"extra": result.extra} if result.extra else {})})
-        self.current = None
-        if result.ok:
-            return result.time_ms
-        raise optuna.TrialPruned(f"{result.status}: {result.reason}")
-
-
 def _waiting(study: optuna.Study) -> list:
     return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
@@ -408,7 +154,7 @@ def requeue_interrupted(study: optuna.Study, objective: Objective) -> bool:
         return False
     frozen = study._storage.get_trial(trial._trial_id)
     if frozen.state == TrialState.RUNNING:
-        _fail(study, frozen)
+        fail_trial(study, frozen)
         frozen = study._storage.get_trial(trial._trial_id)
     return frozen.state == TrialState.FAIL and requeue(study, frozen)
 
