@@ -70,7 +70,8 @@ def _tokenize(prompts, loaded: LoadedModel) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if loaded.tokenizer is None:
-                raise ValueError(f"prompts[{i}] is text but the model has no tokenizer.json; pass token ids")
+                why = loaded.tokenizer_error or "the model has no tokenizer.json"
+                raise ValueError(f"prompts[{i}] is text but {why}; pass token ids")
             ids = loaded.tokenizer.encode(p).ids
         elif isinstance(p, (list, tuple)):
             ids = list(p)
@@ -126,7 +127,8 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     Parameters
     ----------
     model : str, Path or LoadedModel
-        A local Hugging Face Llama folder, or a model from :func:`runtime.load_model`.
+        A local Hugging Face folder of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 2),
+        or a model from :func:`runtime.load_model`.
     prompts : list of str or list of list[int]
         Text (needs ``tokenizer.json``) or token ids; each non-empty and shorter than the context.
     sampling_params : SamplingParams or list[SamplingParams], optional

@@ -81,7 +81,8 @@ class Engine:
         c = self.config
         self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                                           dtype=self.model.dtype, device=self.device)
+                                           dtype=self.model.dtype, device=self.device,
+                                           layers=self.model.attention)
         self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks, block_size),
                                     dtype=self.model.dtype, device=self.device)
         self.max_len = min(c.max_position_embeddings, num_blocks * block_size)
