@@ -20,8 +20,10 @@ from kgen.cli import main
 from kgen.db.check import check_db
 from kgen.db.store import TuningStore
 from kgen.tune.measure import SyntheticMeasurer
+from kgen.tune.search import static_prune
 from kgen.tune.storage import open_storage
 from kgen.tune.study import budget_trials, trial_info, trial_outcome
+from kgen.variant import VariantConfig
 from kgen.workload import Workload
 
 TrialState = optuna.trial.TrialState
@@ -79,7 +81,8 @@ def test_fleet_three_members_one_killed(pg_url, tmp_path):  # noqa: F811
         done = [t for t in trials if t.state == TrialState.COMPLETE
                 and trial_info(t).get("host") == "m1"]
         running = [t for t in trials if t.state == TrialState.RUNNING
-                   and trial_info(t).get("host") == "m1"]
+                   and trial_info(t).get("host") == "m1"  # inside a timed measurement:
+                   and static_prune(VariantConfig.from_key(trial_info(t)["config_key"])) is None]
         return len(done) >= 3 and len(running) == 2
 
     _wait_until(m1_mid_trial, 120, "member m1 to run trials of B")
@@ -161,6 +164,7 @@ def test_fleet_three_members_one_killed(pg_url, tmp_path):  # noqa: F811
 RACE = """
 import sys, time
 import optuna
+from kgen.tune.search import static_prune
 from kgen.tune.storage import open_storage
 url, start_at = sys.argv[1], float(sys.argv[2])
 time.sleep(max(0.0, start_at - time.time()))

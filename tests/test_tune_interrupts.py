@@ -13,7 +13,7 @@ import pytest
 from kgen.cli import main
 from kgen.db.check import check_db
 from kgen.db.store import TuningStore
-from kgen.tune.search import params_of
+from kgen.tune.search import params_of, static_prune
 from kgen.tune.storage import open_storage
 from kgen.tune.study import HOST, TEMPLATE_ATTR, budget_trials, trial_info
 from kgen.variant import VariantConfig
@@ -36,14 +36,21 @@ def _study(journal):
     return optuna.load_study(study_name=W.key, storage=open_storage(str(journal)).optuna)
 
 
+def _timed(trial) -> bool:
+    """Whether a running trial named a candidate that is really measured (a static prune ends
+    at once, without the measurement's delay)."""
+    key = trial_info(trial).get("config_key")
+    return key is not None and static_prune(VariantConfig.from_key(key)) is None
+
+
 def _wait_for_measuring(journal, count, proc, timeout=90):
-    """Until ``count`` trials are inside their measurement (named their candidate, running)."""
+    """Until ``count`` trials are inside their measurement (named a timed candidate, running)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
             running = _study(journal).get_trials(states=(TrialState.RUNNING,))
-            if len([t for t in running if trial_info(t)]) >= count:
+            if len([t for t in running if _timed(t)]) >= count:
                 return
         except (KeyError, FileNotFoundError):  # not created yet
             pass
