@@ -43,7 +43,8 @@ install_server() {
 
 # Run a command as the cluster's owner.
 as_owner() {
-    if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+    # from / : the checkout may be a folder the postgres user cannot enter
+    if [[ $(id -u) -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 free_port() {

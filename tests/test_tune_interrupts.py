@@ -87,7 +87,9 @@ def test_sigterm_with_a_relative_db_leaves_nothing_that_blocks_resume(tmp_path):
     assert resumed.returncode == 0, err
     study = _study(journal)
     assert len(budget_trials(study)) >= 40
-    assert len(_assert_interrupted_candidates_measured(study)) == 1  # queued again and measured
+    failed = _assert_interrupted_candidates_measured(study)
+    assert len(failed) == 1, [(t.number, t.state, t.params, t.user_attrs) for t in study.trials
+                              if t.state == TrialState.FAIL]  # queued again and measured
 
 
 def test_resume_clears_a_stale_optuna_lock_with_a_message(tmp_path):

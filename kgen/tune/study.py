@@ -170,25 +170,26 @@ def optimize(study: optuna.Study, objective: Objective, trials: int, callbacks=(
     that is all pruned or exhausted still ends. An interrupt (Ctrl-C, SIGTERM) queues the
     interrupted trial's candidate again before it propagates.
     """
+    ran, cap, watched = 0, trials * max_free, None
+
     def stop(study_, _trial) -> None:
+        nonlocal ran
+        ran += 1
         interrupts.checkpoint()  # between trials: a safe place to stop
         if not needs_work(study_, trials):
             study_.stop()
 
     register_worker(study, info)
-    ran, cap, watched = 0, trials * max_free, None
     while True:
         if needs_work(study, trials):
             if ran >= cap:
                 break
-            before = len(study.get_trials(deepcopy=False))
             try:
                 study.optimize(objective, n_trials=cap - ran, callbacks=[stop, *callbacks],
                                catch=())
             except KeyboardInterrupt:
                 requeue_interrupted(study, objective)
                 raise
-            ran += len(study.get_trials(deepcopy=False)) - before
             continue
         if objective.stale(study):
             continue  # candidates of dead workers were queued: measure them
