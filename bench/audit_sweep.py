@@ -47,6 +47,12 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile in this process (audit.py ot
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from kgen.audit import audit_many, parse_target  # noqa: E402
+from kgen.commands.inspect import format_bits  # noqa: E402
+from kgen.render import template_hash  # noqa: E402
+from kgen.space import default_config, enumerate_variants, target_prune_reason  # noqa: E402
+from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS, VariantConfig  # noqa: E402
+
 GROUPS = (1, 8)
 SPLITS = (1, 4)
 PARTS = ("shapes", "launch", "fp8", "features")
@@ -55,9 +61,6 @@ ALL_FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")
 
 def sweep_configs(part: str, quick: bool) -> list:
     """The variants of one part of the sweep (``shapes``, ``launch`` or ``quick``)."""
-    from kgen.space import default_config, enumerate_variants
-    from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS
-
     if quick:
         base = default_config(head_dim=128, block_size=16, group_size=4, dtype="bf16")
         return [base, base.replace(split_k=4),
@@ -142,9 +145,6 @@ def _table(header, rows) -> list[str]:
 def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float, *,
            every_row: bool = False) -> str:
     """Markdown: the per-target/dtype summary, every failing variant, and the d128/b16/g4 rows."""
-    from kgen.commands.inspect import format_bits
-    from kgen.render import template_hash
-
     lines = ["# Static audit sweep (kgen inspect, sm_80 / sm_90, no GPU)", "",
              f"triton {machine.get('triton')}, templates {template_hash()}, "
              f"{machine.get('host_cpu')}, {machine.get('date')}; "
@@ -205,10 +205,6 @@ def main(argv=None) -> int:
                         help="comma list of variant keys to audit instead of --parts (each row "
                              "listed in the Markdown)")
     args = parser.parse_args(argv)
-    from kgen.audit import audit_many, parse_target
-    from kgen.render import template_hash
-    from kgen.space import target_prune_reason
-
     targets = [parse_target(t) for t in args.targets.split(",") if t.strip()]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     for part in parts:
@@ -217,8 +213,6 @@ def main(argv=None) -> int:
     configs = sweep_configs("quick", True) if args.quick else list(dict.fromkeys(
         c for part in parts for c in sweep_configs(part, False)))
     if args.keys:
-        from kgen.variant import VariantConfig
-
         configs, parts = [VariantConfig.from_key(k.strip()) for k in args.keys.split(",") if k.strip()], []
     start = time.perf_counter()
     rows = [row_of(c, t, reason) for c in configs for t in targets

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One GPU check, in one command that ends within ~9-10 minutes on an H100/H200:
+# One GPU check, in one command that ends within ~9.5 minutes on an H100/H200:
 #   1. a short `kgen tune --gpu <present>` over the small-batch, long-context workloads of issue 13
 #      (records into tuning_db/<gpu>/)
 #   2. the kernel benchmarks on issue 13's suite (default vs tuned variant vs torch SDPA reading
 #      unexpanded KV heads, % of copy bandwidth, graph-replay time, per-kernel device time) and
-#      its targets, met or missed, against the committed baseline
+#      its targets, met or missed, against the committed baseline; fp8-KV and window rows
 #   3. the kernel correctness suite on the GPU (compiled kernels, not the interpreter), the split
-#      planner / fixed grid tests and the CUDA-graph decode test
+#      planner / fixed grid tests and the CUDA-graph decode test, then the tests marked `gpu`
+#      (tests/test_gpu_*.py: bf16 tensor-core dots, 32k contexts, the tuner's timing path,
+#      generate() on compiled kernels), which the CPU suite skips
 #   4. decode steps per second with and without CUDA graphs (bench/decode_steps.py)
 #   5. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
 # Every result lands, with provenance, in files that can be committed:
-#   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,
-#   decode_steps.{json,md},e2e_throughput.{json,md}}, tuning_db/<gpu>/...
+#   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,gpu_tests.log,
+#                        decode_steps.{json,md},e2e_throughput.{json,md}}
+#   tuning_db/<gpu>/...
 # It needs only torch and triton on the machine (python3 with both). Other dependencies
 # (optuna and what it needs) are installed from wheels given in $KGEN_WHEELS (default ./.whl) when
 # they are missing: see bench/README.md for the one `pip download` line that makes that folder.
@@ -21,14 +24,14 @@
 # Usage: bash bench/gpu_check.sh [--quick]      (--quick: fewer workloads and shapes)
 # Without a GPU it runs the same steps at a tiny size under the Triton interpreter (a smoke test
 # of the script itself; its timings mean nothing). Environment overrides: KGEN_RESULTS (results
-# folder), KGEN_DB (tuning database folder), T_TUNE / T_BENCH / T_TESTS / T_STEPS / T_E2E (step
-# limits, s; they add up to 545 s).
+# folder), KGEN_DB (tuning database folder), T_TUNE / T_BENCH / T_TESTS / T_GPU_TESTS / T_STEPS /
+# T_E2E (step limits, s; they add up to 560 s).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 QUICK=${1:-}
-T_TESTS=${T_TESTS:-75}; T_TUNE=${T_TUNE:-130}; T_BENCH=${T_BENCH:-220}; T_STEPS=${T_STEPS:-70}
-T_E2E=${T_E2E:-50}
+T_TESTS=${T_TESTS:-70}; T_GPU_TESTS=${T_GPU_TESTS:-90}; T_TUNE=${T_TUNE:-100}; T_BENCH=${T_BENCH:-200}
+T_STEPS=${T_STEPS:-60}; T_E2E=${T_E2E:-40}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -106,6 +109,10 @@ timeout "$T_TESTS" $PY -m pytest -q -p no:cacheprovider $TEST_ARGS tests/test_ke
     tests/test_emit.py tests/test_split_plan.py tests/test_cuda_graphs.py 2>&1 \
     | tee "$RES/kernel_tests.log" | tail -n 25
 check kernel_tests
+# the `gpu`-marked tests (skipped, with the reason, where there is no GPU)
+timeout "$T_GPU_TESTS" $PY -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_gpu_*.py 2>&1 \
+    | tee "$RES/gpu_tests.log" | tail -n 25
+check gpu_tests
 
 step "4. decode steps per second with and without CUDA graphs"
 timeout "$T_STEPS" $PY bench/decode_steps.py $STEPS_ARGS --json "$RES/decode_steps.json" \

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,11 @@ import kernel_bench_features as features  # noqa: E402
 import kernel_targets  # noqa: E402
 import timing  # noqa: E402
 from kernel_targets import NUM_HEADS  # noqa: E402
+
+from kgen.build import load_kernel  # noqa: E402  (kernel modules, and triton, load per call)
+from kgen.db.lookup import lookup  # noqa: E402
+from kgen.dispatch import get_dispatcher  # noqa: E402
+from kgen.space import default_config  # noqa: E402
 
 GPU_SHAPES = list(kernel_targets.SUITE_SHAPES)
 CPU_SHAPES = [(1, 96), (3, 40)]  # interpreter smoke sizes
@@ -160,11 +166,6 @@ def run(args, on_row=None) -> dict:
     """Benchmark every (dtype, head dim, block, group, shape); ``on_row(result)`` after each row."""
     import torch
 
-    from kgen.build import load_kernel
-    from kgen.db.lookup import lookup
-    from kgen.dispatch import get_dispatcher
-    from kgen.space import default_config
-
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     timer = _timer(device)
     copy_gbs = copy_bandwidth(torch, device, timer, (1 << 31) if device == "cuda" else (1 << 24))
@@ -207,6 +208,7 @@ def run(args, on_row=None) -> dict:
                                                  case["v_contig"], g, expand=True)
             row["sdpa_expanded_ms"] = timer(expanded)
         row["speedup_vs_sdpa"] = row["sdpa_ms"] / row["tuned_ms"]
+        row["default_speedup_vs_sdpa"] = row["sdpa_ms"] / row["default_ms"]
         row["tuned_vs_default"] = row["default_ms"] / row["tuned_ms"]
         rows.append(row)
         print(f"[{i + 1}/{len(combos)}] {dt} d{d} b{bs} g{g} {batch}x{ctx}: "
@@ -236,19 +238,26 @@ def _ms(value) -> str:
 
 
 def table(result: dict) -> str:
-    head = ("| dtype | d | block | g | batch x ctx | default ms | % copy | tuned ms (source) "
-            "| % copy | tuned graph ms | SDPA ms (mode) | x SDPA | tuned / default | splits d/t |")
-    lines = [f"Device: {result['gpu']} ({result['device']}), copy bandwidth "
-             f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write)", "", head,
-             "|" + "---|" * 14]
+    """The Markdown tables of a result: ``result["note"]`` first when present, the main table, the
+    per-kernel device times, the fp8 and window rows, and the targets when they were judged
+    (so that ``--from-json`` renders exactly what the run wrote)."""
+    head = ("| dtype | d | block | g | batch x ctx | default ms | default GB/s | % copy "
+            "| default / SDPA speedup | tuned ms (source) | % copy | tuned graph ms | SDPA ms "
+            "| tuned / SDPA speedup | tuned / default | splits d/t |")
+    lines = [result["note"], ""] if result.get("note") else []
+    lines += [f"Device: {result['gpu']} ({result['device']}), copy bandwidth "
+              f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write)", "", head,
+              "|" + "---|" * 16]
     for r in result["rows"]:
+        source = f" ({r['tuned_source']})" if r.get("tuned_source") else ""
+        mode = f" ({r['sdpa_mode']})" if r.get("sdpa_mode") else ""
+        default_speedup = r["sdpa_ms"] / r["default_ms"]  # also in the row of newer results
         lines.append(
             f"| {r['dtype']} | {r['head_dim']} | {r['block_size']} | {r['group_size']} "
-            f"| {r['batch']} x {r['context']} | {r['default_ms']:.4f} | {r['default_frac_copy']:.0%} "
-            f"| {r['tuned_ms']:.4f} ({r.get('tuned_source', '?')}) | {r['tuned_frac_copy']:.0%} "
-            f"| {_ms(r.get('tuned_graph_ms'))} | {r['sdpa_ms']:.4f} ({r.get('sdpa_mode', '?')}) "
-            f"| {r['speedup_vs_sdpa']:.2f}x | {r['default_ms'] / r['tuned_ms']:.2f}x "
-            f"| {r.get('default_plan', {}).get('splits', '?')}/{r.get('tuned_plan', {}).get('splits', '?')} |")
+            f"| {r['batch']} x {r['context']} | {r['default_ms']:.4f} | {r['default_gbs']:.0f} "
+            f"| {r['default_frac_copy']:.0%} | {default_speedup:.2f}x | {r['tuned_ms']:.4f}{source} "
+            f"| {r['tuned_frac_copy']:.0%} | {_ms(r.get('tuned_graph_ms'))} | {r['sdpa_ms']:.4f}{mode} "
+            f"| {r['speedup_vs_sdpa']:.2f}x | {r['default_ms'] / r['tuned_ms']:.2f}x | {_splits(r)} |")
     split = [r for r in result["rows"] if r.get("tuned_kernel_us")]
     if split:
         lines += ["", "Tuned kernel device time per call (us, torch.profiler, L2 flushed):", "",
@@ -256,7 +265,16 @@ def table(result: dict) -> str:
         for r in split:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["tuned_kernel_us"].items())
             lines.append(f"| {r['dtype']} | {r['group_size']} | {r['batch']} x {r['context']} | {parts} |")
-    return "\n".join(lines + features.tables(result))
+    lines += features.tables(result)
+    if "targets" in result:
+        lines += ["", kernel_targets.targets_markdown(result["targets"])]
+    return "\n".join(lines)
+
+
+def _splits(row) -> str:
+    """``default/tuned`` partition counts of a row ('-' for results that did not record them)."""
+    plans = [row.get(f"{name}_plan", {}).get("splits") for name in ("default", "tuned")]
+    return "-" if plans == [None, None] else "/".join(str(p) for p in plans)
 
 
 def _ints(text: str) -> list[int]:
@@ -264,11 +282,11 @@ def _ints(text: str) -> list[int]:
 
 
 def with_targets(result: dict, baseline) -> str:
-    """Judge the targets into ``result`` and return the full Markdown (table + targets)."""
+    """Judge the targets into ``result`` and return its full Markdown (tables + targets)."""
     checks = kernel_targets.evaluate(result, baseline)
     result["targets"] = checks
     result["targets_summary"] = kernel_targets.summary(checks)
-    return table(result) + "\n\n" + kernel_targets.targets_markdown(checks)
+    return table(result)
 
 
 def main(argv=None) -> int:
@@ -301,8 +319,16 @@ def main(argv=None) -> int:
                              "32,64 without a GPU)")
     parser.add_argument("--window-batch", type=int, default=None,
                         help="sequences per window row (default 8; 2 without a GPU)")
+    parser.add_argument("--from-json", type=Path, metavar="PATH",
+                        help="measure nothing: print (and with --md write) the table of a results "
+                             "JSON written earlier")
     args = parser.parse_args(argv)
     args.kv_dtypes = [k.strip() for k in args.kv_dtypes.split(",") if k.strip()]
+    if args.from_json:
+        text = table(json.loads(args.from_json.read_text()))
+        print(text)
+        _common.write_outputs({}, text, md_path=args.md)
+        return 0
     if args.quick:
         args.head_dims, args.block_sizes = "128", "16"
     if args.suite:

@@ -168,6 +168,18 @@ def write_source(config: VariantConfig, directory=None) -> Path:
     return _write_if_changed(folder / f"{config.key}.py", render_source(config))
 
 
+def _check_output_path(path: Path) -> None:
+    """Refuse, naming the path, an output that is a folder or would sit under a regular file."""
+    if path.is_dir():
+        raise ValueError(f"output path={str(path)!r} is a directory; give the module's file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output path={str(path)!r} is under {str(parent)!r}, which is a "
+                                 f"file, not a directory")
+            return
+
+
 def emit(config: VariantConfig, path, *, command_line: str | None = None) -> Path:
     """Write a standalone module for ``config`` to ``path`` (imports only torch and triton).
 
@@ -175,6 +187,7 @@ def emit(config: VariantConfig, path, *, command_line: str | None = None) -> Pat
     date and, when given, the command line that produced it.
     """
     path = Path(path)
+    _check_output_path(path)
     if path.suffix != ".py":
         raise ValueError(f"output path={str(path)!r} must end in .py (it is a Python module)")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -13,8 +13,9 @@ Files in ``tuning_db/<gpu>/``:
     "time_ms": float, "default_time_ms": float, "speedup": float, "trials": int,
     "provenance": {...}, "default_key": str}``. ``default_key`` names the heuristic default the
     winner was re-measured against (:func:`kgen.space.default_config` at tuning time): when the
-    default changes, the lookup stops serving the entry (it no longer shows the winner beats
-    the default). Entries written before the field existed lack it and count as stale.
+    default changes, the lookup stops serving the entry (:mod:`kgen.db.stale`: it no longer shows
+    the winner beats the default). Entries written before the field existed are judged by their
+    templates alone.
 
 ``trials.jsonl``
     The raw trial log, append-only. One JSON object a line: ``{"type": "provenance", "id": ...}``
