@@ -156,3 +156,13 @@ def test_cuda_graph_replay_equals_eager_decode_on_gpu():
     torch.cuda.synchronize()
     torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
     assert not torch.equal(replayed, torch.zeros_like(replayed))
+
+
+def test_generate_names_a_graph_request_it_cannot_serve():
+    import runtime
+
+    loaded = random_model(PRESETS["tiny"], device="cpu", seed=2)
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device; the model is on cpu"):
+        runtime.generate(loaded, [[1, 2, 3]], cuda_graphs=True)
+    out = runtime.generate(loaded, [[1, 2, 3]], SamplingParams(max_tokens=2), cuda_graphs=False)
+    assert len(out[0].outputs[0].token_ids) == 2
