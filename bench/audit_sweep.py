@@ -18,9 +18,9 @@ Two more parts cover the KV-dtype and feature axes (not in the default ``--parts
 * ``fp8``: both fp8 caches x every query dtype x every head dim x block sizes 1, 16, 128 x
   split-K 1 and 4, group size 8, default launch parameters, no feature (e4m3 on sm_80 is listed
   as not supported: Triton cannot convert it there);
-* ``features``: all four features on, with an e4m3, an e5m2 and a plain cache, bf16, head dims 64,
-  128, 256, block size 16, groups 1 and 8, split-K 1 and 4; plus each feature alone (bf16, d128,
-  b16, g8, split-K 1 and 4).
+* ``features``: all four features on, bf16 queries over an e4m3, an e5m2 and a plain cache and
+  fp16 / fp32 queries over an e5m2 cache, head dims 64, 128, 256, block size 16, groups 1 and 8,
+  split-K 1 and 4; plus each feature alone (bf16, d128, b16, g8, split-K 1 and 4).
 
 The full product of the new axes with the old sweep (x 3 KV dtypes x 16 feature sets) would be
 ~70 000 audits, days on this 2-core machine; these parts are the reduced sweep.
@@ -77,10 +77,11 @@ def sweep_configs(part: str, quick: bool) -> list:
                 for kv, t, d, b, s in itertools.product(("fp8_e4m3", "fp8_e5m2"), DTYPES, HEAD_DIMS,
                                                         (1, 16, 128), SPLITS)]
     if part == "features":
-        every = [default_config(head_dim=d, block_size=16, group_size=g, dtype="bf16", split_k=s,
+        every = [default_config(head_dim=d, block_size=16, group_size=g, dtype=t, split_k=s,
                                 kv_dtype=kv, features=ALL_FEATURES)
-                 for kv, d, g, s in itertools.product(("fp8_e4m3", "fp8_e5m2", "auto"),
-                                                      (64, 128, 256), GROUPS, SPLITS)]
+                 for (t, kv), d, g, s in itertools.product(
+                     (("bf16", "fp8_e4m3"), ("bf16", "fp8_e5m2"), ("bf16", "auto"),
+                      ("fp16", "fp8_e5m2"), ("fp32", "fp8_e5m2")), (64, 128, 256), GROUPS, SPLITS)]
         return every + [default_config(head_dim=128, block_size=16, group_size=8, dtype="bf16",
                                        split_k=s, features=(f,))
                         for f, s in itertools.product(ALL_FEATURES, SPLITS)]

@@ -188,9 +188,12 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     register budgets (the fp32 tiles are the ones the static audit found spill-free).
 
     An fp8 cache (bench/results/audit_sweep_features.md): 16-bit queries keep tiles of 64 tokens,
-    128 for head dim 64 (64-token fp8 tiles left an 8-byte ptxas stack spill on sm_90); fp32
-    queries over head dims padded to 128+ take 32-token tiles, 8 warps and one stage (see
-    :func:`prune_fp32_fp8_stages`); never fewer than 16 fp8 elements per thread (one 16-byte load).
+    128 for head dim 64 (64-token fp8 tiles left an 8-byte ptxas stack spill on sm_90), with 8
+    warps when attention features are on too (with 4, split-K partial kernels stopped at 96
+    registers and spilled 16 bytes on sm_90); fp32 queries over head dims padded to 128+ take
+    32-token tiles and one stage (see :func:`prune_fp32_fp8_stages`), 8 warps, or 4 with
+    features (8 stopped at 64 registers and spilled 8 bytes at block size 1 on sm_90); never
+    fewer than 16 fp8 elements per thread (one 16-byte load).
     """
     dtype = normalize_dtype(dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
@@ -203,8 +206,9 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     if normalize_kv_dtype(kv_dtype) != "auto":
         if dtype != "fp32":
             tile = 128 if d_pad <= 64 else 64
+            warps = 8 if features else 4
         elif d_pad >= 128:
-            tile, warps, stages = 32, 8, 1
+            tile, warps, stages = 32, 4 if features else 8, 1
         tile = max(tile, VECTOR_BYTES * 32 * warps // d_pad)
     config = VariantConfig(head_dim=head_dim, block_size=block_size, group_size=group_size,
                            split_k=parse_split_k(split_k), tile_tokens=tile, num_warps=warps,

@@ -118,7 +118,7 @@ def test_variants_and_emit_take_kv_dtype_and_features(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("0 variants kept")
     assert main(["emit", "--head-dim", "64", "--block-size", "16", "--kv-dtype", "fp8_e5m2",
                  "--features", "alibi,sinks", "-o", str(tmp_path / "f.py")]) == 0
-    assert "paged_decode-d64-b16-g1-sauto-t64-w4-st2-fp16-kvfp8e5m2-alibi-sinks" in \
+    assert "paged_decode-d64-b16-g1-sauto-t128-w8-st2-fp16-kvfp8e5m2-alibi-sinks" in \
         capsys.readouterr().out
 
 
