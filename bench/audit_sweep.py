@@ -47,6 +47,12 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile in this process (audit.py ot
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from kgen.audit import audit_many, parse_target  # noqa: E402
+from kgen.commands.inspect import format_bits  # noqa: E402
+from kgen.render import template_hash  # noqa: E402
+from kgen.space import default_config, enumerate_variants, target_prune_reason  # noqa: E402
+from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS, VariantConfig  # noqa: E402
+
 GROUPS = (1, 8)
 SPLITS = (1, 4)
 PARTS = ("shapes", "launch", "fp8", "features")
@@ -55,9 +61,6 @@ ALL_FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")
 
 def sweep_configs(part: str, quick: bool) -> list:
     """The variants of one part of the sweep (``shapes``, ``launch`` or ``quick``)."""
-    from kgen.space import default_config, enumerate_variants
-    from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS
-
     if quick:
         base = default_config(head_dim=128, block_size=16, group_size=4, dtype="bf16")
         return [base, base.replace(split_k=4),
@@ -140,11 +143,9 @@ def _table(header, rows) -> list[str]:
     return lines
 
 
-def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float) -> str:
+def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float, *,
+           every_row: bool = False) -> str:
     """Markdown: the per-target/dtype summary, every failing variant, and the d128/b16/g4 rows."""
-    from kgen.commands.inspect import format_bits
-    from kgen.render import template_hash
-
     lines = ["# Static audit sweep (kgen inspect, sm_80 / sm_90, no GPU)", "",
              f"triton {machine.get('triton')}, templates {template_hash()}, "
              f"{machine.get('host_cpu')}, {machine.get('date')}; "
@@ -169,15 +170,24 @@ def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float)
     lines += _table(("variant", "target", "why"),
                     [(r["variant"], r["target"], r.get("error") or "; ".join(r["failures"]))
                      for r in bad]) if bad else ["none"]
-    note = [r for r in rows if "error" not in r and ("-d128-b16-g4-" in r["variant"]
+    note = [r for r in rows if "error" not in r and (every_row or "-d128-b16-g4-" in r["variant"]
                                                       or "-d128-b16-g8-" in r["variant"]
                                                       and r.get("kv_dtype", "auto") != "auto")]
-    lines += ["", "## d128 / b16 / g4 variants (and d128 / b16 / g8 fp8 variants)", ""]
+    lines += ["", "## Every variant audited" if every_row else
+              "## d128 / b16 / g4 variants (and d128 / b16 / g8 fp8 variants)", ""]
     lines += _table(("variant", "target", "regs", "spill B", "shared B", "K/V loads", "other loads"),
                     [(r["variant"], r["target"], r["registers"], r["spill_bytes"],
                       r["shared_bytes"], format_bits({int(k): v for k, v in r["kv_load_bits"].items()}),
                       format_bits({int(k): v for k, v in r["other_load_bits"].items()}))
                      for r in note])
+    if every_row:
+        lines += ["", "Per kernel (a split variant's second `_merge_kernel` is the widest merge "
+                  "step: 64 partitions, 8 warps):", ""]
+        lines += _table(("variant", "target", "kernel", "regs", "spill B", "shared B", "K/V loads"),
+                        [(r["variant"], r["target"], k["name"], k["registers"], k["spill_bytes"],
+                          k["shared_bytes"],
+                          format_bits({int(b): n for b, n in k["kv_load_bits"].items()}) or "-")
+                         for r in note for k in r["kernels"]])
     return "\n".join(lines)
 
 
@@ -192,11 +202,10 @@ def main(argv=None) -> int:
                         help="comma list of: shapes, launch, fp8, features (default shapes,launch)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile processes (default min(2, CPUs))")
+    parser.add_argument("--keys", default="",
+                        help="comma list of variant keys to audit instead of --parts (each row "
+                             "listed in the Markdown)")
     args = parser.parse_args(argv)
-    from kgen.audit import audit_many, parse_target
-    from kgen.render import template_hash
-    from kgen.space import target_prune_reason
-
     targets = [parse_target(t) for t in args.targets.split(",") if t.strip()]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     for part in parts:
@@ -204,6 +213,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"--parts: unknown part {part!r}; use {', '.join(PARTS)}")
     configs = sweep_configs("quick", True) if args.quick else list(dict.fromkeys(
         c for part in parts for c in sweep_configs(part, False)))
+    if args.keys:
+        configs, parts = [VariantConfig.from_key(k.strip()) for k in args.keys.split(",") if k.strip()], []
     start = time.perf_counter()
     rows = [row_of(c, t, reason) for c in configs for t in targets
             if (reason := target_prune_reason(c, t))]
@@ -221,7 +232,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     machine = _common.machine_info()
     summary = summarize(rows)
-    text = render(summary, rows, machine, seconds)
+    text = render(summary, rows, machine, seconds, every_row=bool(args.keys))
     print(text)
     result = {"benchmark": "audit_sweep", "machine": machine, "quick": args.quick,
               "parts": parts, "template_hash": template_hash(), "targets": targets,

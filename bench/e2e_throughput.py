@@ -26,6 +26,8 @@ from pathlib import Path
 
 import _common  # noqa: F401 - puts the checkout on sys.path
 
+import runtime  # noqa: E402  (light: its public names, and torch, load on first use)
+
 MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
              vocab_size=512, intermediate_size=688, max_position_embeddings=1024)
 
@@ -59,8 +61,6 @@ def workloads(quick: bool) -> dict:
 
 
 def run_ours(loaded, prompts, new_tokens, backend):
-    import runtime
-
     params = [runtime.SamplingParams(max_tokens=n, ignore_eos=True) for n in new_tokens]
     start = time.perf_counter()
     outs = runtime.generate(loaded, prompts, params, backend=backend)
@@ -137,8 +137,6 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (1 if args.quick else 3)
     from transformers import LlamaForCausalLM
-
-    import runtime
 
     info = _common.machine_info()
     info.update(device=device, transformers=_transformers_version())

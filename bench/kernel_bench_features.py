@@ -23,13 +23,11 @@ def _check(out, ref) -> tuple[float, bool]:
 
 
 def _sdpa(torch, query, k_contig, v_contig, group):
-    """SDPA of one query token per sequence over [batch, kv_heads, tokens, head_dim] K/V."""
-    import torch.nn.functional as F
+    """SDPA of one query token per sequence over [batch, kv_heads, tokens, head_dim] K/V, reading
+    each KV head once (``enable_gqa``; see kernel_targets.sdpa_fn)."""
+    from kernel_targets import sdpa_fn
 
-    k, v = k_contig, v_contig
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return lambda: F.scaled_dot_product_attention(query.unsqueeze(2), k, v)
+    return sdpa_fn(torch, query, k_contig, v_contig, group)[0]
 
 
 def fp8_row(torch, case, plain_row: dict, *, kv_dtype: str, timer, copy_gbs: float,

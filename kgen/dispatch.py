@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+from kgen.build import load_kernel
 from kgen.db.lookup import DbReader, LookupResult
 from kgen.device import default_gpu_name, family_of, normalize_gpu_name
 from kgen.dtypes import DTYPES, KV_DTYPES, normalize_dtype, normalize_kv_dtype, torch_dtype
@@ -183,9 +184,7 @@ class Dispatcher:
                                        kv_dtype=kv_dtype, features=features).key
         cached = self._by_bucket.get(bucket_key)
         if cached is None:
-            # kgen.build imports torch and triton: loaded with the first kernel, not at import
-            from kgen.build import load_kernel
-
+            # torch and triton load here, with the first kernel's module, not at import
             result = self.lookup(dtype=dtype, head_dim=head_dim, block_size=block_size,
                                  group_size=group_size, num_seqs=num_seqs, max_context=max_context,
                                  kv_dtype=kv_dtype, features=features)

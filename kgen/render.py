@@ -5,14 +5,15 @@ Every value the templates print is computed here by :func:`slots` from the froze
 ``{% if %}`` blocks (the emitted header's optional lines, the launcher's split-K path); the
 split-K kernels are included by :func:`template_parts`. A module is the concatenation of
 ``header``, ``attend`` (shared inner loop), ``decode`` (single pass), for split-K variants
-``decode_partial`` and ``merge``, ``launch_features`` (checks and kernel arguments of the KV
-dtype and the attention features) and ``launcher``.
+``decode_partial`` and ``merge``, ``plan`` (the split planner), ``launch_features`` (checks and
+kernel arguments of the KV dtype and the attention features) and ``launcher``.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -22,7 +23,7 @@ import jinja2
 from kgen import __version__
 from kgen.dtypes import KV_TORCH_NAMES, TORCH_NAMES
 from kgen.paths import cache_dir, template_hash, templates_dir
-from kgen.space import padded_group, padded_head_dim
+from kgen.space import kv_elem_bytes, padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
 
 SINGLE_PASS_KERNELS = ("_decode_kernel",)
@@ -36,9 +37,12 @@ FEATURE_PARAMS = {
     "alibi": ("alibi_ptr", "stride_al"),
     "sinks": ("sinks_ptr", "stride_sk"),
 }
-# split-K auto sizes the grid for the largest GPU kgen targets (H100/H200: 132 SMs), 2 waves deep.
-TARGET_SMS = 132
-TARGET_WAVES = 2
+# Split planning (templates/plan.py.j2). Off-GPU the planner assumes the SM count of the largest
+# GPU kgen targets (H100/H200: 132); on a GPU it reads the device's.
+INTERPRETER_SMS = 132
+PROGRAMS_PER_SM = 2  # resident programs per SM assumed before the compiled kernel is known
+SPLIT_OVERHEAD = 1 / 8  # a partition's partial write + merge read, at most this share of its K/V bytes
+MERGE_CHUNKS = (16, 32, 64)  # partitions per merge step; 256 partitions take 4 dependent steps
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,10 +94,6 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "max_splits": MAX_SPLIT_K,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
-        # The merge reads a [16, D_PAD] fp32 tile of partial outputs per step: one warp per 1024
-        # of its values (1..4 warps) keeps it at <= 32 registers per thread.
-        "merge_num_warps": max(1, min(4, 16 * d_pad // 1024)),
-        "merge_chunk": 16,
         "dtype_name": config.dtype,
         "torch_dtype": "torch." + TORCH_NAMES[config.dtype],
         "kv_dtype_name": config.kv_dtype if config.kv_fp8 else config.dtype,
@@ -105,16 +105,30 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "feature_params": "".join(f"{name}, " for name in params),
         # fp32 dots in full precision (not tf32); 16-bit dots use tensor cores either way.
         "dot_precision": "ieee" if config.dtype == "fp32" else "tf32",
-        "target_sms": TARGET_SMS,
-        "target_waves": TARGET_WAVES,
+        **plan_slots(config, d_pad),
+    }
+
+
+def plan_slots(config: VariantConfig, d_pad: int) -> dict:
+    """The split planner's constants for ``config`` (see templates/plan.py.j2)."""
+    tile_bytes = 2 * config.tile_tokens * config.head_dim * kv_elem_bytes(config)  # K and V of a tile
+    partial_bytes = 2 * config.group_size * (config.head_dim + 2) * 4  # fp32 written, then read
+    # The merge holds a [chunk, D_PAD] fp32 tile: one warp per 1024 of its values (1..8 warps)
+    # keeps that at <= 32 registers per thread.
+    shapes = tuple((chunk, max(1, min(8, chunk * d_pad // 1024))) for chunk in MERGE_CHUNKS)
+    return {
+        "min_tiles_per_split": max(1, math.ceil(partial_bytes / (SPLIT_OVERHEAD * tile_bytes))),
+        "programs_per_sm": PROGRAMS_PER_SM,
+        "interpreter_sms": INTERPRETER_SMS,
+        "merge_shapes": repr(shapes),
     }
 
 
 def template_parts(config: VariantConfig) -> tuple[str, ...]:
     """Template names making up the variant's module, in order."""
     middle = ("decode_partial.py.j2", "merge.py.j2") if config.split_k != 1 else ()
-    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "launch_features.py.j2",
-            "launcher.py.j2")
+    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "plan.py.j2",
+            "launch_features.py.j2", "launcher.py.j2")
 
 
 def render_source(config: VariantConfig, *, generated_at: str | None = None,
@@ -154,6 +168,18 @@ def write_source(config: VariantConfig, directory=None) -> Path:
     return _write_if_changed(folder / f"{config.key}.py", render_source(config))
 
 
+def _check_output_path(path: Path) -> None:
+    """Refuse, naming the path, an output that is a folder or would sit under a regular file."""
+    if path.is_dir():
+        raise ValueError(f"output path={str(path)!r} is a directory; give the module's file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output path={str(path)!r} is under {str(parent)!r}, which is a "
+                                 f"file, not a directory")
+            return
+
+
 def emit(config: VariantConfig, path, *, command_line: str | None = None) -> Path:
     """Write a standalone module for ``config`` to ``path`` (imports only torch and triton).
 
@@ -161,6 +187,7 @@ def emit(config: VariantConfig, path, *, command_line: str | None = None) -> Pat
     date and, when given, the command line that produced it.
     """
     path = Path(path)
+    _check_output_path(path)
     if path.suffix != ".py":
         raise ValueError(f"output path={str(path)!r} must end in .py (it is a Python module)")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -119,9 +119,13 @@ def test_specialization_matches_tritons_own_binder():
 
     config = VariantConfig(head_dim=80, block_size=1, group_size=8, split_k=0, dtype="fp16")
     launches = capture_launches(load_jit_module(write_source(config)), config)
-    # a split variant runs the two-stage path, and the single pass when splits resolve to 1
-    assert [l.name for l in launches] == ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel"]
+    # a split variant runs the two-stage path, the single pass when splits resolve to 1, and the
+    # merge's widest step (64 partitions per step, 8 warps)
+    assert [l.name for l in launches] == ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel",
+                                          "_merge_kernel"]
     assert launches[0].kv_args and not launches[1].kv_args and launches[2].kv_args
+    assert (launches[1].kwargs["SPLIT_CHUNK"], launches[3].kwargs["SPLIT_CHUNK"]) == (16, 64)
+    assert launches[3].kwargs["num_warps"] == 8
     backend = make_backend(GPUTarget("cuda", 90, 32))
     for launch in launches:
         binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
@@ -166,7 +170,7 @@ def test_sample_variant_has_no_spills_and_only_16_byte_kv_loads(sample_results, 
     assert 0 < result.registers <= 255 and result.shared_bytes > 0
     names = [k.name for k in result.kernels]
     assert names == (["_decode_kernel"] if config.split_k == 1
-                     else ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel"])
+                     else ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel", "_merge_kernel"])
     assert passes(result) and failures(result) == []
     assert AuditResult.from_dict(json.loads(result.to_json())) == result
 

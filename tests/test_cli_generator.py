@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,35 @@ def test_bad_options_exit_2_with_one_line(tmp_path, monkeypatch, argv, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "x.py").exists()
+
+
+def _kgen_command() -> list[str]:
+    """The installed ``kgen`` console script (what a user types), else ``python -m kgen.cli``."""
+    script = Path(sys.executable).with_name("kgen")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kgen.cli"]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("folder.py", "is a directory"),              # an existing folder, even one named like a module
+    ("folder", "is a directory"),
+    ("notes.txt/decode.py", "under '{tmp}/notes.txt', which is a file"),
+    ("notes.txt/sub/decode.py", "under '{tmp}/notes.txt', which is a file"),
+])
+def test_emit_onto_a_folder_or_under_a_file_is_one_line(tmp_path, target, message):
+    (tmp_path / "folder.py").mkdir()
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.txt").write_text("keep me\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = tmp_path / target
+    result = subprocess.run([*_kgen_command(), "emit", "--head-dim", "64", "--block-size", "16",
+                             "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("kgen emit: error:") and repr(str(out)) in lines[0], lines[0]
+    assert message.format(tmp=tmp_path) in lines[0], lines[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert (tmp_path / "notes.txt").read_text() == "keep me\n"
 
 
 def test_demo_runs_and_passes(tmp_path):

@@ -135,10 +135,18 @@ def test_launches_go_through_module_globals(cpu_inputs, monkeypatch):
 def test_split_auto_picks_partitions_from_shape(cpu_inputs, monkeypatch):
     inputs = cpu_inputs
     module, sink = _record(SPLIT, inputs, monkeypatch, max_seq_len=40)
-    # 3 seqs x 2 KV heads = 6 programs; 132 SMs x 2 waves wants 44 splits; 40 tokens = 3 tiles.
-    assert sink[0][1] == (3, 2, 3)
+    # 40 tokens are 3 tiles of 16, too few to pay for partials (3 tiles per partition): one pass.
+    assert module._MIN_TILES_PER_SPLIT == 3
+    assert [(name, grid) for name, grid, _, _ in sink] == [("_decode_kernel", (3, 2))]
+    # 3 seqs x 2 KV heads = 6 programs; a wave off-GPU is 132 SMs x 2; 4096 tokens = 256 tiles:
+    # 43 partitions of 6 tiles fill one wave (258 programs).
+    _, sink = _record(SPLIT, inputs, monkeypatch, max_seq_len=4096)
+    assert [(name, grid) for name, grid, _, _ in sink] == [
+        ("_decode_partial_kernel", (3, 2, 43)), ("_merge_kernel", (3, 4))]
+    assert sink[1][3]["SPLIT_CHUNK"] == 64 and sink[1][3]["num_warps"] == 4  # one merge step
     assert module.choose_num_splits(64, 8, 4096) == 1  # enough programs already
-    assert module.choose_num_splits(1, 1, 100_000) == 256  # capped at MAX_SPLIT_K
+    # 6250 tiles over at most MAX_SPLIT_K=256 partitions: 25 tiles each, so 250 partitions suffice
+    assert module.choose_num_splits(1, 1, 100_000) == 250
     assert module.choose_num_splits(1, 1, 0) == 1
     _, sink = _record(CONFIG, inputs, monkeypatch)
     assert [(name, grid) for name, grid, _, _ in sink] == [("_decode_kernel", (3, 2))]
@@ -239,12 +247,17 @@ def test_feature_launch_passes_feature_arguments_by_name(cpu_inputs, monkeypatch
     assert not plain_kwargs & {"k_scale_ptr", "window", "cap_log2", "alibi_ptr", "sinks_ptr"}
     assert sink[0][3]["KV_FP8"] is False and sink[0][3]["SINKS"] is False
     inputs = _featured_inputs("cpu")
-    module, sink = _record(FEATURED.replace(split_k=SPLIT_AUTO), inputs, monkeypatch, max_seq_len=40)
+    module, sink = _record(FEATURED.replace(split_k=SPLIT_AUTO), inputs, monkeypatch, num_splits=2)
     kwargs = sink[0][3]
     assert sink[0][0] == "_decode_partial_kernel"
     assert kwargs["window"] == 8 and kwargs["KV_FP8"] and kwargs["SLIDING_WINDOW"]
     assert kwargs["k_scale_ptr"] is inputs["k_scale"] and kwargs["stride_ksc"] == 1
     assert kwargs["alibi_ptr"] is inputs["alibi_slopes"] and kwargs["sinks_ptr"] is inputs["sinks"]
     assert kwargs["cap_log2"] == pytest.approx(2.0 * 1.4426950408889634)
-    # the window bounds split-K auto: 8 + 16 tokens are at most 2 tiles of 16
+    assert sink[0][1] == (3, 2, 2)
+    # the window bounds split-K auto: 200 + 16 tokens are 14 tiles of 16, two partitions of at
+    # least _MIN_TILES_PER_SPLIT (5 for fp8 partials), not the ~43 of 4096 tokens
+    assert module._MIN_TILES_PER_SPLIT == 5
+    _, sink = _record(FEATURED.replace(split_k=SPLIT_AUTO), {**inputs, "sliding_window": 200},
+                      monkeypatch, max_seq_len=4096)
     assert sink[0][1] == (3, 2, 2)

@@ -255,5 +255,7 @@ def test_window_split_auto_covers_only_the_window(monkeypatch):
     for name in module.KERNELS:
         monkeypatch.setattr(module, name, Recorder(name))
     module.paged_attention_decode(**inputs, max_seq_len=4000)
-    # 40 tokens span at most 4 tiles of 16: never the 250 tiles of the context
-    assert grids[0] == ("_decode_partial_kernel", (1, 1, 4))
+    # 40 tokens span at most 4 tiles of 16 (planned as window + one tile): never the 250 tiles
+    # of the context; with partitions of at least 2 tiles that is 2 partitions
+    assert grids[0] == ("_decode_partial_kernel", (1, 1, module.choose_num_splits(1, 1, 40 + 16)))
+    assert grids[0][1][2] == 2 and module.choose_num_splits(1, 1, 4000) > 100

@@ -27,6 +27,7 @@ _TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float6
                "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8",
                "bool": "i1", "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}
 _AUTO_SPLITS = 4  # partitions requested for split "auto" variants, so partial + merge launch
+_WIDE_MERGE_SPLITS = 64  # and a call whose merge reads its widest step (64 partitions, 8 warps)
 _module_ids = itertools.count()
 
 
@@ -155,6 +156,12 @@ def capture_launches(module, config: VariantConfig) -> list[Launch]:
         with interpreter_off():  # the launcher may pick interpreter-only paths from the env
             for extra in calls:
                 module.paged_attention_decode(**inputs, **extra)
+            if config.split_k != 1:  # the merge's widest step; its partial launch is a repeat
+                wide: list[Launch] = []
+                for name in module.KERNELS:
+                    getattr(module, name).sink = wide
+                module.paged_attention_decode(**inputs, num_splits=_WIDE_MERGE_SPLITS)
+                sink.extend(launch for launch in wide if launch.name == "_merge_kernel")
     finally:
         for name, fn in saved.items():
             setattr(module, name, fn)

@@ -12,6 +12,8 @@ from kgen.features import normalize_features
 from kgen.paths import default_db_dir
 from kgen.space import default_config, target_prune_reason
 from kgen.tune.measure import SyntheticMeasurer
+from kgen.tune import DEFAULT_HEARTBEAT_S
+from kgen.tune.measure_kernel import GpuMeasurer, InterpreterMeasurer
 from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
 
@@ -51,14 +53,25 @@ def register(subparsers) -> None:
                         help="Optuna sampler (default tpe)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     parser.add_argument("--db", default=None, metavar="DIR",
-                        help="database folder (default: tuning_db/ or $KGEN_DB)")
+                        help="database folder to write (default: $KGEN_DB; else tuning_db/ in a "
+                             "source checkout, ~/.local/share/kgen/tuning_db for an installed "
+                             "wheel)")
     parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna RDB URL (or a journal file path) shared by several processes "
-                             "or machines (default: DB/<gpu>/journal.log)")
+                        help="where the Optuna studies live (default: DB/<gpu>/journal.log, for "
+                             "one machine). A database URL (postgresql://user@host/db with "
+                             "kgen[postgres]; mysql://...) lets processes on many machines join "
+                             "the same studies; each finishes the work of members that die. "
+                             "Never SQLite or a journal on NFS. Collect the records with 'kgen db "
+                             "import --storage URL --gpu NAME'")
     parser.add_argument("--resume", action="store_true",
-                        help="continue studies that already have trials (after an interruption)")
+                        help="continue studies that already have trials (after an interruption): "
+                             "trials of killed runs are failed and their candidates measured")
     parser.add_argument("--workers", type=int, default=1, metavar="K",
                         help="worker processes on this machine against the same storage")
+    parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="S",
+                        help="database storages: seconds between a running trial's heartbeats; "
+                             "a trial silent for 3 of them (its member died) is failed and its "
+                             f"candidate measured by another member (default {DEFAULT_HEARTBEAT_S})")
     parser.add_argument("--no-audit", action="store_true",
                         help="skip the static audit before timing on a GPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
@@ -68,14 +81,17 @@ def register(subparsers) -> None:
 def make_measurer(device, *, audit: bool, seed: int):
     """The measurer for a device: synthetic, interpreter, or the GPU's (audited for its target)."""
     if device.name == "synthetic":
-        return SyntheticMeasurer(seed=seed)
+        # $KGEN_SYNTHETIC_DELAY_S: seconds per synthetic measurement, so tests can overlap
+        # processes and kill one mid-trial
+        delay = os.environ.get("KGEN_SYNTHETIC_DELAY_S", "0")
+        try:
+            delay_s = float(delay)
+        except ValueError:
+            raise ValueError(f"KGEN_SYNTHETIC_DELAY_S={delay!r} is not a number of seconds") from None
+        return SyntheticMeasurer(seed=seed, delay_s=delay_s)
     if device.name == "interpreter":
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-        from kgen.tune.measure_kernel import InterpreterMeasurer  # after TRITON_INTERPRET is set
-
         return InterpreterMeasurer(seed=seed)
-    from kgen.tune.measure_kernel import GpuMeasurer  # imports torch
-
     return GpuMeasurer(device.name, audit_target=device.audit_target if audit else None, seed=seed)
 
 
@@ -119,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--trials={args.trials} must be at least 1")
     if args.workers < 1:
         raise ValueError(f"--workers={args.workers} must be at least 1")
+    if args.heartbeat < 1:
+        raise ValueError(f"--heartbeat={args.heartbeat} must be at least 1 second")
     device = resolve_gpu(args.gpu)
     workloads = workloads_from_args(args, device.name)
     cc = device.compute_capability
@@ -127,17 +145,29 @@ def run(args: argparse.Namespace) -> int:
         reason = target_prune_reason(default_config(**workload.variant_fields()), target)
         if reason:
             raise ValueError(f"cannot tune {workload.key} on {device.name} ({target}): {reason}")
-    from kgen.tune.tuner import TuneSettings, tune  # imports optuna: only when tuning
+    # kgen.tune.tuner imports optuna: only when tuning
+    from kgen.tune import interrupts
+    from kgen.tune.tuner import TuneInterrupted, TuneSettings, tune
 
     settings = TuneSettings(
         measurer=make_measurer(device, audit=not args.no_audit, seed=args.seed), device=device,
         db_dir=args.db or default_db_dir(), trials=args.trials, sampler=args.sampler,
         seed=args.seed, storage=args.storage, resume=args.resume, workers=args.workers,
-        progress=not args.quiet and sys.stderr.isatty())
+        progress=not args.quiet and sys.stderr.isatty(), heartbeat_s=args.heartbeat)
     if not args.quiet:
         print(f"tuning {len(workloads)} workload(s) x {args.trials} trials on {device.full_name} "
               f"({device.name}) into {settings.store.dir}", flush=True)
-    results = tune(settings, workloads)
+    previous = interrupts.install()  # Ctrl-C and SIGTERM stop at the next safe point
+    try:
+        results = tune(settings, workloads)
+    except TuneInterrupted as stop:
+        if stop.results:
+            for line in summary_lines(stop.results, None):
+                print(line)
+        sys.stderr.write(f"kgen tune: {stop.message}\n")
+        return 130
+    finally:
+        interrupts.uninstall(previous)
     for line in summary_lines(results, settings.store.load_best()):
         print(line)
     return 0

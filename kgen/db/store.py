@@ -13,11 +13,13 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from kgen.db.schema import (DbFormatError, SCHEMA_VERSION, check_best_table, check_trial_line,
                             new_best_table, provenance_id)
+from kgen.db.tail import repair_tail
 from kgen.workload import Workload
 
 BEST_FILE = "best.json"
@@ -166,6 +168,9 @@ class TuningStore:
             lines.append(line)
         payload = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         with self.lock():
+            repaired = repair_tail(self.trials_path)  # a kill mid-append left a half line
+            if repaired:
+                warnings.warn(repaired, RuntimeWarning, stacklevel=2)
             with open(self.trials_path, "ab") as handle:
                 handle.write(payload.encode("utf-8"))
                 handle.flush()
@@ -188,6 +193,21 @@ class TuningStore:
             table["schema_version"] = SCHEMA_VERSION
             check_best_table(table, f"{self.best_path} (about to be written)")
             table["block_size_defaults"] = block_size_defaults(table["entries"])
+            atomic_write_json(self.best_path, table)
+        return table
+
+
+    def remove_entries(self, keys) -> dict | None:
+        """Drop entries (workload keys) from the best table under the lock; returns the table
+        written (None when there is no table). The trial log keeps its history."""
+        with self.lock():
+            table = self.load_best()
+            if table is None:
+                return None
+            for key in keys:
+                table["entries"].pop(key, None)
+            table["block_size_defaults"] = block_size_defaults(table["entries"])
+            check_best_table(table, f"{self.best_path} (about to be written)")
             atomic_write_json(self.best_path, table)
         return table
 
