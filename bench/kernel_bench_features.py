@@ -129,30 +129,29 @@ def window_rows(torch, args, *, make_case, timer, copy_gbs: float, gpu_name: str
     return rows
 
 
+FP8_TABLE = (
+    "fp8 KV cache (bandwidth counted on fp8 bytes; time vs the plain row's default variant)",
+    ("dtype", "KV", "d", "block", "g", "batch x ctx", "default ms", "GB/s", "% copy",
+     "x plain time", "tuned ms (source)"),
+    lambda r: (r["dtype"], r["kv_dtype"], r["head_dim"], r["block_size"], r["group_size"],
+               f"{r['batch']} x {r['context']}", f"{r['default_ms']:.4f}",
+               f"{r['default_gbs']:.0f}", f"{r['default_frac_copy']:.0%}",
+               f"{r['time_vs_plain']:.2f}", f"{r['tuned_ms']:.4f} ({r['tuned_source']})"))
+WINDOW_TABLE = (
+    "Sliding window (fixed window, growing context; bandwidth on the window's tokens)",
+    ("dtype", "d", "block", "g", "window", "batch x ctx", "window kernel ms", "GB/s", "% copy",
+     "full-context kernel ms", "SDPA on window ms"),
+    lambda r: (r["dtype"], r["head_dim"], r["block_size"], r["group_size"], r["window"],
+               f"{r['batch']} x {r['context']}", f"{r['window_ms']:.4f} ({r['tuned_source']})",
+               f"{r['window_gbs']:.0f}", f"{r['window_frac_copy']:.0%}",
+               f"{r['plain_ms']:.4f}", f"{r['sdpa_window_ms']:.4f}"))
+
+
 def tables(result: dict) -> list[str]:
     """Markdown tables of the fp8 and window rows (empty when there are none)."""
     lines = []
-    if result.get("fp8_rows"):
-        lines += ["", "fp8 KV cache (bandwidth counted on fp8 bytes; time vs the plain row's "
-                  "default variant)", "",
-                  "| dtype | KV | d | block | g | batch x ctx | default ms | GB/s | % copy "
-                  "| x plain time | tuned ms (source) |", "|" + "---|" * 11]
-        for r in result["fp8_rows"]:
-            lines.append(f"| {r['dtype']} | {r['kv_dtype']} | {r['head_dim']} | {r['block_size']} "
-                         f"| {r['group_size']} | {r['batch']} x {r['context']} "
-                         f"| {r['default_ms']:.4f} | {r['default_gbs']:.0f} "
-                         f"| {r['default_frac_copy']:.0%} | {r['time_vs_plain']:.2f} "
-                         f"| {r['tuned_ms']:.4f} ({r['tuned_source']}) |")
-    if result.get("window_rows"):
-        lines += ["", "Sliding window (fixed window, growing context; bandwidth on the window's "
-                  "tokens)", "",
-                  "| dtype | d | block | g | window | batch x ctx | window kernel ms | GB/s "
-                  "| % copy | full-context kernel ms | SDPA on window ms |", "|" + "---|" * 11]
-        for r in result["window_rows"]:
-            lines.append(f"| {r['dtype']} | {r['head_dim']} | {r['block_size']} | {r['group_size']} "
-                         f"| {r['window']} | {r['batch']} x {r['context']} "
-                         f"| {r['window_ms']:.4f} ({r['tuned_source']}) | {r['window_gbs']:.0f} "
-                         f"| {r['window_frac_copy']:.0%} | {r['plain_ms']:.4f} "
-                         f"| {r['sdpa_window_ms']:.4f} |")
+    for key, (title, header, cells) in (("fp8_rows", FP8_TABLE), ("window_rows", WINDOW_TABLE)):
+        if result.get(key):
+            lines += ["", title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(str(c) for c in cells(r)) + " |" for r in result[key]]
     return lines
-

@@ -9,7 +9,11 @@ the SASS instruction lists (opcodes and operands) and register counts kernel by 
 
 Example::
 
-    python bench/plain_sass_check.py --base dd2d000 --json bench/results/plain_sass_check.json
+    python bench/plain_sass_check.py --base dd2d000 --head 312bb8c \
+        --json bench/results/plain_sass_check.json
+
+``--head`` (default: the working tree) renders the second side from another revision's templates,
+so the change that added the features can be checked alone, apart from later template changes.
 """
 
 from __future__ import annotations
@@ -36,15 +40,29 @@ def default_variants() -> list:
     return out + [default_config(head_dim=256, block_size=1, group_size=1, dtype="fp32", split_k=4)]
 
 
-def base_templates(rev: str, folder: Path) -> Path:
-    """The ``templates/`` folder of git revision ``rev``, written into ``folder``."""
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:templates"], cwd=_common.REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in names:
-        text = subprocess.run(["git", "show", f"{rev}:templates/{name}"], cwd=_common.REPO,
-                              capture_output=True, text=True, check=True).stdout
-        (folder / name).write_text(text)
+def export(rev: str, folder: Path) -> Path:
+    """``kgen/`` and ``templates/`` of git revision ``rev``, unpacked into ``folder``."""
+    archive = subprocess.run(["git", "archive", rev, "kgen", "templates"], cwd=_common.REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
     return folder
+
+
+RENDER = ("import sys; sys.path.insert(0, sys.argv[1]); from kgen.render import render_source; "
+          "from kgen.variant import VariantConfig; "
+          "sys.stdout.write(render_source(VariantConfig.from_key(sys.argv[2])))")
+
+
+def rendered(config, folder: Path | None) -> str:
+    """The variant's module as the revision unpacked in ``folder`` renders it (its own code and
+    templates, in a child process), or as this working tree does (``folder`` None)."""
+    if folder is None:
+        from kgen.render import render_source
+
+        return render_source(config)
+    env = {**os.environ, "KGEN_CACHE": str(folder / "cache")}
+    return subprocess.run([sys.executable, "-c", RENDER, str(folder), config.key], env=env,
+                          capture_output=True, text=True, check=True).stdout
 
 
 def compile_module(source: str, config, folder: Path, tag: str) -> dict:
@@ -68,24 +86,22 @@ def compile_module(source: str, config, folder: Path, tag: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="dd2d000", help="git revision of the earlier templates")
+    parser.add_argument("--head", default=None,
+                        help="git revision of the later templates (default: the working tree)")
     parser.add_argument("--json", default=None, help="write the result here (and .md beside it)")
     args = parser.parse_args(argv)
-    import kgen.render as render
-
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="kgen-sass-") as tmp:
         tmp = Path(tmp)
         (tmp / "base").mkdir()
-        base_dir = base_templates(args.base, tmp / "base")
+        base_dir = export(args.base, tmp / "base")
+        head_dir = None
+        if args.head:
+            (tmp / "head").mkdir()
+            head_dir = export(args.head, tmp / "head")
         for config in default_variants():
-            now = render.render_source(config)
-            original = render.templates_dir
-            render.templates_dir = lambda: base_dir  # the earlier templates, same slots
-            try:
-                before = render.render_source(config)
-            finally:
-                render.templates_dir = original
+            now, before = rendered(config, head_dir), rendered(config, base_dir)
             old = compile_module(before, config, tmp, "base")
             new = compile_module(now, config, tmp, "now")
             for (kernel, target), (ins, regs) in sorted(new.items()):
@@ -98,10 +114,11 @@ def main(argv=None) -> int:
             print(f"{config.key}: {'identical' if all(r['identical'] for r in rows[-len(new):]) else 'DIFFERENT'}",
                   flush=True)
     same = sum(r["identical"] for r in rows)
-    lines = [f"# Plain variants: SASS with the templates of {args.base} vs now", "",
+    head = args.head or "the working tree"
+    lines = [f"# Plain variants: SASS of the modules rendered at {args.base} and at {head}", "",
              f"{same} of {len(rows)} (variant, kernel, target) compiles identical, instruction for "
-             f"instruction; {_common.machine_info().get('triton')} triton, "
-             f"{time.perf_counter() - start:.0f} s.", "",
+             f"instruction (triton {_common.machine_info().get('triton')}, "
+             f"{time.perf_counter() - start:.0f} s).", "",
              "| variant | kernel | target | instructions (base -> now) | registers (base -> now) "
              "| identical |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['kernel']} | {r['target']} | {r['base_instructions']} -> "
@@ -109,7 +126,8 @@ def main(argv=None) -> int:
               f"{'yes' if r['identical'] else 'NO'} |" for r in rows]
     text = "\n".join(lines)
     print(text)
-    result = {"benchmark": "plain_sass_check", "base": args.base, "machine": _common.machine_info(),
+    result = {"benchmark": "plain_sass_check", "base": args.base, "head": args.head,
+              "machine": _common.machine_info(),
               "identical": same, "compiles": len(rows), "rows": rows}
     md = str(Path(args.json).with_suffix(".md")) if args.json else None
     _common.write_outputs(result, text, json_path=args.json, md_path=md)

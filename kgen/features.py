@@ -89,3 +89,17 @@ def key_suffix(kv_tag: str | None, features: tuple[str, ...]) -> str:
 def features_text(features: tuple[str, ...]) -> str:
     """``"sliding_window,soft_cap"`` (``"none"`` for the empty set): for tables and CLI echoes."""
     return ",".join(features) if features else "none"
+
+
+def drop_default_axes(data: dict) -> dict:
+    """A variant's or workload's field dict with ``kv_dtype`` and ``features`` left out when they
+    are the defaults (``auto``, none) and ``features`` as a list otherwise: the dicts (and the
+    tuning records holding them) of the plain space stay what they were before these axes."""
+    out = dict(data)
+    if out.get("kv_dtype") == "auto":
+        del out["kv_dtype"]
+    if out.get("features"):
+        out["features"] = list(out["features"])
+    else:
+        out.pop("features", None)
+    return out

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from kgen.dtypes import (DTYPES, KV_DTYPES, KV_KEY_TAGS, kv_torch_dtype,  # noqa: F401 - re-exported
                          normalize_dtype, normalize_kv_dtype, torch_dtype)
-from kgen.features import FEATURES, KEY_TAGS, key_suffix, normalize_features
+from kgen.features import FEATURES, KEY_TAGS, drop_default_axes, key_suffix, normalize_features
 
 HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
@@ -177,14 +177,7 @@ class VariantConfig:
         ``kv_dtype`` and ``features`` appear only when not the default, so a plain variant's dict
         (and the tuning records holding it) is the same as before these axes existed.
         """
-        data = dataclasses.asdict(self)
-        if self.kv_dtype == "auto":
-            del data["kv_dtype"]
-        if self.features:
-            data["features"] = list(self.features)
-        else:
-            del data["features"]
-        return data
+        return drop_default_axes(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "VariantConfig":

@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from kgen.dtypes import KV_KEY_TAGS, normalize_kv_dtype
-from kgen.features import KEY_TAGS, key_suffix, normalize_features
+from kgen.features import KEY_TAGS, drop_default_axes, key_suffix, normalize_features
 from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_dtype
 
 DEFAULT_BATCHES = tuple(2 ** i for i in range(0, 9))  # 1 .. 256
@@ -196,14 +196,7 @@ class Workload:
     def to_dict(self) -> dict:
         """Plain fields; ``kv_dtype`` / ``features`` only when not the default (as the variant's
         dict), so a plain workload's record is written exactly as before."""
-        data = asdict(self)
-        if self.kv_dtype == "auto":
-            del data["kv_dtype"]
-        if self.features:
-            data["features"] = list(self.features)
-        else:
-            del data["features"]
-        return data
+        return drop_default_axes(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Workload":
