@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # let the scripts run from a checkout without installing kgen
     sys.path.insert(0, str(REPO))
 
+import kgen  # noqa: E402  (after the checkout is on sys.path)
+from kgen.device import normalize_gpu_name  # noqa: E402
+
 
 def use_interpreter_without_gpu(force: bool = False) -> None:
     """Set TRITON_INTERPRET=1 (before any kernel module loads) when there is no GPU."""
@@ -36,12 +39,7 @@ def _cpu_model() -> str:
 
 def gpu_name(torch) -> str:
     """Normalized name of the GPU present (kgen.device's names, e.g. 'h100')."""
-    try:
-        from kgen.device import normalize_gpu_name
-
-        return normalize_gpu_name(torch.cuda.get_device_name())
-    except ImportError:
-        return torch.cuda.get_device_name().lower().replace(" ", "_")
+    return normalize_gpu_name(torch.cuda.get_device_name())
 
 
 def machine_info() -> dict:
@@ -69,12 +67,7 @@ def machine_info() -> dict:
                     compute_capability=f"{props.major}.{props.minor}",
                     gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
-    try:
-        import kgen
-
-        info["kgen"] = kgen.__version__
-    except ImportError:
-        pass
+    info["kgen"] = kgen.__version__
     return info
 
 
@@ -83,18 +76,21 @@ def kernel_key(fn) -> str | None:
     return getattr(fn, "__globals__", {}).get("VARIANT_KEY")
 
 
-def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None) -> None:
+def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None,
+                  quiet: bool = False) -> None:
     """Write the JSON result and the Markdown table where asked (folders created)."""
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
     if md_path:
         path = Path(md_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table_text + "\n")
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def build_checkpoint(folder: Path, model: dict) -> None:

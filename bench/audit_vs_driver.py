@@ -18,14 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from kgen.audit import audit_variant  # noqa: E402
+from kgen.audit.asm import ptx_loads  # noqa: E402
+from kgen.build import load_kernel  # noqa: E402
+from kgen.variant import VariantConfig  # noqa: E402
+
 KEYS = ("paged_decode-d128-b16-g4-s1-t64-w4-st2-bf16", "paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16",
         "paged_decode-d80-b1-g8-s4-t64-w4-st2-fp16", "paged_decode-d256-b256-g1-s1-t32-w4-st2-bf16")
 
 
 def driver_view(module) -> dict:
     """Kernel name -> (n_regs, n_spills, shared, kv_load_bits) of the JIT-compiled kernels."""
-    from kgen.asm import ptx_loads
-
     kv_names = {"k_cache_ptr", "v_cache_ptr"}
     out = {}
     for name in module.KERNELS:
@@ -45,10 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from kgen.audit import audit_variant
-    from kgen.build import load_kernel
-    from kgen.reference import make_paged_inputs
-    from kgen.variant import VariantConfig
+    from kgen.reference import make_paged_inputs  # imports torch, like the line above
 
     major, minor = torch.cuda.get_device_capability()
     target = f"sm_{major}{minor}"

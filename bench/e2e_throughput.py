@@ -56,8 +56,6 @@ def workload(quick: bool) -> tuple[list[list[int]], list[int]]:
 
 
 def run_ours(loaded, prompts, new_tokens, backend, threads=None):
-    import runtime
-
     params = [runtime.SamplingParams(max_tokens=n, ignore_eos=True) for n in new_tokens]
     start = time.perf_counter()
     outs = runtime.generate(loaded, prompts, params, backend=backend, num_threads=threads)

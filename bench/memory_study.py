@@ -46,7 +46,8 @@ Examples::
     python bench/memory_study.py --quick --json /tmp/memory.json      # ~10 s
     python bench/memory_study.py --json bench/results/memory_study.json   # a few minutes
 
-Writes the JSON, a Markdown table (same path, .md) and a plot (.png).
+Writes the JSON, a Markdown table (same path, .md) and, when matplotlib is installed, a plot
+(.png); without matplotlib it says so and skips only the plot.
 """
 
 from __future__ import annotations
@@ -207,8 +208,18 @@ def render_report(result: dict, table: str) -> str:
         "", table])
 
 
-def plot(rows: list[dict], sharing: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(rows: list[dict], sharing: list[dict], path: Path) -> bool:
+    """Draw the two panels into ``path`` (PNG); False, with a note, when matplotlib is missing.
+
+    matplotlib is optional (the ``dev`` extra has it): the JSON and Markdown are the results, the
+    picture only restates them.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written ({path}); the JSON and Markdown hold "
+              f"every number (pip install matplotlib to draw it)")
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -239,12 +250,14 @@ def plot(rows: list[dict], sharing: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+    return True
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small size (seconds)")
-    ap.add_argument("--json", type=Path, help="write results here (and .md, .png beside it)")
+    ap.add_argument("--json", type=Path,
+                    help="write results here (and .md beside it, .png too when matplotlib is installed)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     num = {"sharegpt": 150, "alpaca": 600} if args.quick else {"sharegpt": 1500, "alpaca": 6000}

@@ -28,7 +28,7 @@ import _common  # noqa: F401  (puts the checkout on sys.path)
 from kgen.db.store import read_trials
 from kgen.tune.measure import ReplayMeasurer
 from kgen.tune.replay import replay_scores, synthetic_table
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 
 WORKLOADS = (  # (gpu, dtype, head_dim, block, group, batch, context)
     ("synthetic", "fp16", 128, 16, 1, 1, 32768),

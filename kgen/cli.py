@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, LookupError) as exc:
+    except (ValueError, LookupError, OSError) as exc:  # OSError names its file (unwritable output ...)
         sys.stderr.write(f"kgen {args.command}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import torch
 from runtime import kv_layout
 from runtime.attention import default_block_size
 from runtime.config import parse_dtype
-from runtime.engine import Engine, uniform_window
+from runtime.engine import Engine
 from runtime.kv_cache import parse_kv_cache_dtype
 from runtime.loader import LoadedModel, load_model, parse_device
 from runtime.sampling import SamplingParams, check_seed
@@ -76,7 +76,8 @@ def _tokenize(prompts, loaded: LoadedModel) -> list[list[int]]:
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if loaded.tokenizer is None:
-                raise ValueError(f"prompts[{i}] is text but the model has no tokenizer.json; pass token ids")
+                why = loaded.tokenizer_error or "the model has no tokenizer.json"
+                raise ValueError(f"prompts[{i}] is text but {why}; pass token ids")
             ids = loaded.tokenizer.encode(p).ids
         elif isinstance(p, (list, tuple)):
             ids = list(p)
@@ -109,7 +110,7 @@ def _pool(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_byt
         raise ValueError(f"num_blocks={num_blocks!r} and kv_cache_bytes={kv_cache_bytes!r}: give one")
     per_block = loaded.model.bytes_per_block(block_size, kv_cache_dtype)
     max_pos = loaded.config.max_position_embeddings
-    window = uniform_window(loaded.model.layer_windows)
+    window = loaded.config.sliding_window
     peaks = [kv_layout.request_peak_blocks(len(t), p.max_tokens, block_size, num_seqs=p.num_outputs,
                                            max_len=max_pos, window=window) for t, p in zip(ids, params)]
     if kv_cache_bytes is not None:
@@ -143,13 +144,14 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
              max_num_batched_tokens: int | None = None, backend: str = "auto", dtype=None, device=None,
              enable_prefix_caching: bool = True, seed: int | None = None, kv_cache_dtype: str = "auto",
              calculate_kv_scales: bool = False, num_threads: int | None = None, use_tqdm: bool | None = None,
-             return_stats: bool = False):
+             return_stats: bool = False, cuda_graphs: bool | None = None):
     """Generate completions for a batch of prompts with paged attention and continuous batching.
 
     Parameters
     ----------
     model : str, Path or LoadedModel
-        A local Hugging Face Llama folder, or a model from :func:`runtime.load_model`.
+        A local Hugging Face folder of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 2),
+        or a model from :func:`runtime.load_model`.
     prompts : list of str or list of list[int]
         Text (needs ``tokenizer.json``) or token ids; each non-empty and shorter than the context.
     sampling_params : SamplingParams or list[SamplingParams], optional
@@ -171,6 +173,8 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         Compute dtype (fp32, fp16, bf16) and device when ``model`` is a folder.
     enable_prefix_caching : bool
         Reuse KV blocks of identical prompt prefixes.
+    cuda_graphs : bool, optional
+        Replay decode-only steps from CUDA graphs; default: on for CUDA with the triton backend.
     seed : int, optional
         Seed for sampled requests without their own seed.
     kv_cache_dtype : str
@@ -208,7 +212,8 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         engine = Engine(loaded, num_blocks=blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens,
                         backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
-                        watermark=WATERMARK, kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=calculate_kv_scales)
+                        watermark=WATERMARK, kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=calculate_kv_scales,
+                        cuda_graphs=cuda_graphs)
         outputs, stats = _run(engine, ids, params, prompts, loaded, use_tqdm)
     stats.update(num_threads=threads, omp_wait_policy=wait_policy())
     return (outputs, stats) if return_stats else outputs

@@ -1,6 +1,6 @@
 """Attention over the paged KV cache: batch metadata, prefill attention and the decode backends.
 
-Both backends read the same inputs: a layer's NHD caches ``[num_blocks, block_size,
+Every backend reads the same inputs: a layer's NHD caches ``[num_blocks, block_size,
 num_kv_heads, head_dim]`` (a :class:`runtime.kv_cache.LayerKV`, possibly fp8 with per-layer
 scales), int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
 
@@ -9,21 +9,26 @@ scales), int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
 - ``torch`` (:mod:`runtime.decode_torch`): sequences grouped by context length, one gather of
   each group's live context per layer and one SDPA call per group (any dtype and device).
 - ``triton``: kgen's paged decode kernel, chosen per decode step through ``kgen.dispatch`` (the
-  tuning database when it has a record, a sound default otherwise). On a CPU device it runs under
-  the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not, with a warning).
+  tuning database when it has a record, a sound default otherwise), fp8 caches included. On a
+  CPU device it runs under the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not,
+  with a warning).
 
-Prefill attention (causal, over the tokens of one sequence, after its cached prefix) uses
-``torch.nn.functional.scaled_dot_product_attention`` for both backends: the new tokens' K/V come
-straight from the projections (full precision even with an fp8 cache), the cached prefix is read
-back from the cache (dequantized).
+Prefill attention (causal, over the tokens of one sequence) uses
+``torch.nn.functional.scaled_dot_product_attention`` for every backend: the new tokens' K/V come
+straight from the projections (full precision even with an fp8 cache), a cached prefix is read
+back from the cache (dequantized), only as far back as the layer's window reaches.
 
-Sliding window ``W`` (Mistral's rule): the query at position ``p`` sees keys ``p - W < j <= p``.
-Block-table entries wholly below that range may have been freed by the memory manager and hold
-anything: no backend may read them.
+Per-layer features (:class:`runtime.config.LayerAttention`) arrive as keyword arguments of
+``prefill_attention`` and ``decode``: ``sliding_window=W`` (the query at position p sees keys
+j > p - W, transformers' convention) and ``logits_soft_cap=c`` (scores become ``c * tanh(s / c)``
+before the softmax). Block-table entries wholly before a window may have been freed by the memory
+manager and hold anything: no backend reads them. The triton backend refuses, by feature and
+layer, what kgen's kernels lack.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -32,9 +37,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kgen.dispatch import get_dispatcher, normalize_dtype
+from runtime.config import kernel_features
 from runtime.decode_native import NativeDecode, native_lacks
 from runtime.decode_torch import TorchDecode
 from runtime.kv_cache import LayerKV
+from runtime.sdpa import attend, soft_cap
+
+__all__ = ["AttentionMetadata", "PrefillSpan", "prefill_attention", "soft_cap", "TorchDecode", "NativeDecode",
+           "TritonDecode", "make_decode_backend", "default_block_size", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "native", "triton")
 
@@ -74,7 +85,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor | None = None       # int32 [num_decode]
     max_seq_len: int = 0
     write_rows: torch.Tensor | None = None     # int64 [num_written], or None: every row
-    windows: tuple = (None,)                   # the sliding windows the model's layers use (None: full)
     extra: dict = field(default_factory=dict)  # backend-prepared tensors (gather index, mask, kernel)
 
     @property
@@ -83,33 +93,37 @@ class AttentionMetadata:
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, span: PrefillSpan,
-                      scale: float, window: int | None = None) -> torch.Tensor:
-    """Causal attention of one sequence's new tokens over its context (within ``window``).
+                      scale: float, *, sliding_window: int | None = None,
+                      logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its context (or its window).
 
-    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' K/V).
+    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' own K/V).
     Returns [n, num_heads, head_dim].
     """
     n, heads, head_dim = q.shape
     group = heads // k.shape[1]
-    first_key = span.num_cached
-    if span.num_cached:  # the cached prefix (or its part inside the window) lives only in the cache
-        first_key = span.read_start
-        k = torch.cat([layer.read(layer.key, span.cached_slots, layer.k_scale), k])
-        v = torch.cat([layer.read(layer.value, span.cached_slots, layer.v_scale), v])
+    first = span.num_cached  # context position of the first key attended to
+    if span.num_cached:  # the cached prefix lives only in the cache: read back what the window sees
+        first = span.read_start
+        if sliding_window is not None:
+            first = max(first, span.num_cached - sliding_window + 1)
+        slots = span.cached_slots[first - span.read_start:]
+        k = torch.cat([layer.read(layer.key, slots, layer.k_scale), k])
+        v = torch.cat([layer.read(layer.value, slots, layer.v_scale), v])
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     # [1, heads, tokens, head_dim]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    if not span.num_cached and (window is None or n <= window):
+    if not span.num_cached and (sliding_window is None or n <= sliding_window) and logits_soft_cap is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
         qpos = torch.arange(span.num_cached, span.ctx_len, device=q.device)[:, None]
-        kpos = torch.arange(first_key, span.ctx_len, device=q.device)[None, :]
-        mask = kpos <= qpos
-        if window is not None:
-            mask &= kpos > qpos - window
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        kpos = torch.arange(first, span.ctx_len, device=q.device)[None, :]
+        mask = kpos <= qpos                                                   # [n, ctx]
+        if sliding_window is not None:
+            mask &= kpos > qpos - sliding_window
+        out = attend(qh, kh, vh, mask, scale, logits_soft_cap)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -133,56 +147,71 @@ def ensure_interpreter_on_cpu(device: torch.device) -> None:
 
 
 class TritonDecode:
-    """kgen's paged decode kernel, looked up through ``kgen.dispatch`` once per step."""
+    """kgen's paged decode kernel, looked up through ``kgen.dispatch`` once per step.
+
+    ``layers`` (one :class:`runtime.config.LayerAttention` per layer) says which attention
+    features each layer needs and ``kv_cache_dtype`` the cache's format (``auto`` or fp8); what
+    kgen's kernels lack is refused here, naming the feature (or format) and the layer. Each distinct feature set gets its kernel in :meth:`prepare`, and
+    :meth:`decode` passes the layer's ``sliding_window`` / ``logits_soft_cap`` to it.
+    """
 
     name = "triton"
 
     def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, dispatcher=None, *, kv_cache_dtype: str = "auto",
-                 windows: tuple = (None,)) -> None:
-        missing = triton_lacks(kv_cache_dtype, windows)
-        if missing:
-            raise ValueError(missing)
+                 dtype: torch.dtype, device: torch.device, dispatcher=None, layers=(),
+                 kv_cache_dtype: str = "auto") -> None:
         ensure_interpreter_on_cpu(device)
-        from kgen.dispatch import Dispatcher
-        from kgen.variant import BLOCK_SIZES, HEAD_DIMS, normalize_dtype
-
-        if head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim={head_dim} is not supported by the triton backend; "
-                             f"supported: {', '.join(map(str, HEAD_DIMS))} (use backend='torch')")
-        if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size={block_size} is not supported by the triton backend; "
-                             f"supported: {', '.join(map(str, BLOCK_SIZES))} (use backend='torch')")
+        self.dispatcher = dispatcher or get_dispatcher()
         self.block_size, self.head_dim = block_size, head_dim
         self.group_size = num_heads // num_kv_heads
         self.dtype = normalize_dtype(dtype)
-        self.dispatcher = dispatcher or Dispatcher()
+        self.kv_dtype = kv_cache_dtype
+        problem = self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=head_dim, block_size=block_size,
+                                                  group_size=self.group_size, kv_dtype=kv_cache_dtype)
+        if problem:
+            raise ValueError(f"backend='triton': {problem} (use backend='torch')")
+        for i, la in enumerate(layers):
+            why = self._lacks(la.features)
+            if why:
+                raise ValueError(f"backend='triton' cannot decode layer {i} (sliding_window="
+                                 f"{la.sliding_window}, logits_soft_cap={la.logits_soft_cap}): {why}; "
+                                 f"use backend='torch'")
+        self.feature_sets = sorted({la.features for la in layers} | ({()} if not layers else set()))
+
+    def _lacks(self, features: tuple[str, ...]) -> str | None:
+        """Why kgen's kernels cannot run ``features`` for this model (None: they can)."""
+        if not features:
+            return None
+        if "features" not in inspect.signature(self.dispatcher.why_unsupported).parameters:
+            return f"kgen's decode kernels lack the {features[0]!r} feature"  # kgen before issue 9
+        return self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=self.head_dim,
+                                               block_size=self.block_size, group_size=self.group_size,
+                                               kv_dtype=self.kv_dtype, features=features)
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        meta.extra["kernel"] = self.dispatcher.kernel_for(
-            dtype=self.dtype, head_dim=self.head_dim, block_size=self.block_size,
-            group_size=self.group_size, num_seqs=meta.num_decodes, max_context=meta.max_seq_len)
+        for features in self.feature_sets:
+            extra = {"features": features} if features else {}
+            meta.extra[("kernel", features)] = self.dispatcher.kernel_for(
+                dtype=self.dtype, head_dim=self.head_dim, block_size=self.block_size,
+                group_size=self.group_size, num_seqs=meta.num_decodes, max_context=meta.max_seq_len,
+                kv_dtype=self.kv_dtype, **extra)
 
-    def decode(self, q, layer: LayerKV, meta: AttentionMetadata, scale: float, window=None) -> torch.Tensor:
-        kernel = meta.extra["kernel"]
+    def decode(self, q, layer: LayerKV, meta: AttentionMetadata, scale: float, *,
+               sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
+        features = kernel_features(sliding_window, logits_soft_cap)
+        kernel = meta.extra.get(("kernel", features))
+        if kernel is None:
+            raise ValueError(f"the triton backend was not prepared for features {features!r} "
+                             f"(sliding_window={sliding_window}, logits_soft_cap={logits_soft_cap})")
+        extra = {"fixed_grid": True} if meta.extra.get("fixed_grid") else {}  # CUDA-graph steps
+        if sliding_window is not None:
+            extra["sliding_window"] = sliding_window
+        if logits_soft_cap is not None:
+            extra["logits_soft_cap"] = logits_soft_cap
+        if layer.quantized:  # kgen's fp8 variants dequantize with the layer's scales
+            extra.update(k_scale=layer.k_scale, v_scale=layer.v_scale)
         return kernel(q.contiguous(), layer.key, layer.value, meta.block_tables, meta.seq_lens,
-                      scale=scale, max_seq_len=meta.max_seq_len)
-
-
-def triton_lacks(kv_cache_dtype: str = "auto", windows: tuple = (None,)) -> str | None:
-    """Why kgen's kernels cannot decode this cache yet (a message naming the feature), or None.
-
-    fp8 caches and sliding windows come with the kernel-features work; until then the triton
-    backend refuses them by name rather than decoding something else.
-    """
-    if kv_cache_dtype != "auto":
-        return (f"kv_cache_dtype={kv_cache_dtype!r} is not supported by the triton backend yet "
-                f"(kgen's kernels read caches in the model's dtype); use backend='torch'")
-    window = next((w for w in windows if w is not None), None)
-    if window is not None:
-        return (f"sliding_window={window} is not supported by the triton backend yet (kgen's kernels "
-                f"attend to the whole context); use backend='torch'")
-    return None
+                      scale=scale, max_seq_len=meta.max_seq_len, **extra)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -202,40 +231,37 @@ def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, devic
     recorded as fastest for this GPU, dtype and head dim; otherwise (or if none is recorded)
     ``fallback``, the paper's and vLLM's default of 16.
     """
-    if resolve_backend(backend, device) != "triton" or not triton_supports(head_dim, fallback):
+    if resolve_backend(backend, device) != "triton":
         return fallback
-    from kgen.db.lookup import preferred_block_size
-    from kgen.device import default_gpu_name
-    from kgen.variant import BLOCK_SIZES
-
-    found = preferred_block_size(default_gpu_name(), dtype=str(dtype), head_dim=head_dim)
-    return found if found in BLOCK_SIZES else fallback
+    return get_dispatcher().preferred_block_size(dtype=dtype, head_dim=head_dim) or fallback
 
 
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
-                        head_dim: int, dtype: torch.dtype, device: torch.device, kv_cache_dtype: str = "auto",
-                        windows: tuple = (None,), num_blocks: int = 0):
-    """The decode backend object for a backend name; ``auto`` falls back to torch for what kgen's
-    kernels (CUDA) or the native kernel (CPU) do not cover."""
+                        head_dim: int, dtype: torch.dtype, device: torch.device, layers=(),
+                        kv_cache_dtype: str = "auto", num_blocks: int = 0):
+    """The decode backend object for a backend name.
+
+    ``layers``: one :class:`runtime.config.LayerAttention` per layer (window, soft-cap, scale).
+    ``auto`` falls back to ``torch`` where kgen's kernels (CUDA) or the native kernel (CPU) cannot
+    serve the model.
+    """
     name = resolve_backend(backend, device)
-    if backend == "auto" and name == "triton" and (not triton_supports(head_dim, block_size)
-                                                   or triton_lacks(kv_cache_dtype, windows)):
+    if backend == "auto" and name == "triton" and get_dispatcher().why_unsupported(
+            dtype=dtype, head_dim=head_dim, block_size=block_size,
+            group_size=num_heads // num_kv_heads, kv_dtype=kv_cache_dtype):
         name = "torch"
     if backend == "auto" and name == "native" and native_lacks(dtype, num_heads, head_dim, device):
         name = "torch"
     if name == "triton":
-        return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device,
-                            kv_cache_dtype=kv_cache_dtype, windows=windows)
+        try:
+            return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device, layers=layers,
+                                kv_cache_dtype=kv_cache_dtype)
+        except ValueError:
+            if backend != "auto":
+                raise
     if name == "native":
         missing = native_lacks(dtype, num_heads, head_dim, device)
         if missing:
             raise ValueError(f"backend='native': {missing}")
-        return NativeDecode(block_size, num_kv_heads, num_heads, head_dim, num_blocks)
-    return TorchDecode(block_size, num_kv_heads, head_dim, dtype)
-
-
-def triton_supports(head_dim: int, block_size: int) -> bool:
-    """Whether kgen's kernel space covers this head dim and block size."""
-    from kgen.variant import BLOCK_SIZES, HEAD_DIMS
-
-    return head_dim in HEAD_DIMS and block_size in BLOCK_SIZES
+        return NativeDecode(block_size, num_kv_heads, num_heads, head_dim, num_blocks, layers=layers)
+    return TorchDecode(block_size, num_kv_heads, head_dim, dtype, layers=layers)

@@ -1,7 +1,12 @@
-"""ModelConfig: the Llama-family hyper-parameters read from a Hugging Face ``config.json``.
+"""ModelConfig: a decoder's hyper-parameters read from a Hugging Face ``config.json``.
 
-Field names follow Hugging Face. RoPE parameters are accepted in both spellings: the older
-``rope_theta`` + ``rope_scaling`` pair and the ``rope_parameters`` dict of transformers 5.
+Field names follow Hugging Face. The architecture (``architectures[0]``) picks a
+:class:`runtime.model.families.Family`, which reads what that family adds (biases, windows,
+soft-caps, ...) and refuses by name what the runtime does not implement. RoPE parameters are
+accepted in both spellings: the older ``rope_theta`` + ``rope_scaling`` pair and the
+``rope_parameters`` dict of transformers 5.
+
+Per-layer attention settings live in one place: :meth:`ModelConfig.layer_attention`.
 """
 
 from __future__ import annotations
@@ -11,34 +16,55 @@ from dataclasses import dataclass, field
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+from kgen.dispatch import torch_dtype
+from runtime.model.families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_for
+
+__all__ = ["ModelConfig", "LayerAttention", "kernel_features", "parse_dtype", "SUPPORTED_ARCHITECTURES"]
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 
 
 def parse_dtype(dtype, *, name: str = "dtype") -> torch.dtype:
-    """``torch.float16`` / ``"bf16"`` / ``"float32"`` ... -> a torch dtype (fp32, fp16 or bf16)."""
-    if isinstance(dtype, torch.dtype):
-        if dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return dtype
-        raise ValueError(f"{name}={dtype!r} is not supported; use float32, float16 or bfloat16")
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
-        raise ValueError(f"{name}={dtype!r} is not supported; use float32, float16 or bfloat16")
-    return _DTYPES[key]
+    """``torch.float16`` / ``"bf16"`` / ``"float32"`` ... -> a torch dtype (fp32, fp16 or bf16).
+
+    The one dtype vocabulary is kgen's (:mod:`kgen.dtypes`, re-exported by the dispatch door).
+    """
+    return torch_dtype(dtype, name=name)
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention computes: ``softmax(cap(scale * q.k))`` over its visible keys.
+
+    Attributes
+    ----------
+    scale : float
+        Multiplies q.k (``head_dim ** -0.5``, or ``query_pre_attn_scalar ** -0.5`` for Gemma 2).
+    sliding_window : int or None
+        The query at position p sees keys j with ``p - sliding_window < j <= p`` (the last W
+        tokens, transformers' convention); None: every earlier key.
+    logits_soft_cap : float or None
+        Each scaled score s becomes ``c * tanh(s / c)`` before the softmax; None: no cap.
+    """
+
+    scale: float
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The kernel feature flags this layer needs (kgen's names: ``sliding_window``, ``soft_cap``)."""
+        return kernel_features(self.sliding_window, self.logits_soft_cap)
+
+
+def kernel_features(sliding_window: int | None, logits_soft_cap: float | None) -> tuple[str, ...]:
+    """kgen's attention feature flags for these settings, in kgen's order."""
+    return (("sliding_window",) if sliding_window is not None else ()) + \
+        (("soft_cap",) if logits_soft_cap is not None else ())
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of a Llama-family decoder (Hugging Face names).
-
-    ``sliding_window`` (Mistral's field; read from ``config.json`` for any family): every layer
-    attends to the last ``sliding_window`` positions only; None means full attention.
-    """
+    """Hyper-parameters of a supported decoder (Hugging Face names, family extras resolved)."""
 
     vocab_size: int
     hidden_size: int
@@ -52,13 +78,18 @@ class ModelConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = "silu"
+    layer_windows: tuple = ()            # per layer: sliding window (int) or None; () = all None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    query_pre_attn_scalar: float | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: torch.dtype = torch.float32
     architecture: str = "LlamaForCausalLM"
-    sliding_window: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -66,19 +97,36 @@ class ModelConfig:
         """Query heads per KV head."""
         return self.num_attention_heads // self.num_key_value_heads
 
+    @property
+    def family(self) -> Family:
+        """What this architecture changes in the shared decoder."""
+        return FAMILIES[self.architecture]
+
+    def layer_attention(self, layer: int) -> LayerAttention:
+        """Layer ``layer``'s attention settings (window, soft-cap, scale)."""
+        if not 0 <= layer < self.num_hidden_layers:
+            raise ValueError(f"layer={layer!r} is outside 0..{self.num_hidden_layers - 1}")
+        scalar = self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim
+        window = self.layer_windows[layer] if self.layer_windows else None
+        return LayerAttention(scale=scalar ** -0.5, sliding_window=window,
+                              logits_soft_cap=self.attn_logit_softcapping)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """W when EVERY layer uses the same sliding window W (blocks wholly before the last W
+        tokens are then dead for all layers); None when some layer sees the whole context."""
+        windows = set(self.layer_windows) or {None}
+        return windows.pop() if len(windows) == 1 else None
+
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         """Build from a parsed ``config.json``; raises ValueError naming a bad or missing field."""
-        archs = data.get("architectures") or [_arch_from_model_type(data.get("model_type"))]
-        arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture={arch!r} is not supported; supported: "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        if data.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={data['hidden_act']!r} is not supported; only 'silu' (SwiGLU)")
+        if not isinstance(data, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(data).__name__}")
+        family = family_for(data)
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
-            if not isinstance(data.get(key), int) or data[key] <= 0:
+            if isinstance(data.get(key), bool) or not isinstance(data.get(key), int) or data[key] <= 0:
                 raise ValueError(f"config.json field {key}={data.get(key)!r} must be a positive int")
         heads = data["num_attention_heads"]
         kv_heads = data.get("num_key_value_heads")
@@ -86,7 +134,8 @@ class ModelConfig:
         if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
             raise ValueError(f"num_key_value_heads={kv_heads!r} must be a positive int dividing "
                              f"num_attention_heads={heads}")
-        head_dim = data.get("head_dim")
+        fam = family.read(data)
+        head_dim = fam.pop("head_dim")
         head_dim = data["hidden_size"] // heads if head_dim is None else head_dim
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
             raise ValueError(f"head_dim={head_dim!r} must be a positive even int (RoPE)")
@@ -94,21 +143,15 @@ class ModelConfig:
         eos = data.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         dtype_name = data.get("torch_dtype") or data.get("dtype") or "float32"
-        window = data.get("sliding_window")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-            raise ValueError(f"config.json field sliding_window={window!r} must be a positive int or null")
         return cls(
             vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
             intermediate_size=data["intermediate_size"], num_hidden_layers=data["num_hidden_layers"],
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-            attention_bias=bool(data.get("attention_bias", False)),
-            mlp_bias=bool(data.get("mlp_bias", False)),
+            rms_norm_eps=float(fam.pop("rms_norm_eps")), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=int(fam.pop("max_position_embeddings")),
             eos_token_ids=eos_ids, bos_token_id=data.get("bos_token_id"),
             torch_dtype=parse_dtype(dtype_name, name="config.json torch_dtype"),
-            architecture=arch, sliding_window=window, extra=dict(data),
+            architecture=family.architecture, extra=dict(data), **fam,
         )
 
     def inv_freq(self) -> torch.Tensor:
@@ -124,14 +167,13 @@ class ModelConfig:
         return inv
 
 
-def _arch_from_model_type(model_type) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(model_type, str(model_type))
-
-
 def _rope_params(data: dict) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from either spelling of the RoPE settings."""
     params = data.get("rope_parameters")
-    if isinstance(params, dict) and "layer_types" not in params:
+    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"config.json field rope_parameters={params!r} holds per-layer-type RoPE "
+                         f"settings, which are not supported; give one rope_theta/rope_type for all layers")
+    if isinstance(params, dict):
         theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
@@ -144,7 +186,11 @@ def _rope_params(data: dict) -> tuple[float, dict | None]:
         raise ValueError(f"rope_type={kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if kind in ("linear", "llama3") and not scaling.get("factor"):
         raise ValueError(f"rope scaling {kind!r} needs a 'factor'; got {scaling!r}")
-    if not isinstance(theta, (int, float)) or theta <= 0:
+    partial = scaling.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
+    if kind != "default" and partial != 1.0:  # transformers' default RoPE ignores it; scaled ones use it
+        raise ValueError(f"config.json field partial_rotary_factor={partial!r} is not supported with "
+                         f"rope_type={kind!r}; only full-width RoPE (1.0)")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ValueError(f"rope_theta={theta!r} must be a positive number")
     return float(theta), (scaling if kind != "default" else None)
 

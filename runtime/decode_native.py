@@ -8,9 +8,9 @@ V row once, straight from its block: on the mixed benchmark's batches it is 2-3x
 gather + SDPA path (one thread; ``bench/results/e2e_throughput.json`` has the end-to-end figures).
 
 Inputs are those of the other backends: the layer's NHD caches (fp32, or fp8 codes decoded
-through a 256-entry table), int32 block tables and sequence lengths. Only positions
-``[max(0, len - window), len)`` are read (all with no window), so freed (out-of-window) table
-entries are never touched; a block id outside the pool raises an error naming the sequence. The
+through a 256-entry table), int32 block tables and sequence lengths; a layer's soft-cap is
+applied to its scores. Only positions ``[max(0, len - window), len)`` are read (all with no
+window), so freed (out-of-window) table entries are never touched; a block id outside the pool raises an error naming the sequence. The
 sequences are split into ``torch.get_num_threads()`` chunks of about equal work, run on Python
 threads (ctypes releases the GIL while the C code runs).
 """
@@ -67,36 +67,49 @@ class NativeDecode:
     block_size, num_kv_heads, num_heads, head_dim : int
     num_blocks : int
         Blocks in the pool (the kernel refuses ids outside it).
+    layers : sequence of LayerAttention
+        Each layer's settings; the starts are built once per distinct window.
     """
 
     name = "native"
 
-    def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int, num_blocks: int) -> None:
+    def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int, num_blocks: int,
+                 layers=()) -> None:
         missing = native_lacks(torch.float32, num_heads, head_dim, torch.device("cpu"))
         if missing:
             raise ValueError(missing)
         self.fn = load_paged_decode()
         self.block_size, self.num_kv_heads, self.num_heads = block_size, num_kv_heads, num_heads
         self.head_dim, self.num_blocks = head_dim, num_blocks
+        self.windows = sorted({la.sliding_window for la in layers} or {None}, key=lambda w: w or 0)
         self._pool: ThreadPoolExecutor | None = None
 
     def prepare(self, meta) -> None:
         """Per window: int32 starts, the thread split and one scratch buffer per thread."""
         lens = meta.seq_lens.to(torch.int32).contiguous()
         threads = max(1, min(torch.get_num_threads(), meta.num_decodes))
-        for window in meta.windows:
-            starts = (lens - window).clamp_(min=0) if window is not None else torch.zeros_like(lens)
-            counts = (lens - starts).tolist()
-            chunks = split_work(counts, threads)
-            work = [torch.empty(self.num_heads * max(counts[b:e]), dtype=torch.float32) for b, e in chunks]
-            meta.extra[("native_decode", window)] = (starts.contiguous(), lens, chunks, work)
         meta.extra["native_tables"] = meta.block_tables.to(torch.int32).contiguous()
+        meta.extra["native_threads"] = threads
         if threads > 1 and (self._pool is None or self._pool._max_workers != threads):
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kgen-decode")
+        for window in self.windows:
+            self._plan(meta, lens, window)
 
-    def decode(self, q: torch.Tensor, layer, meta, scale: float, window: int | None = None) -> torch.Tensor:
+    def _plan(self, meta, lens: torch.Tensor, window: int | None) -> tuple:
+        starts = (lens - window).clamp_(min=0) if window is not None else torch.zeros_like(lens)
+        counts = (lens - starts).tolist()
+        chunks = split_work(counts, meta.extra["native_threads"])
+        work = [torch.empty(self.num_heads * max(counts[b:e]), dtype=torch.float32) for b, e in chunks]
+        plan = meta.extra[("native_decode", window)] = (starts.contiguous(), lens, chunks, work)
+        return plan
+
+    def decode(self, q: torch.Tensor, layer, meta, scale: float, *, sliding_window: int | None = None,
+               logits_soft_cap: float | None = None) -> torch.Tensor:
         """q: float32 [B, num_heads, head_dim] -> [B, num_heads, head_dim]; ``layer`` a ``LayerKV``."""
-        starts, lens, chunks, work = meta.extra[("native_decode", window)]
+        plan = meta.extra.get(("native_decode", sliding_window))
+        if plan is None:  # a window no layer announced: plan it now
+            plan = self._plan(meta, meta.seq_lens.to(torch.int32).contiguous(), sliding_window)
+        starts, lens, chunks, work = plan
         tables = meta.extra["native_tables"]
         q = q.contiguous()
         out = torch.empty_like(q)
@@ -104,7 +117,7 @@ class NativeDecode:
         args = (q.data_ptr(), layer.key.data_ptr(), layer.value.data_ptr(), lut, tables.data_ptr(), tables.stride(0),
                 starts.data_ptr(), lens.data_ptr())
         tail = (self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.num_blocks,
-                scale * layer.k_scale, layer.v_scale, out.data_ptr())
+                scale * layer.k_scale, logits_soft_cap or 0.0, layer.v_scale, out.data_ptr())
         if len(chunks) == 1:
             codes = [self.fn(*args, 0, chunks[0][1], *tail, work[0].data_ptr())]
         else:

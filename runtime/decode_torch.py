@@ -1,5 +1,9 @@
 """Paged decode attention in torch: length-sorted groups, one gather and one SDPA call per group.
 
+Works for every dtype and device, with per-layer sliding windows and soft-caps
+(:class:`runtime.config.LayerAttention`); the CPU default is the native kernel
+(:mod:`runtime.decode_native`) when it can serve the model.
+
 A decode step attends each sequence's query to its live context: positions ``[start, len)``
 with ``start = max(0, len - window)`` under a sliding window, else 0. :meth:`TorchDecode.prepare`
 sorts the sequences by live-context length and cuts them into groups whose padded gather stays
@@ -24,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from runtime.sdpa import attend
 
 GROUP_TOKENS = 4096
 """Most ``sequences x padded length`` rows one group gathers (measured: 2k-8k are alike on a
@@ -61,6 +66,8 @@ class TorchDecode:
     block_size, num_kv_heads, head_dim : int
     dtype : torch.dtype
         The compute dtype (queries, outputs, the additive mask).
+    layers : sequence of LayerAttention
+        Each layer's settings; one gather plan is built per distinct window.
     group_tokens : int
         The groups' gather budget (:data:`GROUP_TOKENS`).
     """
@@ -68,14 +75,15 @@ class TorchDecode:
     name = "torch"
 
     def __init__(self, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, group_tokens: int = GROUP_TOKENS) -> None:
+                 dtype: torch.dtype = torch.float32, layers=(), group_tokens: int = GROUP_TOKENS) -> None:
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype = dtype
         self.group_tokens = group_tokens
+        self.windows = sorted({la.sliding_window for la in layers} or {None}, key=lambda w: w or 0)
 
     def prepare(self, meta) -> None:
-        """Build the groups' gather indices and masks once per step, per window in ``meta.windows``."""
-        for window in meta.windows:
+        """Build the groups' gather indices and masks once per step, per window the layers use."""
+        for window in self.windows:
             meta.extra[("torch_decode", window)] = self._plan(meta.block_tables, meta.seq_lens, window)
 
     def _plan(self, tables: torch.Tensor, seq_lens: torch.Tensor, window: int | None) -> list[_Group]:
@@ -105,11 +113,15 @@ class TorchDecode:
             groups.append(_Group(None if whole else rows, gather, bias, j - i, length))
         return groups
 
-    def decode(self, q: torch.Tensor, layer, meta, scale: float, window: int | None = None) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, layer, meta, scale: float, *, sliding_window: int | None = None,
+               logits_soft_cap: float | None = None) -> torch.Tensor:
         """q: [B, num_heads, head_dim] -> [B, num_heads, head_dim]; ``layer`` a ``LayerKV``."""
         b_all, heads, d = q.shape
         kvh = self.num_kv_heads
-        groups = meta.extra[("torch_decode", window)]
+        key = ("torch_decode", sliding_window)
+        if key not in meta.extra:  # a window no layer announced: plan it now
+            meta.extra[key] = self._plan(meta.block_tables, meta.seq_lens, sliding_window)
+        groups = meta.extra[key]
         key = layer.key.view(-1, d)
         value = layer.value.view(-1, d)
         out = None if len(groups) == 1 and groups[0].rows is None else torch.empty_like(q)
@@ -120,7 +132,7 @@ class TorchDecode:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             qg = q if g.rows is None else q.index_select(0, g.rows)
             qg = qg.reshape(g.size, kvh, heads // kvh, d)                           # [b, kvh, g, D]
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.bias, scale=scale * layer.k_scale)
+            o = attend(qg, k, v, g.bias, scale * layer.k_scale, logits_soft_cap)
             o = o.reshape(g.size, heads, d)
             if layer.v_scale != 1.0:
                 o = o * layer.v_scale

@@ -19,6 +19,8 @@ import torch
 
 from runtime.attention import AttentionMetadata, PrefillSpan, make_decode_backend
 from runtime.beam import BeamSearch
+from runtime.cuda_graphs import DecodeGraphs, scratch_blocks
+from runtime.kv_cache import parse_kv_cache_dtype
 from runtime.kv_layout import NULL_BLOCK, window_start
 from runtime.kv_manager import KVCacheManager
 from runtime.loader import LoadedModel
@@ -75,33 +77,39 @@ class Engine:
     calculate_kv_scales : bool
         With an fp8 cache, set each layer's ``k_scale``/``v_scale`` from the first step's K/V
         (``amax / fp8 max``) instead of 1.0.
+    cuda_graphs : bool or None
+        Replay decode-only steps from CUDA graphs (:mod:`runtime.cuda_graphs`); None: on for
+        CUDA with the triton backend, off elsewhere.
 
-    A model whose every layer has the same sliding window gets a memory manager that frees the
-    blocks that slide out of it (``stats()["window_freed_blocks"]``); with mixed windows (or
-    none) every block is kept until its sequence finishes.
+    A model whose every layer has the same sliding window (``config.sliding_window``) gets a
+    memory manager that frees the blocks that slide out of it (``stats()["window_freed_blocks"]``);
+    with mixed windows (Gemma 2) or none, every block is kept until its sequence finishes.
     """
 
     def __init__(self, model: LoadedModel, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, backend: str = "auto",
                  enable_prefix_caching: bool = True, seed: int | None = None, watermark: float = 0.01,
-                 kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False) -> None:
+                 kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
+                 cuda_graphs: bool | None = None) -> None:
         check_seed("seed", seed)
         self.loaded, self.model, self.config = model, model.model, model.config
         self.device, self.block_size = self.model.device, block_size
-        self.windows = tuple(sorted(set(self.model.layer_windows), key=lambda w: (w is not None, w or 0)))
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
-                                 watermark=watermark, sliding_window=uniform_window(self.model.layer_windows))
+                                 watermark=watermark, sliding_window=self.config.sliding_window)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
         c = self.config
-        self.kv_cache = self.model.make_kv_cache(num_blocks, block_size, kv_cache_dtype)
+        kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
         self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                            dtype=self.model.dtype, device=self.device,
-                                           kv_cache_dtype=self.kv_cache.kv_cache_dtype, windows=self.windows,
+                                           layers=self.model.attention, kv_cache_dtype=kv_cache_dtype,
                                            num_blocks=num_blocks)
+        extra = scratch_blocks(cuda_graphs, device=self.device, backend=self.backend.name)  # 1 for graphs' padded rows
+        self.kv_cache = self.model.make_kv_cache(num_blocks + extra, block_size, kv_cache_dtype)
         self.calibrate_kv = bool(calculate_kv_scales) and self.kv_cache.quantized
         self.max_len = c.max_position_embeddings  # the pool never caps a length: see the scheduler's aborts
+        self.graphs = DecodeGraphs.for_engine(self, scratch_block=num_blocks) if extra else None
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -199,7 +207,7 @@ class Engine:
             spans.append(span)
             last_rows.append(len(ids) - 1)
         npf = len(ids)
-        meta = AttentionMetadata(slot_mapping=None, prefills=spans, num_prefill_tokens=npf, windows=self.windows)
+        meta = AttentionMetadata(slot_mapping=None, prefills=spans, num_prefill_tokens=npf)
         if decode:
             lens = [len(s) for s in decode]
             width = max(len(s.block_table) for s in decode)
@@ -211,6 +219,11 @@ class Engine:
             pos.extend(n - 1 for n in lens)
             slots.extend(kv.slot(s, n - 1) for s, n in zip(decode, lens))
             last_rows.extend(range(npf, npf + len(decode)))
+            if not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
+                logits = self.graphs.replay(ids, pos, slots, tables, lens)
+                if logits is not None:
+                    self.num_forward_tokens += len(ids)
+                    return logits
             meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
             meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
             meta.max_seq_len = max(lens)
@@ -341,9 +354,3 @@ class Engine:
                  forward_tokens=self.num_forward_tokens, backend=self.backend.name)
         return s
 
-
-def uniform_window(layer_windows) -> int | None:
-    """The sliding window shared by every layer, or None (no window, or layers that differ: then
-    the memory manager frees nothing, since a full-attention layer still reads every block)."""
-    windows = set(layer_windows)
-    return windows.pop() if len(windows) == 1 else None

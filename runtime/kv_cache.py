@@ -89,6 +89,10 @@ class PagedKVCache:
         return num_layers * 2 * block_size * num_kv_heads * head_dim * torch.empty((), dtype=storage).element_size()
 
     @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 

@@ -90,6 +90,7 @@ class KVCacheManager:
         self.prefill_tokens_skipped = 0
         self.window_freed_blocks = 0
         self.peak_blocks_in_use = 0
+        self.peak_blocks_per_seq = 0  # the most one sequence held at a decode step
 
     @property
     def enable_prefix_caching(self) -> bool:
@@ -124,9 +125,10 @@ class KVCacheManager:
         return self._held.get(seq.seq_id, 0)
 
     # ------------------------------------------------------------------ admission / prefill
-    def _plan(self, seqs, *, use_cache: bool = True) -> GroupPlan:
+    def _plan(self, seqs, *, use_cache: bool = True, store_all: bool = False) -> GroupPlan:
         cache = self.prefix_cache if use_cache else None
-        return plan_group(seqs, self.block_size, self.sliding_window, cache, self.pool.ref_count)
+        return plan_group(seqs, self.block_size, self.sliding_window, cache, self.pool.ref_count,
+                          store_all=store_all)
 
     def blocks_to_admit(self, seqs) -> int:
         """Blocks ``seqs`` need in an empty pool with an empty prefix cache (in-group sharing only)."""
@@ -141,10 +143,17 @@ class KVCacheManager:
         return self.can_allocate_all([seq])
 
     def _fitting_plan(self, seqs) -> GroupPlan | None:
-        """The plan with cache hits if it fits above the watermark, else the one without (a
-        windowed prefill may hold cached blocks it will not keep), else None."""
-        for use_cache in ((True, False) if self.prefix_cache is not None else (False,)):
-            plan = self._plan(seqs, use_cache=use_cache)
+        """The first plan that fits above the watermark, else None. In order: with prefix-cache
+        hits; with a window, first storing every prompt position (so that the prompt's full
+        blocks enter the prefix cache, as vLLM does; the out-of-window ones are freed after the
+        step) and then only what the window keeps; finally without cache hits (a windowed
+        prefill may hold cached blocks it will not keep)."""
+        caching = self.prefix_cache is not None
+        options = [(True, True), (True, False), (False, False)] if self.sliding_window else [(True, False), (False, False)]
+        for use_cache, store_all in options:
+            if use_cache and not caching:
+                continue
+            plan = self._plan(seqs, use_cache=use_cache, store_all=store_all)
             if self.pool.num_free - plan.num_taken >= self.watermark_blocks:
                 return plan
         return None
@@ -271,6 +280,7 @@ class KVCacheManager:
             table.append(self.pool.allocate())
         self._held[seq.seq_id] += new
         self.peak_blocks_in_use = max(self.peak_blocks_in_use, self.pool.num_used)
+        self.peak_blocks_per_seq = max(self.peak_blocks_per_seq, self._held[seq.seq_id])
         return copies
 
     def mark_computed(self, seq: Sequence) -> None:

@@ -50,11 +50,15 @@ class GroupPlan:
 
 
 def plan_group(seqs, block_size: int, window: int | None, cache: PrefixCache | None,
-               ref_count) -> GroupPlan:
+               ref_count, *, store_all: bool = False) -> GroupPlan:
     """Plan the allocation of ``seqs`` (all tokens of each; see the module docstring).
 
     ``cache`` None plans without the prefix cache (in-group sharing still applies);
     ``ref_count(block)`` tells which cached blocks are free (and so cost a free block to revive).
+    With a window, ``store_all`` gives every uncached position a block, as vLLM does (the
+    prefill stores the whole prompt, so that its full blocks enter the prefix cache; those
+    outside the window are freed after the step); otherwise positions the window has left by the
+    end of the prefill get none.
     """
     plans: list[SeqPlan] = []
     group_new: dict[BlockHash, int] = {}   # key -> group-wide id of a new full block
@@ -75,7 +79,7 @@ def plan_group(seqs, block_size: int, window: int | None, cache: PrefixCache | N
                 hits += 1
                 if ref_count(avail[i]) == 0:
                     revived.add(avail[i])
-        plan.first_new = max(cut, window_start(n, window) // block_size)
+        plan.first_new = cut if store_all else max(cut, window_start(n, window) // block_size)
         for i in range(plan.first_new, plan.num_blocks):
             plan.new_ids.append(num_new)
             if i < cacheable and keys[i] not in group_new:

@@ -13,8 +13,10 @@ def memory_stats(kv) -> dict:
     is in use). ``logical_blocks`` is the sum over sequences of the blocks their tables hold (what
     the same sequences would use without any sharing) and ``blocks_saved_by_sharing =
     logical_blocks - blocks_in_use``. With a sliding window, ``window_freed_blocks`` counts the
-    table entries freed because they slid out of the window, and ``max_blocks_per_seq`` the most
-    blocks one live sequence holds now.
+    table entries freed because they slid out of the window; ``max_blocks_per_seq`` is the most
+    blocks one live sequence holds now, ``peak_blocks_per_seq`` the most one held at a decode step
+    (with a window at most ``kv_layout.window_blocks``; a prefill may hold its whole prompt for
+    that one step, as vLLM's does, when the pool has room).
     """
     bs, pool = kv.block_size, kv.pool
     fill: dict[int, int] = {}
@@ -50,6 +52,7 @@ def memory_stats(kv) -> dict:
         "slots_allocated": slots,
         "utilization": stored / slots if slots else 0.0,
         "peak_blocks_in_use": kv.peak_blocks_in_use,
+        "peak_blocks_per_seq": kv.peak_blocks_per_seq,
         "window_freed_blocks": kv.window_freed_blocks,
         "prefix_cache_query_blocks": kv.prefix_query_blocks,
         "prefix_cache_hit_blocks": kv.prefix_hit_blocks,

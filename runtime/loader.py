@@ -1,21 +1,32 @@
-"""Load a Llama-family checkpoint from a local Hugging Face folder.
+"""Load a checkpoint of a supported family from a local Hugging Face folder.
 
 The folder holds ``config.json`` and either ``model.safetensors`` or sharded safetensors with a
-``model.safetensors.index.json``; weights in fp32, fp16 or bf16. An optional ``tokenizer.json``
-is loaded with the ``tokenizers`` library so that text prompts work.
+``model.safetensors.index.json``; weights in fp32, fp16 or bf16. The architecture comes from
+``config.json``'s ``architectures`` (:mod:`runtime.model.families`). An optional
+``tokenizer.json`` is loaded with the ``tokenizers`` library so that text prompts work; one that
+cannot be read leaves token-id prompts working (a warning names the file, and text prompts get
+an error naming it).
+
+Unreadable files (truncated or non-object JSON, truncated or empty safetensors) are ValueErrors
+naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from runtime.config import ModelConfig, parse_dtype
-from runtime.model.llama import LlamaModel
+from runtime.model.decoder import DecoderModel
+from runtime.model.weights import expected_shapes
+
+__all__ = ["LoadedModel", "load_model", "read_config", "load_weights", "load_tokenizer", "expected_shapes"]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -24,10 +35,11 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class LoadedModel:
     """A model ready for the engine: the network, its config and an optional tokenizer."""
 
-    model: LlamaModel
+    model: DecoderModel
     config: ModelConfig
     tokenizer: object | None = None  # tokenizers.Tokenizer
     path: Path | None = None
+    tokenizer_error: str | None = None  # why tokenizer.json could not be used (text prompts say it)
 
     @property
     def device(self) -> torch.device:
@@ -38,46 +50,51 @@ class LoadedModel:
         return self.model.dtype
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Hugging Face tensor name -> shape, for every weight the model needs."""
-    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        layer = {
-            "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-            "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i),
-            "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        }
-        if config.attention_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                          "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (h,)})
-        if config.mlp_bias:
-            layer.update({"mlp.gate_proj.bias": (i,), "mlp.up_proj.bias": (i,), "mlp.down_proj.bias": (h,)})
-        shapes.update({p + k: v for k, v in layer.items()})
-    return shapes
-
-
 def read_config(path) -> ModelConfig:
     """Parse ``<path>/config.json``; raises FileNotFoundError / ValueError naming the problem."""
     folder = Path(path)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"model path {str(folder)!r} has no config.json")
-    with open(cfg_file) as f:
-        return ModelConfig.from_dict(json.load(f))
+    data = _read_json(cfg_file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(cfg_file)!r} must hold a JSON object, got a JSON {type(data).__name__}")
+    try:
+        return ModelConfig.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{str(cfg_file)!r}: {err}") from None
+
+
+def _read_json(path: Path):
+    """Parse a JSON file; ValueError names the file when it is not valid JSON (e.g. truncated)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); is the file truncated?") from None
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    """``safe_open`` whose errors (empty, truncated or corrupt file) are ValueErrors naming it."""
+    try:
+        handle = safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}); "
+                         f"is it truncated or empty?") from None
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as err:
+            raise ValueError(f"{str(path)!r}: reading a tensor failed ({err}); is the file truncated?") from None
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index.name} in {str(folder)!r} has no 'weight_map' object")
         files = {name: folder / fname for name, fname in weight_map.items()}
@@ -89,7 +106,7 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     if not single.is_file():
         raise FileNotFoundError(f"model path {str(folder)!r} has neither model.safetensors nor "
                                 f"model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -113,7 +130,7 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype) -> dict[
     for name in shapes:
         by_file.setdefault(files[name], []).append(name)
     for fpath, fnames in by_file.items():
-        with safe_open(fpath, framework="pt") as f:
+        with _open_safetensors(fpath) as f:
             for name in fnames:
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != shapes[name]:
@@ -126,13 +143,21 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype) -> dict[
 
 
 def load_tokenizer(folder: Path):
-    """A ``tokenizers.Tokenizer`` from ``tokenizer.json``, or None when the folder has none."""
+    """``(tokenizer, error)``: a ``tokenizers.Tokenizer`` from ``tokenizer.json`` and None; or
+    None and None when the folder has none; or None and a message naming the file when it cannot
+    be read (a warning says so too: token-id prompts still work)."""
     tok_file = Path(folder) / "tokenizer.json"
     if not tok_file.is_file():
-        return None
+        return None, None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(tok_file))
+    try:
+        return Tokenizer.from_file(str(tok_file)), None
+    except Exception as err:  # tokenizers raises a plain Exception for any parse failure
+        msg = f"{str(tok_file)!r} could not be read as a tokenizer ({err})"
+        warnings.warn(f"{msg}; text prompts will fail, token-id prompts still work", RuntimeWarning,
+                      stacklevel=3)
+        return None, msg
 
 
 def default_device() -> torch.device:
@@ -159,7 +184,7 @@ def parse_device(device) -> torch.device:
 
 
 def load_model(path, *, dtype=None, device=None) -> LoadedModel:
-    """Load a Llama-family model from a local Hugging Face folder.
+    """Load a model of a supported family from a local Hugging Face folder.
 
     Parameters
     ----------
@@ -181,5 +206,7 @@ def load_model(path, *, dtype=None, device=None) -> LoadedModel:
     torch_dtype = config.torch_dtype if dtype is None else parse_dtype(dtype)
     dev = default_device() if device is None else parse_device(device)
     weights = load_weights(folder, config, torch_dtype)
-    model = LlamaModel(config, weights, device=dev, dtype=torch_dtype)
-    return LoadedModel(model=model, config=config, tokenizer=load_tokenizer(folder), path=folder)
+    model = DecoderModel(config, weights, device=dev, dtype=torch_dtype)
+    tokenizer, tokenizer_error = load_tokenizer(folder)
+    return LoadedModel(model=model, config=config, tokenizer=tokenizer, path=folder,
+                       tokenizer_error=tokenizer_error)

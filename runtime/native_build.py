@@ -28,7 +28,7 @@ FLAG_SETS = (  # tried in order: vectorized expf, then plain libm
     (["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC"], ["-lm"]),
 )
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P]
+ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _F, _P, _P]
 
 _loaded: dict = {}
 

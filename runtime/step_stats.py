@@ -12,7 +12,6 @@ class StepMeter:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.peak_blocks_no_sharing = 0
-        self.peak_blocks_per_seq = 0
         self.steps = 0
         self._logical_sum = self._used_sum = self._stored_sum = self._peak_used = 0
         self.at_peak: dict = {}
@@ -30,9 +29,7 @@ class StepMeter:
         last_refs: dict[int, int] = {}
         for seq in kv.tracked_seqs():
             table = seq.block_table
-            held = kv.num_held_blocks(seq)  # out-of-window entries of a sliding window hold none
-            logical += held
-            self.peak_blocks_per_seq = max(self.peak_blocks_per_seq, held)
+            logical += kv.num_held_blocks(seq)  # out-of-window entries of a sliding window hold none
             if table:
                 b = table[-1]
                 last_fill[b] = max(last_fill.get(b, 0), len(seq) - (len(table) - 1) * bs)
@@ -56,10 +53,8 @@ class StepMeter:
         same sequences would hold without sharing); ``blocks_saved_by_sharing_at_peak``: that minus
         ``peak_blocks_in_use``; ``sharing_saving``: saved fraction over all steps;
         ``mean_utilization``: filled over allocated slots, over all steps; ``at_peak``: the picture
-        at the step with the most blocks in use; ``peak_blocks_per_seq``: the most blocks one
-        sequence held in a step (with a sliding window, about ``window / block_size + 1``)."""
+        at the step with the most blocks in use."""
         return {
-            "peak_blocks_per_seq": self.peak_blocks_per_seq,
             "peak_blocks_no_sharing": self.peak_blocks_no_sharing,
             "blocks_saved_by_sharing_at_peak": self.peak_blocks_no_sharing - peak_blocks_in_use,
             "sharing_saving": (1 - self._used_sum / self._logical_sum) if self._logical_sum else 0.0,

@@ -1,7 +1,8 @@
-"""Build small random-weight Llama checkpoints (and a tiny tokenizer) in temporary folders.
+"""Build small random-weight checkpoints (and a tiny tokenizer) in temporary folders.
 
-Hugging Face transformers is the reference: the checkpoints are made with ``LlamaForCausalLM`` and
-``save_pretrained``, so the runtime's loader reads exactly what the Hub format looks like.
+Hugging Face transformers is the reference: the checkpoints are made with ``LlamaForCausalLM``
+(or another family's ``*ForCausalLM``) and ``save_pretrained``, so the runtime's loader reads
+exactly what the Hub format looks like.
 """
 
 from __future__ import annotations
@@ -49,6 +50,43 @@ def make_llama(path, *, hidden=64, heads=4, kv_heads=2, layers=2, vocab=160, int
     if tokenizer:
         make_tokenizer(path, vocab)
     return model.float().eval()
+
+
+FAMILY_CLASSES = {  # short name -> (transformers config class, model class)
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+}
+
+
+def make_family(path, family: str, *, hidden=64, heads=4, kv_heads=2, layers=3, vocab=128, max_pos=256,
+                seed=0, init_std=0.08, **config):
+    """Save a random ``<family>ForCausalLM`` (fp32) to ``path`` and return the (eval) HF model.
+
+    ``config``: family fields (``head_dim``, ``sliding_window``, ``attn_logit_softcapping``, ...).
+    Norm weights are moved away from their identity value and biases away from zero, so that
+    both are really tested.
+    """
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 16,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=max_pos, initializer_range=init_std, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, **config)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    identity = 0.0 if family == "gemma2" else 1.0  # Gemma's norms scale by (1 + w)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(identity + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(Path(path))
+    return model
 
 
 def make_tokenizer(path, vocab: int) -> None:

@@ -78,3 +78,15 @@ def test_quick_run_writes_json_table_and_plot(tmp_path):
         assert 0.0 < r["utilization"] <= 1.0 and (r["block_size"] is None) == r["policy"].startswith("contig")
     assert len(data["sharing"]) == 12 and "machine" in data
     assert "paged" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+
+
+def test_quick_run_without_matplotlib_keeps_json_and_table(tmp_path, monkeypatch, capsys):
+    """Only the base package installed: the numbers are written, the plot is skipped, said so."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "memory_study.json"
+    assert memory_study.main(["--quick", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["sharing"]) == 12
+    assert "| sharegpt | paged | 16 |" in out.with_suffix(".md").read_text()
+    assert not out.with_suffix(".png").exists()
+    assert "matplotlib is not installed: no plot written" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from kgen.db.check import check_db
 from kgen.db.schema import SCHEMA_VERSION, DbFormatError, make_entry, make_provenance
 from kgen.db.store import TuningStore, block_size_defaults, load_best, read_trials
 from kgen.device import pseudo_device
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 
 PROV = make_provenance(pseudo_device("synthetic"), method="test", sampler="tpe", seed=3)

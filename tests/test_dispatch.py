@@ -10,7 +10,7 @@ from kgen.device import pseudo_device
 from kgen.dispatch import Dispatcher
 from kgen.reference import make_paged_inputs, paged_attention_reference, within_tolerance
 from kgen.space import default_config
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 
 SHAPE = dict(dtype="fp16", head_dim=64, block_size=16, group_size=2)

@@ -258,9 +258,9 @@ def test_group_allocation_shares_what_its_sequences_agree_on():
         assert kv.pool.num_free == 16
 
 
-def test_windowed_admission_allocates_only_the_window_and_reuses_a_cached_window():
+def test_windowed_admission_in_a_tight_pool_allocates_only_the_window_and_reuses_a_cached_window():
     bs, window = 4, 5
-    kv = KVCacheManager(32, bs, watermark=0.0, sliding_window=window)
+    kv = KVCacheManager(4, bs, watermark=0.0, sliding_window=window)  # too small to store a whole prompt
     long = Sequence(0, list(range(1, 31)))                      # 30 tokens, blocks 0..7
     kv.allocate(long)
     # after the prefill the next query (position 30) sees 26..30: only blocks 6 and 7 are stored
@@ -281,6 +281,27 @@ def test_windowed_admission_allocates_only_the_window_and_reuses_a_cached_window
     assert kv.release_out_of_window(again) == 1                 # the cached block leaves the window
     assert kv.num_held_blocks(again) == 2 == window_blocks(window, bs)
     assert kv.stats()["window_freed_blocks"] == 1 and kv.pool.ref_count(cached_block) == 0
+
+
+def test_windowed_admission_with_room_stores_the_prompt_for_the_prefix_cache():
+    """As vLLM: the prefill stores every prompt block, its full blocks enter the prefix cache, the
+    out-of-window ones are freed after the step and stay cached, so a later request with the same
+    long prefix skips it; while decoding a sequence still holds at most window_blocks."""
+    bs, window = 4, 5
+    kv = KVCacheManager(32, bs, watermark=0.0, sliding_window=window)
+    first = Sequence(0, list(range(1, 31)))                     # 30 tokens, blocks 0..7
+    kv.allocate(first)
+    assert NULL_BLOCK not in first.block_table and kv.num_held_blocks(first) == 8
+    first.num_computed_tokens = 30
+    first.append_token(99)
+    assert kv.release_out_of_window(first) == 6                 # positions 26.. still seen
+    assert kv.num_held_blocks(first) == 2 and len(kv.prefix_cache) == 7
+    kv.append_slot(first)
+    assert kv.stats()["peak_blocks_per_seq"] == 2 <= window_blocks(window, bs)
+    second = Sequence(1, list(range(1, 31)) + [7])              # the same 30 tokens, then another
+    kv.allocate(second)
+    assert second.num_cached_tokens == 28                       # blocks 0..6 computed: prefill from 28
+    assert second.block_table[:6] == [NULL_BLOCK] * 6           # never read by a prefill from 28
 
 
 def test_bad_input_names_the_value():

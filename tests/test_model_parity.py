@@ -11,6 +11,7 @@ from helpers_checkpoint import make_llama
 from runtime.attention import AttentionMetadata, PrefillSpan, TritonDecode
 from runtime.decode_native import NativeDecode, native_lacks
 from runtime.decode_torch import TorchDecode
+from runtime.config import LayerAttention
 from runtime.kv_cache import LayerKV
 from runtime.loader import load_model
 
@@ -56,13 +57,14 @@ def random_paged_case(bs, kvh, group, d, lens, seed=0, dtype=torch.float32):
 NATIVE = native_lacks(torch.float32, 8, 64, torch.device("cpu"))
 
 
-def cpu_backend(name, bs, kvh, heads, d, num_blocks, **kw):
+def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, **kw):
     """The torch or the native (C) decode backend; the native one is skipped without a C compiler."""
+    layers = [LayerAttention(scale=1.0, sliding_window=window)]
     if name == "torch":
-        return TorchDecode(bs, kvh, d, **kw)
+        return TorchDecode(bs, kvh, d, layers=layers, **kw)
     if NATIVE:
         pytest.skip(NATIVE)
-    return NativeDecode(bs, kvh, heads, d, num_blocks)
+    return NativeDecode(bs, kvh, heads, d, num_blocks, layers=layers)
 
 
 @pytest.mark.parametrize("name", ["torch", "native"])
@@ -97,9 +99,9 @@ def test_cpu_decode_windows_never_read_freed_blocks(window, group_tokens):
     for i, n in enumerate(lens):
         tables[i, -(-n // bs):] = poison                     # padding too
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
-                             seq_lens=seq_lens, max_seq_len=max(lens), windows=(window,))
+                             seq_lens=seq_lens, max_seq_len=max(lens))
     if group_tokens == "native":
-        backend = cpu_backend("native", bs, 2, 6, 16, kc.shape[0])
+        backend = cpu_backend("native", bs, 2, 6, 16, kc.shape[0], window=window)
         before = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
@@ -108,11 +110,11 @@ def test_cpu_decode_windows_never_read_freed_blocks(window, group_tokens):
             torch.set_num_threads(before)
         assert len(meta.extra[("native_decode", window)][2]) == 2  # two threads' chunks
     else:
-        backend = TorchDecode(bs, 2, 16, group_tokens=group_tokens)
+        backend = cpu_backend("torch", bs, 2, 6, 16, kc.shape[0], window=window, group_tokens=group_tokens)
         backend.prepare(meta)
         groups = meta.extra[("torch_decode", window)]
         assert (len(groups) > 1) == (group_tokens == 8)
-    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25, window=window)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25, sliding_window=window)
     ref = reference_decode(q, kc, vc, tables, seq_lens, 0.25, window=window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -162,35 +164,53 @@ def test_triton_decode_backend_matches_float64():
     torch.testing.assert_close(out.double().cpu(), reference_decode(*case, 0.125), rtol=1e-4, atol=1e-4)
 
 
-def mixed_step(model, prompts, bs, *, cached=0, decode_extra=1):
-    """Run prefill for prompts[0] (its first ``cached`` tokens already in the cache) and prompts[1]
-    in one batch together with decode tokens of prompts[2:], over permuted blocks.
+def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1):
+    """One forward over a mixed batch on a garbage-filled cache of permuted, shared blocks.
+
+    prompts[0] prefills its tokens after a cached prefix, prompts[1] prefills whole, prompts[2:]
+    decode their last token (their earlier tokens already in the cache). The sequences in
+    ``sharers`` start with the same ``shared`` tokens (whole blocks): their block tables point at
+    the same physical blocks for that prefix, written once, and the later tokens of each read it
+    back. Every other block is its own, drawn from a random permutation of the pool.
 
     Returns logits of: the last token of each prefill, each decode token.
     """
+    assert shared % bs == 0 and all(prompts[i][:shared] == prompts[sharers[0]][:shared] for i in sharers)
+    assert all(len(prompts[i]) > shared for i in sharers)  # the shared blocks stay full and read-only
     cache = model.make_kv_cache(64, bs)
     cache.data.copy_(torch.rand(cache.data.shape) * 2e4 - 1e4)  # garbage everywhere first
     perm = torch.randperm(64).tolist()
-    tables = [[perm.pop() for _ in range(-(-(len(p) + decode_extra) // bs))] for p in prompts]
+    prefix_blocks = [perm.pop() for _ in range(shared // bs)]
+    tables = []
+    for i, p in enumerate(prompts):
+        own = prefix_blocks if i in sharers else []
+        tables.append(own + [perm.pop() for _ in range(-(-(len(p) + decode_extra) // bs) - len(own))])
+    cached = {i: shared if i in sharers else 0 for i in range(len(prompts))}
 
     def slots(i, positions):
         return [tables[i][p // bs] * bs + p % bs for p in positions]
 
-    # fill the cache for the decode sequences' contexts (and the cached prefix) with the model itself
-    warm = [(0, range(cached))] if cached else []
-    warm += [(i, range(len(prompts[i]) - 1)) for i in range(2, len(prompts))]
-    for i, rng in warm:
-        n = len(rng)
-        meta = AttentionMetadata(torch.tensor(slots(i, rng)), [PrefillSpan(0, n, 0, n)], n)
-        model.forward(torch.tensor(prompts[i][:n]), torch.arange(n), cache, meta, None, torch.tensor([n - 1]))
+    def prefill_span(i, row, end):
+        """Positions cached[i]:end of sequence i as batch rows row.. (reading its cached prefix)."""
+        ctx = torch.tensor(slots(i, range(cached[i]))) if cached[i] else None
+        return PrefillSpan(row, row + end - cached[i], cached[i], end, ctx)
+
+    # Fill the cache with the model itself: the shared prefix once (as sequence sharers[0]'s), then
+    # each decode sequence's context after it, reading the shared prefix back from the cache.
+    warm = [(sharers[0], PrefillSpan(0, shared, 0, shared), range(shared))]
+    warm += [(i, prefill_span(i, 0, len(prompts[i]) - 1), range(cached[i], len(prompts[i]) - 1))
+             for i in range(2, len(prompts)) if len(prompts[i]) - 1 > cached[i]]
+    for i, span, rng in warm:
+        meta = AttentionMetadata(torch.tensor(slots(i, rng)), [span], len(rng))
+        model.forward(torch.tensor([prompts[i][p] for p in rng]), torch.tensor(list(rng)), cache, meta,
+                      None, torch.tensor([len(rng) - 1]))
     ids, pos, slot, spans, rows = [], [], [], [], []
-    for i, start in ((0, cached), (1, 0)):
+    for i, start in ((0, cached[0]), (1, cached[1])):
         n = len(prompts[i])
+        spans.append(prefill_span(i, len(ids), n))
         ids += prompts[i][start:]
         pos += range(start, n)
         slot += slots(i, range(start, n))
-        ctx = torch.tensor(slots(i, range(start))) if start else None
-        spans.append(PrefillSpan(len(ids) - (n - start), len(ids), start, n, ctx))
         rows.append(len(ids) - 1)
     npf = len(ids)
     dec = list(range(2, len(prompts)))
@@ -206,7 +226,7 @@ def mixed_step(model, prompts, bs, *, cached=0, decode_extra=1):
                              max_seq_len=max(len(prompts[i]) for i in dec))
     backend = TorchDecode(bs, model.config.num_key_value_heads, model.config.head_dim)
     backend.prepare(meta)
-    return model.forward(torch.tensor(ids), torch.tensor(pos), cache, meta, backend, torch.tensor(rows))
+    return model.forward(torch.tensor(ids), torch.tensor(pos), cache, meta, backend, torch.tensor(rows)), tables
 
 
 @pytest.mark.parametrize("hidden,heads,kv_heads,head_dim,bs", [
@@ -216,13 +236,26 @@ def mixed_step(model, prompts, bs, *, cached=0, decode_extra=1):
     (40, 5, 5, 8, 4),     # odd head count, group 1
 ])
 def test_mixed_prefill_and_decode_batch_matches_transformers(tmp_path, hidden, heads, kv_heads, head_dim, bs):
+    """Sequences 0 (prefill after a cached prefix), 2 and 3 (decode) share their first blocks."""
     hf = make_llama(tmp_path, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, layers=3, vocab=128)
     model = load_model(tmp_path, device="cpu").model
     g = torch.Generator().manual_seed(heads)
-    lengths = [2 * bs + 3, bs if bs > 1 else 5, bs + 1, 7, 2 * bs]
-    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in lengths]
-    cached = bs if bs > 1 else 2
-    logits = mixed_step(model, prompts, bs, cached=cached)
+    shared = bs if bs > 1 else 2  # whole blocks
+
+    def tokens(n):
+        return torch.randint(3, 128, (n,), generator=g).tolist()
+
+    prefix = tokens(shared)
+    # tails put lengths at block edges: 2 fills its prefix block and starts a new one with its
+    # decode token, 4 ends exactly on a block; 1 and 4 share nothing
+    prompts = [prefix + tokens(bs + 3), tokens(bs if bs > 1 else 5), prefix + tokens(1),
+               prefix + tokens(bs + 2 if bs > 1 else 3), tokens(2 * bs)]
+    logits, tables = mixed_step(model, prompts, bs, shared=shared)
+    n_shared = shared // bs
+    assert tables[0][:n_shared] == tables[2][:n_shared] == tables[3][:n_shared]
+    flat = [b for i, t in enumerate(tables) for b in (t[n_shared:] if i in (0, 2, 3) else t)]
+    assert len(set(flat)) == len(flat) and not set(flat) & set(tables[0][:n_shared])
+    assert any(t != sorted(t) for t in tables)  # really permuted
     with torch.no_grad():
         ref = torch.stack([hf(torch.tensor([p])).logits[0, -1] for p in prompts])
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)

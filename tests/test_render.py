@@ -6,7 +6,7 @@ import re
 import jinja2
 import pytest
 
-from kgen import render
+from kgen import paths, render
 from kgen.build import load_kernel, module_name
 from kgen.variant import VariantConfig
 
@@ -15,10 +15,10 @@ CONFIG = VariantConfig(head_dim=80, block_size=8, group_size=3, split_k=4, tile_
 
 
 def test_templates_hold_slots_and_simple_ifs_only():
-    names = {p.name for p in render.template_files()}
+    names = {p.name for p in paths.template_files()}
     assert {"header.py.j2", "attend.py.j2", "decode.py.j2", "decode_partial.py.j2", "merge.py.j2",
             "launcher.py.j2"} <= names
-    for path in render.template_files():
+    for path in paths.template_files():
         tags = re.findall(r"{%-?\s*(\w+)", path.read_text())
         assert set(tags) <= {"if", "else", "endif"}, (path.name, tags)
         assert "{{" not in re.sub(r"{{\s*\w+\s*}}", "", path.read_text()), path.name  # no filters
@@ -34,7 +34,7 @@ def test_rendered_source_is_python_with_the_variant(split_k):
     assert set(render.kernel_names(config)) <= jit
     assert ("_merge_kernel" in jit) == (config.split_k != 1)
     assert f'VARIANT_KEY = "{config.key}"' in source
-    assert render.template_hash() in source
+    assert paths.template_hash() in source
     imports = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     assert imports == {"math", "os", "torch", "triton"}
     assert "_D_PAD = 128" in source and "_PAD_D = True" in source and "_G_PAD = 16" in source
@@ -69,14 +69,14 @@ def test_write_source_only_when_changed(tmp_path):
 
 
 def test_template_hash_tracks_template_text(tmp_path, monkeypatch):
-    before = render.template_hash()
-    assert re.fullmatch(r"[0-9a-f]{16}", before) and render.template_hash() == before
-    for path in render.template_files():
+    before = paths.template_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", before) and paths.template_hash() == before
+    for path in paths.template_files():
         (tmp_path / path.name).write_text(path.read_text())
-    monkeypatch.setattr(render, "templates_dir", lambda: tmp_path)
-    assert render.template_hash() == before
+    monkeypatch.setattr(paths, "templates_dir", lambda: tmp_path)
+    assert paths.template_hash() == before
     (tmp_path / "merge.py.j2").write_text((tmp_path / "merge.py.j2").read_text() + "\n")
-    assert render.template_hash() != before
+    assert paths.template_hash() != before
 
 
 def test_load_kernel_caches_by_key(tmp_path):
@@ -91,8 +91,19 @@ def test_load_kernel_caches_by_key(tmp_path):
 def test_emit_header(tmp_path):
     path = render.emit(CONFIG, tmp_path / "k.py", command_line="kgen emit --key X -o k.py")
     head = path.read_text()[:1200]
-    for text in (CONFIG.key, "kgen 0.", render.template_hash(), "UTC", "kgen emit --key X",
+    for text in (CONFIG.key, "kgen 0.", paths.template_hash(), "UTC", "kgen emit --key X",
                  "block_size=8"):
         assert text in head
     with pytest.raises(ValueError, match="path='k.txt'"):
         render.emit(CONFIG, "k.txt")
+
+
+def test_default_cache_folder_is_per_template_version(tmp_path, monkeypatch):
+    """Two template versions on one machine render the same key into different files."""
+    monkeypatch.setenv("KGEN_CACHE", str(tmp_path))
+    first = render.write_source(CONFIG)
+    assert first.parent == tmp_path / paths.template_hash() and first.name == f"{CONFIG.key}.py"
+    monkeypatch.setattr(render, "template_hash", lambda: "0123456789abcdef")
+    second = render.write_source(CONFIG)
+    assert second.parent == tmp_path / "0123456789abcdef" and second != first
+    assert first.exists()  # the other version's module is left alone

@@ -7,7 +7,7 @@ from helpers_checkpoint import make_llama, random_prompts
 from kgen.db.schema import make_entry, make_provenance
 from kgen.db.store import TuningStore
 from kgen.device import pseudo_device
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 from runtime import SamplingParams
 from runtime.attention import default_block_size

@@ -1,7 +1,7 @@
-"""Sliding windows end to end: a Llama checkpoint whose config.json sets ``sliding_window``
-decodes exactly like Hugging Face's Mistral (the same network with that window) on the same
-weights, for prompts and outputs longer than the window, while the memory manager frees the
-blocks that slide out: a sequence never holds more than ``window_blocks(W, bs)`` blocks.
+"""Sliding windows end to end: a Mistral checkpoint (every layer windowed) decodes exactly like
+Hugging Face's ``MistralForCausalLM`` for prompts and outputs longer than the window, while the
+memory manager frees the blocks that slide out: a sequence never holds more than
+``window_blocks(W, bs)`` blocks. Gemma 2 (windowed and full layers mixed) frees nothing.
 """
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import runtime
-from helpers_checkpoint import hf_greedy, make_llama, random_prompts
+from helpers_checkpoint import hf_greedy, make_family, random_prompts
 from runtime import SamplingParams
 from runtime.kv_layout import window_blocks
 
@@ -19,27 +19,19 @@ W = 8
 
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
-    """(folder of a Llama checkpoint with sliding_window=W, HF Mistral with the same weights)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
+    """(folder of a Mistral checkpoint with sliding_window=W and no EOS, the HF model)."""
     path = tmp_path_factory.mktemp("window")
-    llama = make_llama(path, hidden=64, heads=4, kv_heads=2, layers=2, vocab=128, seed=21, max_pos=256,
-                       eos_token_id=None)
-    cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "sliding_window": W}))
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
-    mistral = MistralForCausalLM(MistralConfig(**{k: cfg[k] for k in keys}, sliding_window=W, head_dim=16,
-                                               rope_theta=10000.0, pad_token_id=0, eos_token_id=None,
-                                               bos_token_id=None)).eval()
-    mistral.load_state_dict(llama.state_dict())
+    mistral = make_family(path, "mistral", layers=2, sliding_window=W, head_dim=16, seed=21)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": None}))
+    mistral.generation_config.eos_token_id = None
     return path, mistral
 
 
 def test_the_reference_differs_from_full_attention(windowed):
     path, mistral = windowed
     prompt = random_prompts([20], 128, seed=1)[0]
-    full = runtime.generate(path.parent / path.name, [prompt], SamplingParams(max_tokens=16, ignore_eos=True))
+    full = runtime.generate(path, [prompt], SamplingParams(max_tokens=16, ignore_eos=True))
     assert full.stats["sliding_window"] == W
     with torch.no_grad():  # the same weights without the window pick other tokens
         mistral.config.sliding_window = None
@@ -106,3 +98,12 @@ def test_beams_and_samples_under_a_window(windowed):
     tight = runtime.generate(path, [prompt, prompt[:5]], params, block_size=4, num_blocks=3 * 3 + 3)
     assert [[c.token_ids for c in o.outputs] for o in tight] == [[c.token_ids for c in o.outputs] for o in roomy]
     assert tight.stats["peak_blocks_per_seq"] <= window_blocks(W, 4)
+
+
+def test_mixed_windows_free_nothing(tmp_path):
+    """Gemma 2 mixes windowed and full layers: the full ones read every block, so none is freed."""
+    make_family(tmp_path, "gemma2", layers=2, sliding_window=4, head_dim=16)
+    prompt = random_prompts([10], 128, seed=8)[0]
+    outs = runtime.generate(tmp_path, [prompt], SamplingParams(max_tokens=12, ignore_eos=True), block_size=4)
+    assert outs.stats["sliding_window"] is None and outs.stats["window_freed_blocks"] == 0
+    assert outs.stats["peak_blocks_per_seq"] == -(-(10 + 11) // 4)

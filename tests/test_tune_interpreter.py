@@ -10,7 +10,7 @@ from kgen.db.store import TuningStore
 from kgen.reference import make_paged_inputs, paged_attention_reference, within_tolerance
 from kgen.tune import measure_kernel
 from kgen.tune.measure_kernel import InterpreterMeasurer, check_lens
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 
 W = Workload("interpreter", "fp16", 64, 16, 2, 1, 512)

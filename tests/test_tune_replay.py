@@ -5,7 +5,7 @@ import pytest
 from kgen.tune.measure import ReplayMeasurer, SyntheticMeasurer
 from kgen.tune.replay import replay_scores, score, synthetic_table
 from kgen.tune.search import all_candidates, static_prune
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 from kgen.variant import VariantConfig
 
 W = Workload("h100", "fp16", 128, 64, 1, 1, 512)  # 8 pages: small split-K axis

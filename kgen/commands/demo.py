@@ -12,6 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from kgen.build import import_file
+from kgen.render import emit
+from kgen.space import default_config
+
 # (variant fields, num_kv_heads, seq_lens): single pass, split-K auto, fixed split-K;
 # lengths at block edges, an empty context and one spanning several partitions.
 DEMO_CASES = (
@@ -44,11 +48,9 @@ def _use_interpreter_if_no_gpu() -> str:
 def _run_case(fields, num_kv_heads, lens, out_dir: Path, device: str, seed: int) -> dict:
     import torch
 
-    from kgen.build import import_file
+    # kgen.reference imports torch: loaded when the demo runs, not for every `kgen` command
     from kgen.reference import (TOLERANCES, make_paged_inputs, max_abs_error,
                                 paged_attention_reference, within_tolerance)
-    from kgen.render import emit
-    from kgen.space import default_config
 
     config = default_config(head_dim=fields["head_dim"], block_size=fields["block_size"],
                             group_size=fields["group_size"], dtype=fields["dtype"],

@@ -14,7 +14,7 @@ import optuna
 from kgen.tune import study as st
 from kgen.tune.measure import Measurer, ReplayMeasurer, SyntheticMeasurer
 from kgen.tune.search import all_candidates, default_variant, static_prune
-from kgen.tune.workload import Workload
+from kgen.workload import Workload
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The per-workload search space: the template parameters that do not change the cache layout.
 
-A workload fixes dtype, head dim, block size and group size; the tuner searches split-K (``auto``
-and 1 included), tokens per inner tile, ``num_warps`` and ``num_stages``, with the values of
-:data:`kgen.space.AXES`. The generator's pure prune rules (:func:`kgen.space.prune_reason`) reject
+A workload fixes dtype, head dim, block size, group size, KV dtype and attention features; the
+tuner searches split-K (``auto`` and 1 included), tokens per inner tile, ``num_warps`` and
+``num_stages``, with the values of :data:`kgen.space.AXES`. The generator's pure prune rules (:func:`kgen.space.prune_reason`) reject
 a candidate before anything is built.
 
 Optuna sees each axis as an ordered integer index into its sorted values (parameter
@@ -12,8 +12,9 @@ alike instead of treating them as unrelated categories.
 
 from __future__ import annotations
 
-from kgen.tune.workload import Workload
+from kgen.space import AXES, default_config, prune_reason
 from kgen.variant import SPLIT_AUTO, VariantConfig
+from kgen.workload import Workload
 
 SEARCH_AXES = ("split_k", "tile_tokens", "num_warps", "num_stages")
 PARAM_NAMES = tuple(f"{axis}_idx" for axis in SEARCH_AXES)
@@ -21,8 +22,6 @@ PARAM_NAMES = tuple(f"{axis}_idx" for axis in SEARCH_AXES)
 
 def search_space(workload: Workload) -> dict[str, tuple]:
     """Axis name -> sorted candidate values for one workload (split-K capped by the context)."""
-    from kgen.space import AXES
-
     space = {name: tuple(sorted(AXES[name])) for name in SEARCH_AXES}
     # More partitions than KV pages (of the context bucket) can only add empty partitions.
     pages = max(1, workload.context // workload.block_size)
@@ -42,8 +41,7 @@ def config_for(workload: Workload, params: dict) -> VariantConfig:
         if not isinstance(index, int) or not 0 <= index < len(space[axis]):
             raise ValueError(f"{name}={index!r} is outside 0..{len(space[axis]) - 1}")
         values[axis] = space[axis][index]
-    return VariantConfig(head_dim=workload.head_dim, block_size=workload.block_size,
-                         group_size=workload.group_size, dtype=workload.dtype, **values)
+    return VariantConfig(**workload.variant_fields(), **values)
 
 
 def params_of(workload: Workload, config: VariantConfig) -> dict | None:
@@ -66,16 +64,11 @@ def grid_space(workload: Workload) -> dict[str, list[int]]:
 
 def default_variant(workload: Workload) -> VariantConfig:
     """The generator's untuned default for the workload's shape (the warm start)."""
-    from kgen.space import default_config
-
-    return default_config(head_dim=workload.head_dim, block_size=workload.block_size,
-                          group_size=workload.group_size, dtype=workload.dtype)
+    return default_config(**workload.variant_fields())
 
 
 def static_prune(config: VariantConfig) -> str | None:
     """The generator's prune rules (pure, instant): a reason to skip ``config``, or None."""
-    from kgen.space import prune_reason
-
     return prune_reason(config)
 
 
@@ -84,7 +77,5 @@ def all_candidates(workload: Workload) -> list[VariantConfig]:
     import itertools
 
     space = search_space(workload)
-    return [VariantConfig(head_dim=workload.head_dim, block_size=workload.block_size,
-                          group_size=workload.group_size, dtype=workload.dtype,
-                          **dict(zip(SEARCH_AXES, combo)))
+    return [VariantConfig(**workload.variant_fields(), **dict(zip(SEARCH_AXES, combo)))
             for combo in itertools.product(*(space[name] for name in SEARCH_AXES))]

@@ -1,5 +1,6 @@
-"""Model implementations that run over the paged KV cache."""
+"""The decoder that runs over the paged KV cache (:mod:`runtime.model.decoder`) and the model
+families it serves (:mod:`runtime.model.families`).
 
-from runtime.model.llama import LlamaModel
-
-__all__ = ["LlamaModel"]
+Nothing is imported here: ``runtime.config`` imports the (torch-free) families module, and the
+decoder imports ``runtime.config``, so an eager import here would close a cycle.
+"""

@@ -14,7 +14,8 @@
  *   out     float  [num_seqs, heads, d]
  *   work    float  [heads * max(lens - starts)]     scratch for one sequence
  * A query head i of kv head h is head h * group + i (grouped-query attention). `scale` already
- * includes the K dequantization scale; `v_scale` multiplies the output.
+ * includes the K dequantization scale; a positive `soft_cap` c turns each scaled score s into
+ * c * tanh(s / c) (Gemma 2); `v_scale` multiplies the output.
  *
  * Returns 0, or -1 - s when sequence s names a block outside [0, num_blocks) (nothing is read
  * from such a block; its output rows are left as they were).
@@ -44,7 +45,7 @@ int kgen_paged_decode(const float *q, const void *k_cache, const void *v_cache, 
                       const int32_t *tables, int64_t table_stride, const int32_t *starts,
                       const int32_t *lens, int64_t seq_begin, int64_t seq_end, int64_t heads,
                       int64_t kv_heads, int64_t d, int64_t block_size, int64_t num_blocks,
-                      float scale, float v_scale, float *out, float *work) {
+                      float scale, float soft_cap, float v_scale, float *out, float *work) {
     float buf[1024];
     if (heads > MAX_HEADS || d > 1024 || heads % kv_heads)
         return -1 - seq_begin;
@@ -72,6 +73,8 @@ int kgen_paged_decode(const float *q, const void *k_cache, const void *v_cache, 
                     for (int64_t j = 0; j < d; j++)
                         acc += qi[j] * k[j];
                     acc *= scale;
+                    if (soft_cap > 0.0f)
+                        acc = soft_cap * tanhf(acc / soft_cap);
                     work[i * n + t] = acc;
                     mx[i] = acc > mx[i] ? acc : mx[i];
                 }

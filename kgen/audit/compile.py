@@ -1,26 +1,25 @@
-"""Compile captured launches for a GPU target and read the binaries; the audit worker process.
+"""Compile captured launches for a GPU target (no GPU needed) and read the binaries.
 
 Triton decides at decoration time whether ``@triton.jit`` functions (its own ``tl.cdiv`` too) are
-interpreted. In a process that imported Triton with ``TRITON_INTERPRET=1`` (the CPU test suite)
-its standard library cannot be compiled, so :class:`AuditWorker` runs the compile in a child
-process (``python -m kgen.audit_compile``) started without that variable. It reads one
-``KEY TARGET`` request per line and answers one JSON line per request.
+interpreted: in a process that imported Triton with ``TRITON_INTERPRET=1`` nothing here can run
+(:func:`can_compile_in_process`), and :mod:`kgen.audit.worker` compiles in a child process.
+Triton is imported inside the functions: importing this module must not decide the interpreter
+mode for the caller.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
-from kgen.asm import ptx_loads, resource_usage, sass_load_bits, sass_spill_bytes
-from kgen.audit import TARGETS, AuditResult, KernelAudit, parse_target
+from kgen.audit.asm import ptx_loads, resource_usage, sass_load_bits, sass_spill_bytes
+from kgen.audit.capture import capture_launches, load_jit_module, specialize
+from kgen.audit.result import TARGETS, AuditResult, KernelAudit, parse_target
+from kgen.render import write_source
 from kgen.variant import VariantConfig
 
 
@@ -104,7 +103,6 @@ def audit_module_file(path, config: VariantConfig, target: str = "sm_90") -> Aud
     """Audit the rendered module at ``path`` (implementing ``config``) for ``target``, here."""
     import triton
 
-    from kgen.launch_capture import capture_launches, load_jit_module, specialize
 
     target = parse_target(target)
     if not can_compile_in_process():
@@ -119,76 +117,8 @@ def audit_module_file(path, config: VariantConfig, target: str = "sm_90") -> Aud
         kernels.append(audit_compiled(compiled, launch.name, kv_params, time.perf_counter() - start))
     return AuditResult(variant=config.key, dtype=config.dtype, target=target, kernels=tuple(kernels),
                        compile_seconds=sum(k.compile_seconds for k in kernels),
-                       triton_version=triton.__version__)
+                       triton_version=triton.__version__, kv_dtype=config.kv_dtype)
 
 
 def audit_here(config: VariantConfig, target: str) -> AuditResult:
-    from kgen.render import write_source
-
     return audit_module_file(write_source(config), config, target)
-
-
-class AuditWorker:
-    """A child process that audits variants on request (started lazily, reused, closed at exit)."""
-
-    def __init__(self):
-        self._proc = None
-
-    def _start(self):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        self._proc = subprocess.Popen([sys.executable, "-m", "kgen.audit_compile"], env=env,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
-
-    def audit(self, config: VariantConfig, target: str) -> AuditResult:
-        """Audit in the child; a compile failure there raises RuntimeError here with its message."""
-        if self._proc is None or self._proc.poll() is not None:
-            self.close()  # a child that died: release its pipes
-            self._start()
-        self._proc.stdin.write(f"{config.key} {parse_target(target)}\n")
-        self._proc.stdin.flush()
-        line = self._proc.stdout.readline()
-        if not line:
-            code = self._proc.wait()
-            self.close()
-            raise RuntimeError(f"audit worker exited ({code}) while auditing {config.key}")
-        reply = json.loads(line)
-        if not reply["ok"]:
-            raise RuntimeError(f"{config.key} on {target}: {reply['error']}")
-        return AuditResult.from_dict(reply["result"])
-
-    def close(self):
-        """End the child (EOF on its stdin; killed if it does not exit in 30 s), close its pipes."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdin.close()
-        proc.stdout.close()
-
-
-def main() -> int:  # pragma: no cover - exercised through AuditWorker in the tests
-    """Worker loop: ``KEY TARGET`` lines in, one JSON line out; stdout kept for replies only."""
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything printed by Triton or tools goes to stderr, not into the protocol
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            key, target = line.split()
-            result = audit_here(VariantConfig.from_key(key), target)
-            reply = {"ok": True, "result": result.to_dict()}
-        except Exception as exc:  # noqa: BLE001 - every failure is reported to the parent
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
-        replies.write(json.dumps(reply) + "\n")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

