@@ -26,19 +26,103 @@
 #include <string.h>
 
 #define MAX_HEADS 256
+#define MAX_DIM 1024
 
-static inline const float *row_f32(const void *cache, int64_t row, int64_t d) {
-    return (const float *)cache + row * d;
-}
-
-/* The K or V row as floats: a pointer into the cache, or `buf` filled from fp8 codes. */
-static inline const float *load_row(const void *cache, const float *lut, int64_t row, int64_t d, float *buf) {
+/* The K or V row `row` as floats: a pointer into a float cache, or `buf` filled from fp8 codes. */
+static inline __attribute__((always_inline)) const float *load_row(const void *restrict cache, const float *restrict lut,
+                                                                   int64_t row, const int64_t d, float *restrict buf) {
     if (lut == NULL)
-        return row_f32(cache, row, d);
+        return (const float *)cache + row * d;
     const uint8_t *codes = (const uint8_t *)cache + row * d;
     for (int64_t j = 0; j < d; j++)
         buf[j] = lut[codes[j]];
     return buf;
+}
+
+/* One sequence (all its heads). `d` is a compile-time constant in the specialized callers
+ * below, so that the row loops unroll into whole vector registers. */
+static inline __attribute__((always_inline)) void decode_seq(
+        const float *restrict qs, const void *restrict k_cache, const void *restrict v_cache,
+        const float *restrict lut, const int32_t *restrict table, const int64_t start, const int64_t n,
+        const int64_t heads, const int64_t kv_heads, const int64_t d, const int64_t block_size,
+        const float scale, const float soft_cap, const float v_scale, float *restrict o, float *restrict work) {
+    const int64_t group = heads / kv_heads;
+    float mx[MAX_HEADS], sum[MAX_HEADS], buf[MAX_DIM];
+    for (int64_t i = 0; i < heads; i++)
+        mx[i] = -FLT_MAX;  /* scores are finite: no infinities under -ffast-math */
+    /* scores: all KV heads of a slot (contiguous) at once, slots walked block by block (no
+     * division per position); K read once */
+    int64_t blk = start / block_size, off = start % block_size;
+    int64_t slot = (int64_t)table[blk] * block_size + off;
+    for (int64_t t = 0; t < n; t++) {
+        if (off == block_size) {
+            off = 0;
+            slot = (int64_t)table[++blk] * block_size;
+        }
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const float *restrict k = load_row(k_cache, lut, slot * kv_heads + h, d, buf);
+            for (int64_t i = h * group; i < (h + 1) * group; i++) {
+                const float *restrict qi = qs + i * d;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t j = 0; j < d; j++)
+                    acc += qi[j] * k[j];
+                acc *= scale;
+                if (soft_cap > 0.0f)
+                    acc = soft_cap * tanhf(acc / soft_cap);
+                work[i * n + t] = acc;
+                mx[i] = acc > mx[i] ? acc : mx[i];
+            }
+        }
+        slot++;
+        off++;
+    }
+    for (int64_t i = 0; i < heads; i++) {  /* softmax numerators and their sums */
+        float *restrict w = work + i * n;
+        const float m = mx[i];
+        float tot = 0.0f;
+#pragma omp simd reduction(+ : tot)
+        for (int64_t t = 0; t < n; t++) {
+            w[t] = expf(w[t] - m);
+            tot += w[t];
+        }
+        sum[i] = tot;
+    }
+    /* weighted values, one query head at a time so that its output row stays in registers; a KV
+     * head's V rows (at most a few hundred KB) come from the cache the first time, then from L2 */
+    for (int64_t h = 0; h < kv_heads; h++) {
+        for (int64_t i = h * group; i < (h + 1) * group; i++) {
+            float acc[MAX_DIM];
+            const float *restrict p = work + i * n;
+#pragma omp simd
+            for (int64_t j = 0; j < d; j++)
+                acc[j] = 0.0f;
+            int64_t blk = start / block_size, off = start % block_size;
+            int64_t slot = (int64_t)table[blk] * block_size + off;
+            for (int64_t t = 0; t < n; t++) {
+                if (off == block_size) {
+                    off = 0;
+                    slot = (int64_t)table[++blk] * block_size;
+                }
+                const float *restrict v = load_row(v_cache, lut, slot * kv_heads + h, d, buf);
+                const float pr = p[t];
+#pragma omp simd
+                for (int64_t j = 0; j < d; j++)
+                    acc[j] += pr * v[j];
+                slot++;
+                off++;
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < d; j++)
+                o[i * d + j] = acc[j];
+        }
+    }
+    for (int64_t i = 0; i < heads; i++) {
+        const float r = v_scale / sum[i];
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++)
+            o[i * d + j] *= r;
+    }
 }
 
 int kgen_paged_decode(const float *q, const void *k_cache, const void *v_cache, const float *lut,
@@ -46,10 +130,8 @@ int kgen_paged_decode(const float *q, const void *k_cache, const void *v_cache, 
                       const int32_t *lens, int64_t seq_begin, int64_t seq_end, int64_t heads,
                       int64_t kv_heads, int64_t d, int64_t block_size, int64_t num_blocks,
                       float scale, float soft_cap, float v_scale, float *out, float *work) {
-    float buf[1024];
-    if (heads > MAX_HEADS || d > 1024 || heads % kv_heads)
+    if (heads > MAX_HEADS || d > MAX_DIM || heads % kv_heads)
         return -1 - seq_begin;
-    const int64_t group = heads / kv_heads;
     for (int64_t s = seq_begin; s < seq_end; s++) {
         const int64_t start = starts[s], n = lens[s] - starts[s];
         const int32_t *table = tables + s * table_stride;
@@ -57,59 +139,16 @@ int kgen_paged_decode(const float *q, const void *k_cache, const void *v_cache, 
             if (table[p] < 0 || table[p] >= num_blocks)
                 return -1 - s;
         const float *qs = q + s * heads * d;
-        float mx[MAX_HEADS], sum[MAX_HEADS];
-        for (int64_t i = 0; i < heads; i++)
-            mx[i] = -FLT_MAX;  /* scores are finite: no infinities under -ffast-math */
-        /* scores: position by position, all KV heads of a slot (contiguous) at once; K read once */
-        for (int64_t t = 0; t < n; t++) {
-            const int64_t pos = start + t;
-            const int64_t slot = (int64_t)table[pos / block_size] * block_size + pos % block_size;
-            for (int64_t h = 0; h < kv_heads; h++) {
-                const float *k = load_row(k_cache, lut, slot * kv_heads + h, d, buf);
-                for (int64_t i = h * group; i < (h + 1) * group; i++) {
-                    const float *qi = qs + i * d;
-                    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t j = 0; j < d; j++)
-                        acc += qi[j] * k[j];
-                    acc *= scale;
-                    if (soft_cap > 0.0f)
-                        acc = soft_cap * tanhf(acc / soft_cap);
-                    work[i * n + t] = acc;
-                    mx[i] = acc > mx[i] ? acc : mx[i];
-                }
-            }
-        }
-        for (int64_t i = 0; i < heads; i++) {  /* softmax numerators and their sums */
-            float *w = work + i * n, m = mx[i], tot = 0.0f;
-#pragma omp simd reduction(+ : tot)
-            for (int64_t t = 0; t < n; t++) {
-                w[t] = expf(w[t] - m);
-                tot += w[t];
-            }
-            sum[i] = tot;
-        }
         float *o = out + s * heads * d;
-        memset(o, 0, sizeof(float) * (size_t)(heads * d));
-        for (int64_t t = 0; t < n; t++) {  /* weighted values; V read once */
-            const int64_t pos = start + t;
-            const int64_t slot = (int64_t)table[pos / block_size] * block_size + pos % block_size;
-            for (int64_t h = 0; h < kv_heads; h++) {
-                const float *v = load_row(v_cache, lut, slot * kv_heads + h, d, buf);
-                for (int64_t i = h * group; i < (h + 1) * group; i++) {
-                    const float pr = work[i * n + t];
-                    float *oi = o + i * d;
-#pragma omp simd
-                    for (int64_t j = 0; j < d; j++)
-                        oi[j] += pr * v[j];
-                }
-            }
-        }
-        for (int64_t i = 0; i < heads; i++) {
-            const float r = v_scale / sum[i];
-            for (int64_t j = 0; j < d; j++)
-                o[i * d + j] *= r;
-        }
+        if (d == 64)  /* the common head sizes get loops specialized on their width */
+            decode_seq(qs, k_cache, v_cache, lut, table, start, n, heads, kv_heads, 64, block_size, scale, soft_cap,
+                       v_scale, o, work);
+        else if (d == 128)
+            decode_seq(qs, k_cache, v_cache, lut, table, start, n, heads, kv_heads, 128, block_size, scale, soft_cap,
+                       v_scale, o, work);
+        else
+            decode_seq(qs, k_cache, v_cache, lut, table, start, n, heads, kv_heads, d, block_size, scale, soft_cap,
+                       v_scale, o, work);
     }
     return 0;
 }
