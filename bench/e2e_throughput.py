@@ -35,7 +35,8 @@ from pathlib import Path
 import _common  # noqa: F401 - puts the checkout on sys.path
 from _common import build_checkpoint
 
-import runtime  # noqa: E402,F401 - before torch: sets OMP_WAIT_POLICY=PASSIVE for every engine (see runtime.threads)
+import runtime  # noqa: E402  (light: its public names, and torch, load on first use)
+from runtime.threads import wait_policy  # noqa: E402
 
 MODEL = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=8,
              vocab_size=4096, intermediate_size=1376, max_position_embeddings=1024)
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
 
     info = _common.machine_info()
     info.update(device=device, transformers=_transformers_version(), loadavg_start=os.getloadavg(),
-                omp_wait_policy=runtime.OMP_WAIT_POLICY)
+                omp_wait_policy=wait_policy())
     prompts, new_tokens = workload(args.quick)
     useful = sum(new_tokens)
     results = {"machine": info, "model": model, "backend": args.backend, "repeats": repeats, "quick": args.quick,

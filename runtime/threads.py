@@ -6,14 +6,16 @@ process happened to hold.
 
 Default: ``OMP_NUM_THREADS`` when the environment sets it (the operator's choice), else the
 number of CPUs this process may run on (``os.sched_getaffinity``, which honours ``taskset`` and
-cpusets): on an idle machine every core helps (the projections are ~55% of the time and scale
+cpusets): on an idle machine every core helps (the projections, about half of the time, scale
 with threads). The previous count is restored when generate() returns.
 
-The hazard is OpenMP's default of spinning while it waits: with other work on the same cores, a
-thread that is switched out stalls every barrier its partners spin at. On the shared 2-core
-machine (load average 4.5) the mixed benchmark ran at 165 tok/s with 2 spinning threads, 426
-with 1 thread and 435 with 2 threads under ``OMP_WAIT_POLICY=PASSIVE``; ``import runtime`` sets
-that policy when it comes before torch (:mod:`runtime`), and :func:`wait_policy` reports it.
+The hazard is OpenMP's default of spinning while it waits, on cores that other processes also
+use: a partner thread that is switched out stalls every barrier the others spin at. On the
+shared 2-core machine that sometimes made two threads several times slower than one; starting
+Python with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead of spinning) avoids the collapse
+but costs some speed on an idle machine (``bench/results/cpu_kernels.md`` has both). The policy
+can only be chosen before torch loads OpenMP, so it is left to the environment;
+:func:`wait_policy` reports it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,9 @@ import torch
 
 
 def wait_policy() -> str:
-    """OpenMP's wait policy as :mod:`runtime` found or set it on import: ``"passive"``, or
-    ``"active"`` (spin, then sleep: also when torch was imported first without the variable)."""
-    import runtime
-
-    return runtime.OMP_WAIT_POLICY
+    """``OMP_WAIT_POLICY`` from the environment, lower case; ``"default"`` when unset (spin, then
+    sleep)."""
+    return os.environ.get("OMP_WAIT_POLICY", "default").lower()
 
 
 def default_num_threads() -> int:
