@@ -12,7 +12,7 @@
 Each case reports the best of its repeats, with the load average, since the machine is shared.
 Usage::
 
-    python bench/cpu_kernels.py [--quick] [--json PATH] [--md PATH]
+    python bench/cpu_kernels.py [--quick] [--threads-only] [--json PATH] [--md PATH]
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ def bench_threads(model_dir: Path, requests: int, repeats: int) -> list[dict]:
 
 
 def table(results: dict) -> str:
-    lines = ["Linear (5 projection shapes of the e2e model summed, best-of ms):", "",
+    lines = [f"Load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}", "",
+             "Linear (5 projection shapes of the e2e model summed, best-of ms):", "",
              "| threads | rows | F.linear ms | oneDNN packed ms | speedup |", "|---|---|---|---|---|"]
     for r in results["linear"]:
         lines.append(f"| {r['threads']} | {r['rows']} | {r['aten_ms']:.2f} | {r['onednn_ms']:.2f} | {r['speedup']:.2f}x |")
@@ -176,14 +177,15 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no thread runs")
+    ap.add_argument("--threads-only", action="store_true", help="only the generate() thread runs (3)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     args = ap.parse_args(argv)
     results = {"machine": _common.machine_info(), "loadavg_start": os.getloadavg()}
     repeats = 2 if args.quick else 7
-    results["linear"] = bench_linear([16, 64] if args.quick else [1, 16, 64, 256, 2048], [1] if args.quick else [1, 2],
-                                     repeats)
-    results["decode"] = bench_decode([1] if args.quick else [1, 2], repeats)
+    results["linear"] = [] if args.threads_only else bench_linear(
+        [16, 64] if args.quick else [1, 16, 64, 256, 2048], [1] if args.quick else [1, 2], repeats)
+    results["decode"] = [] if args.threads_only else bench_decode([1] if args.quick else [1, 2], repeats)
     if not args.quick:
         results["thread_requests"] = 16
         with tempfile.TemporaryDirectory() as tmp:

@@ -258,9 +258,15 @@ def table(results: dict) -> str:
         same = "" if "identical_requests" not in r else f"{r['identical_requests']}/{w['requests']}"
         lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {', '.join(f'{t:.1f}' for t in r['times_s'])} | "
                      f"{ratio} | {same} |")
+    lines.append("")
+    for name, r in results["engines"].items():
+        if name.startswith("vllm"):
+            env = {k: v for k, v in r["peer"]["env"].items() if v is not None}
+            lines.append(f"{name}: vLLM {r['peer']['vllm']}, torch {r['peer']['torch']}, environment "
+                         + ", ".join(f"{k}={v}" for k, v in env.items()))
     s = results["engines"]["ours"].get("stats")
     if s:
-        lines += ["", f"Ours: {s['num_threads']} threads, {s['num_blocks']} blocks of {s['block_size']} "
+        lines += [f"Ours: {s['num_threads']} threads, {s['num_blocks']} blocks of {s['block_size']} "
                   f"({s['kv_cache_bytes'] / 2**20:.1f} MiB), peak {s['peak_blocks_in_use']} in use, utilization at "
                   f"peak {s['at_peak'].get('utilization', 0):.3f}, preemptions {s['preemptions']}, "
                   f"{s['num_steps']} steps, backend {s['backend']}"]

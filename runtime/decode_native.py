@@ -4,8 +4,9 @@ The ``torch`` backend (:mod:`runtime.decode_torch`) must gather every decode seq
 into a contiguous copy before SDPA reads it again: three passes over the K/V bytes. This backend
 calls ``kgen_paged_decode`` (``runtime/native/paged_decode.c``, built on first use by
 :mod:`runtime.native_build`), which walks each sequence's block table and reads every live K and
-V row once, straight from its block: on the mixed benchmark's batches it is 2-3x faster than the
-gather + SDPA path (one thread; ``bench/results/e2e_throughput.json`` has the end-to-end figures).
+V row once, straight from its block: on one layer of the mixed benchmark's 64-sequence batch it is
+1.57x (one thread) and 2.38x (two) faster than the grouped gather + SDPA path
+(``bench/results/cpu_kernels.md``).
 
 Inputs are those of the other backends: the layer's NHD caches (fp32, or fp8 codes decoded
 through a 256-entry table), int32 block tables and sequence lengths; a layer's soft-cap is

@@ -32,8 +32,9 @@ import torch
 from runtime.sdpa import attend
 
 GROUP_TOKENS = 4096
-"""Most ``sequences x padded length`` rows one group gathers (measured: 2k-8k are alike on a
-2-core EPYC; one group for a 64-sequence mixed batch was 3x slower)."""
+"""Most ``sequences x padded length`` rows one group gathers: 2k-8k were alike on the 2-core EPYC;
+one group for the whole 64-sequence mixed batch (the old path) is 6.3x slower on one thread
+(``bench/results/cpu_kernels.md``)."""
 
 
 @dataclass
