@@ -36,7 +36,7 @@ def render(data: dict) -> str:
     ]
     for bench in data["benchmarks"]:
         stats = bench["stats"]
-        doc = (bench.get("extra_info") or {}).get("what") or bench["name"]
+        doc = (bench.get("extra_info") or {}).get("what") or "-"
         lines.append(f"| `{bench['name']}` | {doc} | {_us(stats['median'])} | {_us(stats['iqr'])} "
                      f"| {_us(stats['min'])} | {stats['rounds']} |")
     return "\n".join(lines) + "\n"
