@@ -76,15 +76,18 @@ def kernel_key(fn) -> str | None:
     return getattr(fn, "__globals__", {}).get("VARIANT_KEY")
 
 
-def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None) -> None:
+def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None,
+                  quiet: bool = False) -> None:
     """Write the JSON result and the Markdown table where asked (folders created)."""
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
     if md_path:
         path = Path(md_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table_text + "\n")
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")

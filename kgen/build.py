@@ -48,7 +48,7 @@ def load_kernel(config, *, directory=None) -> ModuleType:
     -------
     module
         Exposes ``paged_attention_decode(query, key_cache, value_cache, block_tables, seq_lens, *,
-        scale=None, out=None, max_seq_len=None, num_splits=None, validate=False)``,
+        scale=None, out=None, max_seq_len=None, num_splits=None, fixed_grid=False, validate=False)``,
         ``VARIANT_KEY``, ``CONFIG`` (a plain dict), ``KERNELS`` (names of its jit kernels) and
         ``choose_num_splits``.
     """

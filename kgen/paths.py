@@ -1,8 +1,10 @@
-"""Where kgen finds its templates and its shipped tuning database.
+"""Where kgen finds its templates and its tuning databases.
 
 In a source checkout (editable install, tests, CI) the top-level ``templates/`` and ``tuning_db/``
 folders are used directly. An installed wheel carries them as the packages ``kgen.templates`` and
-``kgen.tuning_db``, which are used when the checkout folders are not there.
+``kgen.tuning_db``, which are used when the checkout folders are not there; the wheel's records
+are read-only, and new ones go to ``$KGEN_DB`` or the user's data folder, read over the shipped
+ones (:func:`db_layers`).
 """
 
 from __future__ import annotations
@@ -44,13 +46,51 @@ def template_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def shipped_db_dir() -> Path:
+    """The records kgen ships: the checkout's ``tuning_db/``, or the wheel's ``kgen/tuning_db``."""
+    here = REPO_ROOT / "tuning_db"
+    return here if here.is_dir() else _packaged("tuning_db")
+
+
+def is_checkout() -> bool:
+    """Whether kgen runs from a source checkout (its ``tuning_db/`` is committed there)."""
+    return (REPO_ROOT / "tuning_db").is_dir() and (REPO_ROOT / "pyproject.toml").is_file()
+
+
+def user_db_dir() -> Path:
+    """The user's own database: ``$XDG_DATA_HOME/kgen/tuning_db`` or
+    ``~/.local/share/kgen/tuning_db``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "kgen" / "tuning_db"
+
+
 def default_db_dir() -> Path:
-    """The tuning database folder: ``$KGEN_DB`` if set, else the checkout's or the wheel's."""
+    """Where ``kgen tune`` writes by default.
+
+    ``$KGEN_DB`` if set; else, in a source checkout, its ``tuning_db/`` (records made there are
+    committed and shipped); else (an installed wheel) :func:`user_db_dir`: the shipped records
+    in site-packages are never written.
+    """
     env = os.environ.get("KGEN_DB")
     if env:
         return Path(env)
-    here = REPO_ROOT / "tuning_db"
-    return here if here.is_dir() else _packaged("tuning_db")
+    return REPO_ROOT / "tuning_db" if is_checkout() else user_db_dir()
+
+
+def db_layers(db_dir=None) -> list[Path]:
+    """The folders a lookup reads, the first winning per workload.
+
+    The default database (``db_dir`` None, or naming :func:`default_db_dir`), where new records
+    go, lies over :func:`shipped_db_dir` (the same folder in a checkout without ``$KGEN_DB``); any
+    other ``db_dir`` is read alone.
+    """
+    if db_dir is not None and Path(db_dir).absolute() != default_db_dir().absolute():
+        return [Path(db_dir)]
+    layers = []
+    for path in (default_db_dir(), shipped_db_dir()):
+        if all(path.absolute() != other.absolute() for other in layers):
+            layers.append(path)
+    return layers
 
 
 def cache_dir() -> Path:

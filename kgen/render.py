@@ -5,13 +5,15 @@ Every value the templates print is computed here by :func:`slots` from the froze
 ``{% if %}`` blocks (the emitted header's optional lines, the launcher's split-K path); the
 split-K kernels are included by :func:`template_parts`. A module is the concatenation of
 ``header``, ``attend`` (shared inner loop), ``decode`` (single pass), for split-K variants
-``decode_partial`` and ``merge``, and ``launcher``.
+``decode_partial`` and ``merge``, ``plan`` (the split planner), ``launch_features`` (checks and
+kernel arguments of the KV dtype and the attention features) and ``launcher``.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,16 +21,28 @@ from pathlib import Path
 import jinja2
 
 from kgen import __version__
-from kgen.dtypes import TORCH_NAMES
+from kgen.dtypes import KV_TORCH_NAMES, TORCH_NAMES
 from kgen.paths import cache_dir, template_hash, templates_dir
-from kgen.space import padded_group, padded_head_dim
+from kgen.space import kv_elem_bytes, padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
 
 SINGLE_PASS_KERNELS = ("_decode_kernel",)
 SPLIT_KERNELS = ("_decode_kernel", "_decode_partial_kernel", "_merge_kernel")
-# split-K auto sizes the grid for the largest GPU kgen targets (H100/H200: 132 SMs), 2 waves deep.
-TARGET_SMS = 132
-TARGET_WAVES = 2
+# Kernel parameters each compiled-in feature adds (the launcher passes them by name). A plain
+# variant's kernels have none of them: its signature and code are those of the plain space.
+FEATURE_PARAMS = {
+    "kv_fp8": ("k_scale_ptr", "v_scale_ptr", "stride_ksc", "stride_vsc", "v_mul"),
+    "sliding_window": ("window",),
+    "soft_cap": ("cap_log2",),
+    "alibi": ("alibi_ptr", "stride_al"),
+    "sinks": ("sinks_ptr", "stride_sk"),
+}
+# Split planning (templates/plan.py.j2). Off-GPU the planner assumes the SM count of the largest
+# GPU kgen targets (H100/H200: 132); on a GPU it reads the device's.
+INTERPRETER_SMS = 132
+PROGRAMS_PER_SM = 2  # resident programs per SM assumed before the compiled kernel is known
+SPLIT_OVERHEAD = 1 / 8  # a partition's partial write + merge read, at most this share of its K/V bytes
+MERGE_CHUNKS = (16, 32, 64)  # partitions per merge step; 256 partitions take 4 dependent steps
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,6 +56,12 @@ def kernel_names(config: VariantConfig) -> tuple[str, ...]:
     return SPLIT_KERNELS if config.split_k != 1 else SINGLE_PASS_KERNELS
 
 
+def feature_params(config: VariantConfig) -> tuple[str, ...]:
+    """Names of the kernel parameters the variant's KV dtype and features add, in order."""
+    groups = (["kv_fp8"] if config.kv_fp8 else []) + list(config.features)
+    return tuple(name for group in groups for name in FEATURE_PARAMS[group])
+
+
 def slots(config: VariantConfig, *, generated_at: str | None = None,
           command_line: str | None = None) -> dict:
     """Every value the templates print, computed from ``config``."""
@@ -49,6 +69,8 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         raise ValueError(f"config={config!r} is not a VariantConfig")
     d_pad = padded_head_dim(config.head_dim)
     split = config.split_k != 1
+    params = feature_params(config)
+    kv_torch = KV_TORCH_NAMES.get(config.kv_dtype, TORCH_NAMES[config.dtype])
     return {
         "variant_key": config.key,
         "config_text": ", ".join(f"{k}={v}" for k, v in config.to_dict().items()),
@@ -72,23 +94,41 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "max_splits": MAX_SPLIT_K,
         "num_warps": config.num_warps,
         "num_stages": config.num_stages,
-        # The merge reads a [16, D_PAD] fp32 tile of partial outputs per step: one warp per 1024
-        # of its values (1..4 warps) keeps it at <= 32 registers per thread.
-        "merge_num_warps": max(1, min(4, 16 * d_pad // 1024)),
-        "merge_chunk": 16,
         "dtype_name": config.dtype,
         "torch_dtype": "torch." + TORCH_NAMES[config.dtype],
+        "kv_dtype_name": config.kv_dtype if config.kv_fp8 else config.dtype,
+        "kv_torch_dtype": "torch." + kv_torch,
+        "kv_fp8": config.kv_fp8,
+        "features": repr(tuple(config.features)),
+        "features_text": ", ".join(config.features) if config.features else "none",
+        # "a, b, " spliced into kernel signatures and calls before the next parameter ('' if plain)
+        "feature_params": "".join(f"{name}, " for name in params),
         # fp32 dots in full precision (not tf32); 16-bit dots use tensor cores either way.
         "dot_precision": "ieee" if config.dtype == "fp32" else "tf32",
-        "target_sms": TARGET_SMS,
-        "target_waves": TARGET_WAVES,
+        **plan_slots(config, d_pad),
+    }
+
+
+def plan_slots(config: VariantConfig, d_pad: int) -> dict:
+    """The split planner's constants for ``config`` (see templates/plan.py.j2)."""
+    tile_bytes = 2 * config.tile_tokens * config.head_dim * kv_elem_bytes(config)  # K and V of a tile
+    partial_bytes = 2 * config.group_size * (config.head_dim + 2) * 4  # fp32 written, then read
+    # The merge holds a [chunk, D_PAD] fp32 tile: one warp per 1024 of its values (1..8 warps)
+    # keeps that at <= 32 registers per thread.
+    shapes = tuple((chunk, max(1, min(8, chunk * d_pad // 1024))) for chunk in MERGE_CHUNKS)
+    return {
+        "min_tiles_per_split": max(1, math.ceil(partial_bytes / (SPLIT_OVERHEAD * tile_bytes))),
+        "programs_per_sm": PROGRAMS_PER_SM,
+        "interpreter_sms": INTERPRETER_SMS,
+        "merge_shapes": repr(shapes),
     }
 
 
 def template_parts(config: VariantConfig) -> tuple[str, ...]:
     """Template names making up the variant's module, in order."""
     middle = ("decode_partial.py.j2", "merge.py.j2") if config.split_k != 1 else ()
-    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "launcher.py.j2")
+    return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "plan.py.j2",
+            "launch_features.py.j2", "launcher.py.j2")
 
 
 def render_source(config: VariantConfig, *, generated_at: str | None = None,
@@ -119,12 +159,15 @@ def _write_if_changed(path: Path, text: str) -> Path:
 
 
 def write_source(config: VariantConfig, directory=None) -> Path:
-    """Render ``config`` to ``<directory>/<key>.py`` (default :func:`kgen.paths.cache_dir`).
+    """Render ``config`` to ``<directory>/<key>.py``.
 
-    The file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on
-    the source) stay put across runs.
+    The default directory is ``<cache_dir>/<template hash>/`` (:func:`kgen.paths.cache_dir`): two
+    kgen versions (or checkouts) with different templates on one machine never overwrite each
+    other's module of the same key, so a process cannot import another version's kernel. The
+    file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on the
+    source) stay put across runs.
     """
-    folder = Path(directory) if directory is not None else cache_dir()
+    folder = Path(directory) if directory is not None else cache_dir() / template_hash()
     return _write_if_changed(folder / f"{config.key}.py", render_source(config))
 
 

@@ -15,8 +15,14 @@ s     split_k       partitions of the context (flash-decoding); 1 = single pass,
 t     tile_tokens   tokens per inner step (one or several pages), power of two 16..256
 w     num_warps     Triton ``num_warps``: 1, 2, 4, 8, 16
 st    num_stages    Triton ``num_stages``: 1..5
---    dtype         fp16, bf16, fp32
+--    dtype         fp16, bf16, fp32 (query, output and, by default, the KV cache)
+kv    kv_dtype      the KV cache's element type when it differs: ``-kvfp8e4m3``, ``-kvfp8e5m2``
+--    features      attention features compiled in: ``-swa`` ``-cap`` ``-alibi`` ``-sinks``
 ====  ============  ===============================================================
+
+The last two are suffixes present only when not the default (``auto`` KV dtype, no features), so
+every key written before they existed still parses to the same variant, e.g.
+``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16-kvfp8e4m3-swa-cap``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from kgen.dtypes import DTYPES, normalize_dtype, torch_dtype  # noqa: F401 - DTYPES re-exported with the axes
+from kgen.dtypes import (DTYPES, KV_DTYPES, KV_KEY_TAGS, kv_torch_dtype,  # noqa: F401 - re-exported
+                         normalize_dtype, normalize_kv_dtype, torch_dtype)
+from kgen.features import FEATURES, KEY_TAGS, drop_default_axes, key_suffix, normalize_features
 
 HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
@@ -40,8 +48,12 @@ KEY_PREFIX = "paged_decode"
 _KEY_RE = re.compile(
     r"^paged_decode-d(?P<head_dim>\d+)-b(?P<block_size>\d+)-g(?P<group_size>\d+)"
     r"-s(?P<split_k>\d+|auto)-t(?P<tile_tokens>\d+)-w(?P<num_warps>\d+)-st(?P<num_stages>\d+)"
-    r"-(?P<dtype>fp16|bf16|fp32)$"
+    r"-(?P<dtype>fp16|bf16|fp32)"
+    r"(?:-(?P<kv_dtype>" + "|".join(KV_KEY_TAGS.values()) + r"))?"
+    r"(?P<features>(?:-(?:" + "|".join(KEY_TAGS.values()) + r"))*)$"
 )
+_KV_OF_TAG = {tag: kv for kv, tag in KV_KEY_TAGS.items()}
+_FEATURE_OF_TAG = {tag: name for name, tag in KEY_TAGS.items()}
 
 
 def parse_split_k(value) -> int:
@@ -75,7 +87,13 @@ class VariantConfig:
     num_warps, num_stages : int
         Triton launch parameters.
     dtype : str
-        ``fp16``, ``bf16`` or ``fp32`` (aliases such as ``torch.bfloat16`` are accepted).
+        ``fp16``, ``bf16`` or ``fp32`` (aliases such as ``torch.bfloat16`` are accepted): the
+        query's and the output's element type.
+    kv_dtype : str
+        The KV cache's element type: ``auto`` (same as ``dtype``), ``fp8_e4m3`` or ``fp8_e5m2``.
+    features : tuple of str
+        Attention features compiled in, any of ``sliding_window``, ``soft_cap``, ``alibi``,
+        ``sinks`` (a comma string or any iterable is accepted; stored in canonical order).
     """
 
     head_dim: int = 128
@@ -86,9 +104,13 @@ class VariantConfig:
     num_warps: int = 4
     num_stages: int = 2
     dtype: str = "fp16"
+    kv_dtype: str = "auto"
+    features: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
+        object.__setattr__(self, "features", normalize_features(self.features))
         object.__setattr__(self, "split_k", parse_split_k(self.split_k))
         for name, allowed in (
             ("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
@@ -109,6 +131,7 @@ class VariantConfig:
         return (
             f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-s{split}"
             f"-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
+            + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
         )
 
     @classmethod
@@ -119,15 +142,42 @@ class VariantConfig:
             raise ValueError(f"variant key {key!r} is malformed; expected e.g. "
                              f"'paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16'")
         fields = match.groupdict()
-        return cls(**{k: (v if k in ("dtype", "split_k") else int(v)) for k, v in fields.items()})
+        kv_tag, feature_tags = fields.pop("kv_dtype"), fields.pop("features")
+        config = cls(**{k: (v if k in ("dtype", "split_k") else int(v)) for k, v in fields.items()},
+                     kv_dtype=_KV_OF_TAG[kv_tag] if kv_tag else "auto",
+                     features=[_FEATURE_OF_TAG[t] for t in feature_tags.split("-") if t])
+        if config.key != key.strip():
+            raise ValueError(f"variant key {key!r} is not canonical (feature suffixes once each, "
+                             f"in the order {', '.join(KEY_TAGS[f] for f in FEATURES)}); "
+                             f"did you mean {config.key!r}?")
+        return config
 
     # ---- conversions ------------------------------------------------------------------------
     @property
     def split_auto(self) -> bool:
         return self.split_k == SPLIT_AUTO
 
+    @property
+    def kv_fp8(self) -> bool:
+        """True when the KV cache holds fp8 values (dequantized with k_scale / v_scale)."""
+        return self.kv_dtype != "auto"
+
+    @property
+    def plain(self) -> bool:
+        """True for the original space: KV cache in ``dtype``, no attention feature."""
+        return self.kv_dtype == "auto" and not self.features
+
+    def has(self, feature: str) -> bool:
+        """Whether ``feature`` (one of :data:`kgen.features.FEATURES`) is compiled in."""
+        return feature in self.features
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as JSON-ready values, :meth:`from_dict`'s input.
+
+        ``kv_dtype`` and ``features`` appear only when not the default, so a plain variant's dict
+        (and the tuning records holding it) is the same as before these axes existed.
+        """
+        return drop_default_axes(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "VariantConfig":
@@ -144,6 +194,11 @@ class VariantConfig:
     @property
     def torch_dtype(self):
         return torch_dtype(self.dtype)
+
+    @property
+    def kv_torch_dtype(self):
+        """The KV cache's torch dtype (``torch_dtype`` for ``auto``)."""
+        return kv_torch_dtype(self.kv_dtype, self.dtype)
 
     def __str__(self) -> str:
         return self.key

@@ -1,8 +1,11 @@
 """Workloads: what one tuning study and one database record are about.
 
-A workload is (GPU, dtype, head dim, KV block size, group size, batch bucket, context bucket).
-Batch (``num_seqs``) and context (longest sequence length) are bucketed to powers of two; its key,
-e.g. ``h100-fp16-d128-b16-g4-n32-c4096``, names its Optuna study and its database entries.
+A workload is (GPU, dtype, head dim, KV block size, group size, batch bucket, context bucket,
+KV dtype, attention features). Batch (``num_seqs``) and context (longest sequence length) are
+bucketed to powers of two; its key, e.g. ``h100-fp16-d128-b16-g4-n32-c4096``, names its Optuna
+study and its database entries. A non-default KV dtype and features add the variant key's
+suffixes (``h100-bf16-d128-b16-g4-n32-c4096-kvfp8e4m3-swa``), so every record written before
+they existed keeps its key, and a plain record never matches a feature workload.
 
 Standard library only: the runtime's dispatch path imports this module.
 """
@@ -13,6 +16,8 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
+from kgen.dtypes import KV_KEY_TAGS, normalize_kv_dtype
+from kgen.features import KEY_TAGS, drop_default_axes, key_suffix, normalize_features
 from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_dtype
 
 DEFAULT_BATCHES = tuple(2 ** i for i in range(0, 9))  # 1 .. 256
@@ -20,8 +25,28 @@ DEFAULT_CONTEXTS = tuple(2 ** i for i in range(9, 16))  # 512 .. 32768
 
 _KEY_RE = re.compile(
     r"^(?P<gpu>[a-z0-9][a-z0-9-]*)-(?P<dtype>fp16|bf16|fp32)-d(?P<head_dim>\d+)-b(?P<block_size>\d+)"
-    r"-g(?P<group_size>\d+)-n(?P<batch>\d+)-c(?P<context>\d+)$"
+    r"-g(?P<group_size>\d+)-n(?P<batch>\d+)-c(?P<context>\d+)"
+    r"(?:-(?P<kv_dtype>" + "|".join(KV_KEY_TAGS.values()) + r"))?"
+    r"(?P<features>(?:-(?:" + "|".join(KEY_TAGS.values()) + r"))*)$"
 )
+_KV_OF_TAG = {tag: kv for kv, tag in KV_KEY_TAGS.items()}
+_FEATURE_OF_TAG = {tag: name for name, tag in KEY_TAGS.items()}
+# Sliding-window workloads are tuned (and audited) with a window of this fraction of the context
+# bucket: the window's length, not the context's, sets the work (see tuning_window).
+TUNING_WINDOW_FRACTION = 0.5
+
+
+def tuning_window(context: int) -> int:
+    """The sliding window a tuning measurement of a ``context``-token bucket uses (>= 1)."""
+    return max(1, int(context * TUNING_WINDOW_FRACTION))
+
+
+def head_key(dtype, head_dim: int, kv_dtype="auto", features=()) -> str:
+    """The block-size defaults' key: ``fp16-d128``, or ``bf16-d128-kvfp8e4m3-swa`` for a KV dtype
+    and features (any head dim: an unsupported one simply has no record)."""
+    kv = normalize_kv_dtype(kv_dtype)
+    return (f"{normalize_dtype(dtype)}-d{head_dim}"
+            f"{key_suffix(KV_KEY_TAGS.get(kv), normalize_features(features))}")
 
 
 def _is_pow2(value: int) -> bool:
@@ -80,6 +105,10 @@ class Workload:
         Bucket of the number of sequences in a decode step.
     context : int
         Bucket of the longest context length in the step, in tokens.
+    kv_dtype : str
+        The KV cache's element type, ``auto`` (= dtype), ``fp8_e4m3`` or ``fp8_e5m2``.
+    features : tuple of str
+        Attention features of the step's kernel (canonical order, see :mod:`kgen.features`).
     """
 
     gpu: str
@@ -89,9 +118,13 @@ class Workload:
     group_size: int
     batch: int
     context: int
+    kv_dtype: str = "auto"
+    features: tuple = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
+        object.__setattr__(self, "features", normalize_features(self.features))
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", str(self.gpu)):
             raise ValueError(f"gpu={self.gpu!r} is not a normalized device name")
         for name, allowed in (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES),
@@ -105,34 +138,65 @@ class Workload:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a power of two bucket")
 
     @property
+    def _suffix(self) -> str:
+        return key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
+
+    @property
     def key(self) -> str:
         return (f"{self.gpu}-{self.dtype}-d{self.head_dim}-b{self.block_size}-g{self.group_size}"
-                f"-n{self.batch}-c{self.context}")
+                f"-n{self.batch}-c{self.context}{self._suffix}")
 
     @property
     def family_key(self) -> str:
         """The key without GPU and buckets: which entries are neighbours of each other."""
-        return f"{self.dtype}-d{self.head_dim}-b{self.block_size}-g{self.group_size}"
+        return f"{self.dtype}-d{self.head_dim}-b{self.block_size}-g{self.group_size}{self._suffix}"
+
+    @property
+    def head_key(self) -> str:
+        """``fp16-d128`` (with the KV dtype / feature suffixes): the database's block-size key."""
+        return head_key(self.dtype, self.head_dim, self.kv_dtype, self.features)
+
+    @property
+    def shape(self) -> tuple:
+        """What a record must share to serve this workload: everything but GPU and buckets."""
+        return (self.dtype, self.head_dim, self.block_size, self.group_size, self.kv_dtype,
+                self.features)
+
+    def variant_fields(self) -> dict:
+        """The :class:`kgen.variant.VariantConfig` fields the workload fixes (the tuner searches
+        the others)."""
+        return {"head_dim": self.head_dim, "block_size": self.block_size,
+                "group_size": self.group_size, "dtype": self.dtype, "kv_dtype": self.kv_dtype,
+                "features": self.features}
 
     @classmethod
     def from_key(cls, key: str) -> "Workload":
         match = _KEY_RE.match(str(key).strip())
         if not match:
             raise ValueError(f"workload key {key!r} is malformed; expected e.g. "
-                             f"'h100-fp16-d128-b16-g4-n32-c4096'")
+                             f"'h100-fp16-d128-b16-g4-n32-c4096' (optionally '-kvfp8e4m3-swa')")
         fields = match.groupdict()
-        return cls(**{k: (v if k in ("gpu", "dtype") else int(v)) for k, v in fields.items()})
+        kv_tag, feature_tags = fields.pop("kv_dtype"), fields.pop("features")
+        workload = cls(**{k: (v if k in ("gpu", "dtype") else int(v)) for k, v in fields.items()},
+                       kv_dtype=_KV_OF_TAG[kv_tag] if kv_tag else "auto",
+                       features=[_FEATURE_OF_TAG[t] for t in feature_tags.split("-") if t])
+        if workload.key != str(key).strip():
+            raise ValueError(f"workload key {key!r} is not canonical; did you mean {workload.key!r}?")
+        return workload
 
     @classmethod
     def for_step(cls, *, gpu: str, dtype, head_dim: int, block_size: int, group_size: int,
-                 num_seqs: int, max_context: int) -> "Workload":
+                 num_seqs: int, max_context: int, kv_dtype="auto", features=()) -> "Workload":
         """The workload of one decode step: sizes are bucketed."""
         return cls(gpu=gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
                    group_size=group_size, batch=bucket(num_seqs, "num_seqs"),
-                   context=bucket(max_context, "max_context"))
+                   context=bucket(max_context, "max_context"), kv_dtype=kv_dtype,
+                   features=features)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain fields; ``kv_dtype`` / ``features`` only when not the default (as the variant's
+        dict), so a plain workload's record is written exactly as before."""
+        return drop_default_axes(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Workload":
@@ -143,12 +207,13 @@ class Workload:
 
 
 def expand_workloads(*, gpu: str, dtypes, head_dims, block_sizes, group_sizes, batches,
-                     contexts) -> list[Workload]:
+                     contexts, kv_dtypes=("auto",), feature_sets=((),)) -> list[Workload]:
     """The cross product of the selections, each batch/context checked to be a power of two."""
     for name, values in (("--batch", batches), ("--context", contexts)):
         for value in values:
             if not _is_pow2(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (a bucket)")
-    return [Workload(gpu=gpu, dtype=dt, head_dim=d, block_size=b, group_size=g, batch=n, context=c)
-            for dt in dtypes for d in head_dims for b in block_sizes for g in group_sizes
-            for n in batches for c in contexts]
+    return [Workload(gpu=gpu, dtype=dt, head_dim=d, block_size=b, group_size=g, batch=n, context=c,
+                     kv_dtype=kv, features=f)
+            for dt in dtypes for kv in kv_dtypes for f in feature_sets for d in head_dims
+            for b in block_sizes for g in group_sizes for n in batches for c in contexts]

@@ -121,7 +121,7 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
              kv_cache_bytes: int | None = None, max_num_seqs: int = 256,
              max_num_batched_tokens: int | None = None, backend: str = "auto", dtype=None, device=None,
              enable_prefix_caching: bool = True, seed: int | None = None, use_tqdm: bool | None = None,
-             return_stats: bool = False):
+             return_stats: bool = False, cuda_graphs: bool | None = None):
     """Generate completions for a batch of prompts with paged attention and continuous batching.
 
     Parameters
@@ -147,6 +147,8 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         Compute dtype (fp32, fp16, bf16) and device when ``model`` is a folder.
     enable_prefix_caching : bool
         Reuse KV blocks of identical prompt prefixes.
+    cuda_graphs : bool, optional
+        Replay decode-only steps from CUDA graphs; default: on for CUDA with the triton backend.
     seed : int, optional
         Seed for sampled requests without their own seed.
     use_tqdm : bool, optional
@@ -182,7 +184,7 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     engine = Engine(loaded, num_blocks=blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                     max_num_batched_tokens=max_num_batched_tokens,
                     backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
-                    watermark=WATERMARK)
+                    watermark=WATERMARK, cuda_graphs=cuda_graphs)
     for t, p in zip(ids, params):
         engine.add_request(t, p)
     if use_tqdm is None:

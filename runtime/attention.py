@@ -265,7 +265,7 @@ class TritonDecode:
         if kernel is None:
             raise ValueError(f"the triton backend was not prepared for features {features!r} "
                              f"(sliding_window={sliding_window}, logits_soft_cap={logits_soft_cap})")
-        extra = {}
+        extra = {"fixed_grid": True} if meta.extra.get("fixed_grid") else {}  # CUDA-graph steps
         if sliding_window is not None:
             extra["sliding_window"] = sliding_window
         if logits_soft_cap is not None:

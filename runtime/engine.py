@@ -19,6 +19,7 @@ import torch
 
 from runtime.attention import AttentionMetadata, PrefillSpan, make_decode_backend
 from runtime.beam import BeamSearch
+from runtime.cuda_graphs import DecodeGraphs, scratch_blocks
 from runtime.kv_manager import KVCacheManager
 from runtime.loader import LoadedModel
 from runtime.sampling import SamplingParams, make_generator, sample
@@ -67,11 +68,15 @@ class Engine:
         Seed of the stream used by unseeded sampled requests.
     watermark : float
         Fraction of the pool that admission keeps free for running sequences to grow.
+    cuda_graphs : bool or None
+        Replay decode-only steps from CUDA graphs (:mod:`runtime.cuda_graphs`); None: on for
+        CUDA with the triton backend, off elsewhere.
     """
 
     def __init__(self, model: LoadedModel, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, backend: str = "auto",
-                 enable_prefix_caching: bool = True, seed: int | None = None, watermark: float = 0.01) -> None:
+                 enable_prefix_caching: bool = True, seed: int | None = None, watermark: float = 0.01,
+                 cuda_graphs: bool | None = None) -> None:
         self.loaded, self.model, self.config = model, model.model, model.config
         self.device, self.block_size = self.model.device, block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
@@ -83,9 +88,11 @@ class Engine:
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                            dtype=self.model.dtype, device=self.device,
                                            layers=self.model.attention)
-        self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks, block_size),
+        extra = scratch_blocks(cuda_graphs, device=self.device, backend=self.backend.name)  # 1 for graphs' padded rows
+        self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks + extra, block_size),
                                     dtype=self.model.dtype, device=self.device)
         self.max_len = min(c.max_position_embeddings, num_blocks * block_size)
+        self.graphs = DecodeGraphs.for_engine(self, scratch_block=num_blocks) if extra else None
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -183,6 +190,11 @@ class Engine:
             slots.append(torch.tensor([s.block_table[(n - 1) // bs] * bs + (n - 1) % bs
                                        for s, n in zip(decode, lens)]))
             last_rows.extend(range(npf, npf + len(decode)))
+            if not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
+                logits = self.graphs.replay(ids, pos[0], slots[0], tables, lens)
+                if logits is not None:
+                    self.num_forward_tokens += len(ids)
+                    return logits
             meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
             meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
             meta.max_seq_len = max(lens)

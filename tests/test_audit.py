@@ -89,6 +89,24 @@ def test_ptx_provenance_separates_kv_from_block_table_loads():
     assert got == [(32, "ld", (1,)), (128, "cp.async", (0, 2)), (128, "ld", (0, 2))]
 
 
+def test_ptx_provenance_flows_through_shared_memory():
+    """Row addresses Triton re-lays out through shared memory keep their K/V provenance."""
+    ptx = """
+	ld.param.b64 	%rd1, [_k_param_0];
+	ld.param.b64 	%rd2, [_k_param_1];
+	ld.global.b32 { %r2 }, [ %rd2 + 0 ];
+	mul.wide.s32 	%rd3, %r2, 256;
+	add.s64 	%rd4, %rd1, %rd3;
+	st.shared.b64 	[%r15+32768], %rd4;
+	bar.sync 	0;
+	ld.shared.b64 	%rd5, [%r15+32768];
+	cp.async.cg.shared.global [ %r8 + 0 ], [ %rd5 + 0 ], 0x10, %r2;
+	ld.shared.v2.b32 	{%r20, %r21}, [%r16];
+"""
+    got = sorted((l.bits, l.kind, tuple(sorted(l.params))) for l in ptx_loads(ptx))
+    assert got == [(32, "ld", (1,)), (128, "cp.async", (0,))]
+
+
 # ---- specialization matches Triton's JIT ---------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 def test_specialization_matches_tritons_own_binder():
@@ -101,9 +119,13 @@ def test_specialization_matches_tritons_own_binder():
 
     config = VariantConfig(head_dim=80, block_size=1, group_size=8, split_k=0, dtype="fp16")
     launches = capture_launches(load_jit_module(write_source(config)), config)
-    # a split variant runs the two-stage path, and the single pass when splits resolve to 1
-    assert [l.name for l in launches] == ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel"]
+    # a split variant runs the two-stage path, the single pass when splits resolve to 1, and the
+    # merge's widest step (64 partitions per step, 8 warps)
+    assert [l.name for l in launches] == ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel",
+                                          "_merge_kernel"]
     assert launches[0].kv_args and not launches[1].kv_args and launches[2].kv_args
+    assert (launches[1].kwargs["SPLIT_CHUNK"], launches[3].kwargs["SPLIT_CHUNK"]) == (16, 64)
+    assert launches[3].kwargs["num_warps"] == 8
     backend = make_backend(GPUTarget("cuda", 90, 32))
     for launch in launches:
         binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
@@ -148,7 +170,7 @@ def test_sample_variant_has_no_spills_and_only_16_byte_kv_loads(sample_results, 
     assert 0 < result.registers <= 255 and result.shared_bytes > 0
     names = [k.name for k in result.kernels]
     assert names == (["_decode_kernel"] if config.split_k == 1
-                     else ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel"])
+                     else ["_decode_partial_kernel", "_merge_kernel", "_decode_kernel", "_merge_kernel"])
     assert passes(result) and failures(result) == []
     assert AuditResult.from_dict(json.loads(result.to_json())) == result
 
@@ -275,8 +297,16 @@ def test_audit_sweep_quick_runs(tmp_path):
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert data["machine"]["triton"] and len(data["rows"]) == 6
+    assert data["machine"]["triton"] and len(data["rows"]) == 8
     assert {row["target"] for row in data["rows"]} == {"sm_80", "sm_90"}
-    assert all(row["passes"] for row in data["rows"]), data["rows"]
+    # the fp8 e4m3 variant (every feature on) is not compiled for sm_80: a target rule says why
+    (skipped,) = [row for row in data["rows"] if "unsupported" in row]
+    assert skipped["target"] == "sm_80" and "sm_89" in skipped["unsupported"]
+    compiled = [row for row in data["rows"] if "unsupported" not in row]
+    assert all(row["passes"] for row in compiled), compiled
+    (fp8,) = [row for row in compiled if row["kv_dtype"] == "fp8_e4m3"]
+    assert fp8["target"] == "sm_90" and set(fp8["kv_load_bits"]) == {"128"}
+    assert fp8["spill_bytes"] == 0 and fp8["features"] == ["sliding_window", "soft_cap", "alibi", "sinks"]
     assert (tmp_path / "audit.md").read_text().startswith("# Static audit sweep")
-    assert "| sm_90 | bf16 |" in proc.stdout
+    assert "| sm_90 | bf16 | auto | none |" in proc.stdout
+    assert "| sm_90 | bf16 | fp8_e4m3 | sliding_window,soft_cap,alibi,sinks |" in proc.stdout

@@ -36,6 +36,16 @@ def test_kernel_bench_runs_tiny_under_interpreter(tmp_path):
         assert row[f"{name}_ms"] > 0
     assert data["copy_bandwidth_gbs"] > 0
     assert "| fp16 | 128 | 16 | 8 | 2 x 40 |" in result.stdout
+    # the fp8-KV row of the same case and the sliding-window rows (fixed window, two contexts)
+    (fp8,) = data["fp8_rows"]
+    assert fp8["kv_dtype"] == "fp8_e4m3" and fp8["default_max_err"] < 2e-2
+    assert fp8["bytes"] < row["bytes"] and fp8["time_vs_plain"] > 0
+    assert "kvfp8e4m3" in fp8["default_variant"]
+    windows = data["window_rows"]
+    assert [(w["window"], w["context"]) for w in windows] == [(16, 32), (16, 64)]
+    assert all(w["window_max_err"] < 2e-2 and w["window_ms"] > 0 for w in windows)
+    assert all(w["window_variant"].endswith("-swa") for w in windows)
+    assert "| fp16 | fp8_e4m3 | 128 | 16 | 8 | 2 x 40 |" in result.stdout
 
 
 def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
@@ -53,8 +63,10 @@ def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
     assert "failed steps: none" in result.stdout
     res = tmp_path / "res"
     for name in ("env.json", "tune.log", "kernel_bench.json", "kernel_tests.log", "gpu_tests.log",
-                 "e2e_throughput.json"):
+                 "decode_steps.json", "e2e_throughput.json"):
         assert (res / name).stat().st_size > 0, name
+    steps = json.loads((res / "decode_steps.json").read_text())
+    assert [r["batch"] for r in steps["rows"]] == [1] and steps["rows"][0]["eager"]["steps_per_s"] > 0
     assert "1 passed" in (res / "kernel_tests.log").read_text()
     gpu_log = (res / "gpu_tests.log").read_text()  # the gpu-marked tests, skipped here with why
     assert "skipped" in gpu_log and "needs a CUDA GPU" in gpu_log and "passed" not in gpu_log

@@ -100,3 +100,37 @@ def test_demo_runs_and_passes(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3/3 passed" in result.stdout and "FAIL" not in result.stdout
     assert len(list(tmp_path.glob("paged_decode-*.py"))) == 3
+
+
+def test_variants_and_emit_take_kv_dtype_and_features(tmp_path, capsys):
+    assert main(["variants", "--head-dim", "128", "--block-size", "16", "--group-size", "4",
+                 "--split-k", "auto", "--dtype", "bf16", "--kv-dtype", "fp8_e4m3,fp8_e5m2",
+                 "--features", "soft_cap,sliding_window", "--limit", "0"]) == 0
+    configs = [VariantConfig.from_key(k) for k in capsys.readouterr().out.split()]
+    assert {c.kv_dtype for c in configs} == {"fp8_e4m3", "fp8_e5m2"}
+    assert {c.features for c in configs} == {("sliding_window", "soft_cap")}
+    assert main(["variants", "--head-dim", "64", "--block-size", "16", "--group-size", "1",
+                 "--split-k", "1", "--num-warps", "4", "--num-stages", "2", "--tile-tokens", "64",
+                 "--dtype", "fp16", "--kv-dtype", "fp8_e4m3", "--all"]) == 0
+    assert "[not on sm_80: kv_dtype=fp8_e4m3 is not supported on sm_80" in capsys.readouterr().out
+    assert main(["variants", "--head-dim", "64", "--kv-dtype", "fp8_e4m3", "--count",
+                 "--target", "sm_80"]) == 0
+    assert capsys.readouterr().out.startswith("0 variants kept")
+    assert main(["emit", "--head-dim", "64", "--block-size", "16", "--kv-dtype", "fp8_e5m2",
+                 "--features", "alibi,sinks", "-o", str(tmp_path / "f.py")]) == 0
+    assert "paged_decode-d64-b16-g1-sauto-t128-w8-st2-fp16-kvfp8e5m2-alibi-sinks" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["variants", "--kv-dtype", "int8"], "kv_dtype='int8'"),
+    (["variants", "--features", "rope"], "--features='rope': 'rope' is not a feature"),
+    (["inspect", "--head-dim", "64", "--block-size", "16", "--kv-dtype", "fp8_e4m3",
+      "--target", "sm_80"], "cannot run on sm_80"),
+])
+def test_bad_feature_options_exit_with_one_line(argv, message):
+    result = subprocess.run([sys.executable, "-m", "kgen.cli", *argv], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode in (1, 2)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr

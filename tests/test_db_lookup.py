@@ -196,3 +196,41 @@ def test_other_triton_fallback_never_hands_out_this_tritons_entries(tmp_path):
     # outside this triton's tuned contexts (1024..2048) and outside the other's (16384 only)
     result = _lookup(tmp_path, "h100", 8, 4096)
     assert result.source == "heuristic", result.reason
+
+
+def test_entries_tuned_against_another_default_are_not_served(tmp_path, caplog):
+    """Issue 13: records tuned when the default was single-pass kept being served after the default
+    became split-K auto, slower than it (0.16x SDPA at 1 x 32k). An entry whose ``default_key`` is
+    not today's default is held back like one measured against other templates; an entry older
+    than the field is judged by its templates alone."""
+    from kgen.db.stale import not_current
+
+    prov = make_provenance(_device("h100"), method="test")
+    prov["triton"] = lk.triton_version()
+    entries = {}
+    old_default = "paged_decode-d128-b16-g4-s1-t64-w4-st2-fp16"
+    for batch, context, default_key in ((16, 8192, old_default), (1, 1024, None),
+                                        (1, 8192, default_config(**SHAPE).key)):
+        w = Workload(gpu="h100", batch=batch, context=context, **SHAPE)
+        entry = make_entry(w, _config(8), time_ms=0.1, default_time_ms=1.0, provenance=prov, trials=5,
+                           default_key=default_key)
+        if default_key is None:
+            del entry["default_key"]  # written before the field existed
+        entries[w.key] = entry
+    TuningStore(tmp_path, "h100", prov).update_best(entries)
+    stale_key = "h100-fp16-d128-b16-g4-n16-c8192"
+    assert "tuned against the default " + old_default in not_current(entries[stale_key])
+    assert not_current(entries["h100-fp16-d128-b16-g4-n1-c1024"]) is None
+    with caplog.at_level(logging.WARNING, logger="kgen.db"):
+        assert _lookup(tmp_path, "h100", 1, 8192).source == "exact"
+        assert _lookup(tmp_path, "h100", 1, 1024).source == "exact"  # the legacy entry: current templates
+        stale = _lookup(tmp_path, "h100", 16, 8192)  # held back; none other in range
+        assert stale.source == "heuristic" and stale.config == default_config(**SHAPE)
+        assert "held back" in stale.reason
+    assert stale_key in caplog.text and "the default is now " + default_config(**SHAPE).key in caplog.text
+
+
+def test_make_entry_records_todays_default():
+    w = Workload(gpu="h100", batch=4, context=4096, **SHAPE)
+    entry = make_entry(w, _config(2), time_ms=0.1, default_time_ms=0.2, provenance={}, trials=1)
+    assert entry["default_key"] == default_config(**SHAPE).key

@@ -15,6 +15,7 @@ fp16 4e-3 + 4e-3|ref|, bf16 3e-2 + 2e-2|ref|, fp32 2e-5 + 2e-5|ref|.
 import pytest
 import torch
 
+from helpers_kernels import strided, strided_index_view
 from kgen.build import load_kernel
 from kgen.reference import (TOLERANCES, make_paged_inputs, max_abs_error,
                             paged_attention_reference, within_tolerance)
@@ -52,29 +53,16 @@ def _lengths(config: VariantConfig) -> list[int]:
     return sorted({0, 1, max(bs - 1, 2), bs, bs + 1, long})
 
 
-def _strided(t: torch.Tensor) -> torch.Tensor:
-    """The same values in a non-contiguous view: the two dims before head_dim swapped in storage
-    (HND pages for caches, head-major for query/out) and 8 padding elements after each row."""
-    perm = list(range(t.dim()))
-    perm[-3], perm[-2] = perm[-2], perm[-3]
-    storage_shape = [t.shape[p] for p in perm]
-    storage_shape[-1] += 8
-    big = torch.full(storage_shape, float("nan"), dtype=t.dtype, device=t.device)
-    view = big.permute(*perm)[..., : t.shape[-1]]  # permute is its own inverse here
-    view.copy_(t)
-    return view
-
-
-def _run(config: VariantConfig, lens, *, seed, strided=False, num_kv_heads=None, **kwargs):
+def _run(config: VariantConfig, lens, *, seed, noncontig=False, num_kv_heads=None, **kwargs):
     num_kv_heads = num_kv_heads or (1 if config.group_size > 4 else 2)
     inputs = make_paged_inputs(len(lens), num_kv_heads * config.group_size, num_kv_heads,
                                config.head_dim, config.block_size, lens, config.dtype, seed=seed,
                                device=DEVICE, poison_unused=True)
     out = torch.full_like(inputs["query"], float("nan"))
-    if strided:
+    if noncontig:
         for name in ("query", "key_cache", "value_cache"):
-            inputs[name] = _strided(inputs[name])
-        out = _strided(out)
+            inputs[name] = strided(inputs[name])
+        out = strided(out)
         assert not inputs["key_cache"].is_contiguous() and not out.is_contiguous()
     result = load_kernel(config).paged_attention_decode(**inputs, out=out, validate=True, **kwargs)
     assert result is out
@@ -85,7 +73,7 @@ def _run(config: VariantConfig, lens, *, seed, strided=False, num_kv_heads=None,
 def test_kernel_matches_reference(config):
     i = CASES.index(config)
     lens = _lengths(config)
-    out, ref = _run(config, lens, seed=i, strided=i % 4 == 3)
+    out, ref = _run(config, lens, seed=i, noncontig=i % 4 == 3)
     err = max_abs_error(out, ref)
     assert within_tolerance(out, ref, config.dtype), f"max abs err {err} > {TOLERANCES[config.dtype]}"
     assert torch.all(out[lens.index(0)] == 0), "an empty context must give exact zeros"
@@ -145,3 +133,21 @@ def test_empty_batch_returns_empty_out():
     inputs = make_paged_inputs(0, 2, 2, 64, 16, [], "fp16", seed=0, device=DEVICE)
     out = load_kernel(config).paged_attention_decode(**inputs)
     assert out.shape == (0, 2, 64)
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_strided_seq_lens_and_block_tables_are_honoured(split_k):
+    """Views with non-unit strides (issue 8: seq_lens' stride was ignored, max error 1.19): the
+    elements between the view's hold a short valid length / a valid but wrong block id, so a
+    kernel that ignores a stride gives a wrong result rather than a crash."""
+    config = VariantConfig(head_dim=64, block_size=8, group_size=2, split_k=split_k,
+                           tile_tokens=16, dtype="fp32")
+    lens = [9, 0, 33, 70]
+    inputs = make_paged_inputs(4, 4, 2, 64, 8, lens, "fp32", seed=21, device=DEVICE,
+                               poison_unused=True)
+    ref = paged_attention_reference(**inputs)
+    inputs["seq_lens"] = strided_index_view(inputs["seq_lens"], garbage=5)
+    inputs["block_tables"] = strided_index_view(inputs["block_tables"], garbage=0)
+    out = torch.full_like(inputs["query"], float("nan"))
+    load_kernel(config).paged_attention_decode(**inputs, out=out, validate=True)
+    assert within_tolerance(out, ref, "fp32"), max_abs_error(out, ref)

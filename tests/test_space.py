@@ -1,5 +1,6 @@
 """The variant space: axes, prune rules, the default heuristic, enumeration with filters."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -13,7 +14,9 @@ def test_axes_cover_the_issue_space():
     assert space.AXES["head_dim"] == (64, 80, 96, 112, 128, 192, 256)
     assert space.AXES["group_size"] == tuple(range(1, 17))
     assert 1 in space.AXES["split_k"] and SPLIT_AUTO in space.AXES["split_k"]
-    assert set(space.AXES) == set(VariantConfig().to_dict())
+    assert list(space.AXES) == [f.name for f in dataclasses.fields(VariantConfig)]
+    assert space.AXES["kv_dtype"] == ("auto", "fp8_e4m3", "fp8_e5m2")
+    assert len(space.AXES["features"]) == 16 and space.AXES["features"][0] == ()
 
 
 def test_paddings():
@@ -68,3 +71,49 @@ def test_enumerate_rejects_bad_filters():
         space.enumerate_variants(head_dim=100)
     with pytest.raises(ValueError, match="split_k=3 is not in the space"):
         space.enumerate_variants(split_k=3)
+
+
+def test_unfiltered_space_is_the_plain_space_and_filters_reach_features():
+    plain = space.enumerate_variants(head_dim=64, block_size=16, group_size=1, split_k=1)
+    assert plain and all(c.plain for c in plain)
+    both = space.enumerate_variants(head_dim=64, block_size=16, group_size=1, split_k=1,
+                                    kv_dtype=["auto", "fp8_e5m2"], features="sliding_window,sinks")
+    assert {c.kv_dtype for c in both} == {"auto", "fp8_e5m2"}
+    assert {c.features for c in both} == {("sliding_window", "sinks")}
+    sets = space.enumerate_variants(head_dim=64, block_size=16, group_size=1, split_k=1,
+                                    features=[(), ("alibi",)])
+    assert {c.features for c in sets} == {(), ("alibi",)}
+
+
+def test_fp8_prune_rules_name_their_reason():
+    # fp8 tiles need 16 elements per thread for one 16-byte load; 16-bit tiles need 8
+    thin = VariantConfig(head_dim=64, tile_tokens=16, num_warps=4, dtype="fp16")
+    assert space.prune_registers(thin) is None
+    assert "too few for 16-byte loads" in space.prune_registers(thin.replace(kv_dtype="fp8_e4m3"))
+    # shared memory counts the tile in the cache's element type: fp8 halves it
+    wide = VariantConfig(head_dim=256, tile_tokens=128, num_warps=8, num_stages=2, dtype="bf16")
+    assert "shared memory" in space.prune_smem(wide)
+    assert space.prune_smem(wide.replace(kv_dtype="fp8_e5m2")) is None
+    # fp32 queries over a pipelined fp8 tile at head dims >= 128 spill (the audit): one stage only
+    fp32 = VariantConfig(head_dim=128, tile_tokens=32, num_warps=8, num_stages=2, dtype="fp32",
+                         kv_dtype="fp8_e5m2")
+    assert "num_stages=2" in space.prune_fp32_fp8_stages(fp32)
+    assert space.prune_fp32_fp8_stages(fp32.replace(num_stages=1)) is None
+    assert space.prune_fp32_fp8_stages(fp32.replace(head_dim=64)) is None
+    assert space.prune_fp32_fp8_stages(fp32.replace(kv_dtype="auto")) is None
+    e4m3 = VariantConfig(kv_dtype="fp8_e4m3")
+    assert "sm_89" in space.target_prune_reason(e4m3, "sm_80")
+    assert space.target_prune_reason(e4m3, "sm_90") is None
+    assert space.target_prune_reason(e4m3.replace(kv_dtype="fp8_e5m2"), "80") is None
+    with pytest.raises(ValueError, match="target='gfx90a'"):
+        space.target_prune_reason(e4m3, "gfx90a")
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_default_config_is_kept_for_every_shape(kv_dtype):
+    for dtype, head_dim, block in itertools.product(DTYPES, HEAD_DIMS, BLOCK_SIZES):
+        config = space.default_config(head_dim=head_dim, block_size=block, group_size=4,
+                                      dtype=dtype, kv_dtype=kv_dtype,
+                                      features=("sliding_window", "soft_cap", "alibi", "sinks"))
+        assert config.kv_dtype == kv_dtype and len(config.features) == 4
+        assert space.prune_reason(config) is None, config.key

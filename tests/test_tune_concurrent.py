@@ -12,7 +12,8 @@ from kgen.cli import main
 from kgen.db.check import check_db
 from kgen.db.store import TuningStore
 from kgen.tune.search import PARAM_NAMES
-from kgen.tune.study import budget_trials, open_storage, trial_info, trial_outcome
+from kgen.tune.storage import open_storage
+from kgen.tune.study import budget_trials, trial_info, trial_outcome
 from kgen.workload import Workload
 
 W = Workload("synthetic", "fp16", 128, 16, 4, 1, 8192)
@@ -42,7 +43,7 @@ def _spawn(tmp_path, trials, delay):
 
 def _study(tmp_path):
     store = TuningStore(tmp_path / "db", "synthetic")
-    return optuna.load_study(study_name=W.key, storage=open_storage(str(store.journal_path)))
+    return optuna.load_study(study_name=W.key, storage=open_storage(str(store.journal_path)).optuna)
 
 
 def _assert_log_matches_study(tmp_path, study, orphans=frozenset()):
@@ -56,6 +57,9 @@ def _assert_log_matches_study(tmp_path, study, orphans=frozenset()):
                 if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
                 and not trial_outcome(t)["cached"]}
     assert measured <= set(logged) <= measured | set(orphans)
+    # no candidate measured twice by concurrent workers (they used to draw the same ones)
+    keys = [trial_info(t)["config_key"] for t in budget_trials(study)]
+    assert len(keys) == len(set(keys))
 
 
 def test_two_processes_on_one_study_lose_no_trial(tmp_path):

@@ -10,7 +10,8 @@ from kgen.db.store import TuningStore
 from kgen.device import pseudo_device
 from kgen.tune.measure import Measurement, SyntheticMeasurer
 from kgen.tune.search import default_variant, params_of, search_space
-from kgen.tune.study import budget_trials, open_storage
+from kgen.tune.storage import open_storage
+from kgen.tune.study import budget_trials
 from kgen.tune.tuner import TuneSettings, tune
 from kgen.workload import Workload
 
@@ -77,7 +78,7 @@ def test_database_entries_and_trial_log(tuned):
 
 def test_warm_start_queues_default_then_neighbour_winner(tuned):
     settings, results = tuned
-    storage = open_storage(settings.storage_location)
+    storage = open_storage(settings.storage_location).optuna
     first = optuna.load_study(study_name=W1.key, storage=storage)
     second = optuna.load_study(study_name=W2.key, storage=storage)
     assert first.trials[0].params == params_of(W1, default_variant(W1))

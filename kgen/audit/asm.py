@@ -4,8 +4,11 @@ These are pure text functions (no Triton, no GPU) used by :mod:`kgen.audit`:
 
 * :func:`ptx_loads` lists every global load of a PTX kernel (``ld.global`` and ``cp.async``), its
   width in bits and the set of kernel parameters its address is computed from (a data-flow walk
-  from each ``ld.param``; values produced by loads carry no provenance, so a K/V address built
-  from a block-table entry traces to the K/V cache pointer, not to the table).
+  from each ``ld.param``; values produced by global loads carry no provenance, so a K/V address
+  built from a block-table entry traces to the K/V cache pointer, not to the table). Values
+  passed through shared memory (``st.shared`` then ``ld.shared``, as Triton does when it
+  re-lays out per-row addresses, e.g. block size 1 with 128-token tiles) keep their provenance,
+  conservatively: a shared load gets that of everything the kernel stores to shared memory.
 * :func:`sass_instructions` / :func:`sass_load_bits` / :func:`sass_spill_bytes` read the output
   of ``cuobjdump --dump-sass``: global loads (``LDG``, ``LDGSTS``, generic ``LD``) by width and
   local-memory spill traffic (``STL`` / ``LDL``).
@@ -85,6 +88,7 @@ def ptx_loads(ptx: str) -> list[PtxLoad]:
         guarded by a predicate that is constant false (dead code ptxas removes).
     """
     defs = []  # (dest, sources, origin params)
+    shared = "%shared_memory"  # pseudo register: every value stored to shared memory
     loads = []  # (pred, negated, bits, kind, address regs)
     const_false, other_pred_defs = set(), set()
     for pred, negated, opcode, operands in _ptx_statements(ptx):
@@ -99,13 +103,20 @@ def ptx_loads(ptx: str) -> list[PtxLoad]:
             loads.append((pred, negated, _cp_async_bits(operands), "cp.async",
                           _PTX_REG.findall(brackets[1])))
             continue
+        if opcode.startswith("st.") and ".shared" in opcode:
+            defs.append((shared, tuple(_PTX_REG.findall(operands.rsplit("]", 1)[-1])), frozenset()))
+            continue
         if opcode.startswith("ld."):
             brackets = _PTX_BRACKETS.findall(operands)
             spaces = {part.split("::")[0] for part in opcode.split(".")[1:]}
             if ".global" in opcode or not spaces & {"shared", "local", "const", "param"}:
                 loads.append((pred, negated, _ld_bits(opcode), "ld",
                               _PTX_REG.findall(brackets[-1]) if brackets else []))
-            continue  # loaded values are data: no pointer provenance flows through a load
+            elif "shared" in spaces:
+                braces = _PTX_BRACES.match(operands)
+                dests = _PTX_REG.findall(braces.group(1) if braces else operands.split(",")[0])
+                defs.extend((dest, (shared,), frozenset()) for dest in dests)
+            continue  # globally loaded values are data: no pointer provenance flows through them
         if opcode.startswith(_NO_DEST):
             continue
         braces = _PTX_BRACES.match(operands)

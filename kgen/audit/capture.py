@@ -25,8 +25,9 @@ from kgen.variant import SPLIT_AUTO, VariantConfig
 
 _TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8",
-               "bool": "i1"}
+               "bool": "i1", "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}
 _AUTO_SPLITS = 4  # partitions requested for split "auto" variants, so partial + merge launch
+_WIDE_MERGE_SPLITS = 64  # and a call whose merge reads its widest step (64 partitions, 8 warps)
 _module_ids = itertools.count()
 
 
@@ -95,9 +96,11 @@ def load_jit_module(path):
 def workload(config: VariantConfig, *, num_seqs: int = 2, num_kv_heads: int = 2, seed: int = 0):
     """Small random CPU inputs of a representative decode batch for ``config``.
 
-    Contiguous NHD caches ``[8, block_size, num_kv_heads, head_dim]``; block tables
-    ``[num_seqs, ceil(max_len / block_size)]`` int32 pointing (with repeats) into those 8 pages;
-    context lengths long enough that every split-K partition gets tiles, capped at 16384 tokens.
+    Contiguous NHD caches ``[8, block_size, num_kv_heads, head_dim]`` (the variant's KV dtype);
+    block tables ``[num_seqs, ceil(max_len / block_size)]`` int32 pointing (with repeats) into
+    those 8 pages; context lengths long enough that every split-K partition gets tiles, capped at
+    16384 tokens; the arguments of the variant's features (per-KV-head scale tensors for fp8
+    caches, so the audited kernel reads them on the device; a window of half the context).
     """
     import torch
 
@@ -107,15 +110,26 @@ def workload(config: VariantConfig, *, num_seqs: int = 2, num_kv_heads: int = 2,
     num_heads = config.group_size * num_kv_heads
     cols = -(-max_len // config.block_size)
     shape = (8, config.block_size, num_kv_heads, config.head_dim)
-    dtype = config.torch_dtype
-    return {
+    dtype, kv_dtype = config.torch_dtype, config.kv_torch_dtype
+    inputs = {
         "query": torch.randn(num_seqs, num_heads, config.head_dim, generator=gen).to(dtype),
-        "key_cache": torch.randn(shape, generator=gen).to(dtype),
-        "value_cache": torch.randn(shape, generator=gen).to(dtype),
+        "key_cache": torch.randn(shape, generator=gen).to(kv_dtype),
+        "value_cache": torch.randn(shape, generator=gen).to(kv_dtype),
         "block_tables": torch.randint(0, 8, (num_seqs, cols), generator=gen, dtype=torch.int32),
         "seq_lens": torch.tensor([max_len] + [max_len - 1 - i for i in range(num_seqs - 1)],
                                  dtype=torch.int32),
     }
+    if config.kv_fp8:
+        inputs["k_scale"] = torch.rand(num_kv_heads, generator=gen) + 0.5
+        inputs["v_scale"] = torch.rand(num_kv_heads, generator=gen) + 0.5
+    if config.has("sliding_window"):
+        inputs["sliding_window"] = max(1, max_len // 2)
+    if config.has("soft_cap"):
+        inputs["logits_soft_cap"] = 30.0
+    for feature, name in (("alibi", "alibi_slopes"), ("sinks", "sinks")):
+        if config.has(feature):
+            inputs[name] = torch.rand(num_heads, generator=gen)
+    return inputs
 
 
 class _Recorder:
@@ -141,9 +155,13 @@ def capture_launches(module, config: VariantConfig) -> list[Launch]:
             calls.append({"num_splits": 1})
         with interpreter_off():  # the launcher may pick interpreter-only paths from the env
             for extra in calls:
-                module.paged_attention_decode(inputs["query"], inputs["key_cache"],
-                                              inputs["value_cache"], inputs["block_tables"],
-                                              inputs["seq_lens"], **extra)
+                module.paged_attention_decode(**inputs, **extra)
+            if config.split_k != 1:  # the merge's widest step; its partial launch is a repeat
+                wide: list[Launch] = []
+                for name in module.KERNELS:
+                    getattr(module, name).sink = wide
+                module.paged_attention_decode(**inputs, num_splits=_WIDE_MERGE_SPLITS)
+                sink.extend(launch for launch in wide if launch.name == "_merge_kernel")
     finally:
         for name, fn in saved.items():
             setattr(module, name, fn)

@@ -117,7 +117,7 @@ def audit_module_file(path, config: VariantConfig, target: str = "sm_90") -> Aud
         kernels.append(audit_compiled(compiled, launch.name, kv_params, time.perf_counter() - start))
     return AuditResult(variant=config.key, dtype=config.dtype, target=target, kernels=tuple(kernels),
                        compile_seconds=sum(k.compile_seconds for k in kernels),
-                       triton_version=triton.__version__)
+                       triton_version=triton.__version__, kv_dtype=config.kv_dtype)
 
 
 def audit_here(config: VariantConfig, target: str) -> AuditResult:

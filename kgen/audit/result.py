@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, fields
 TARGETS = {"sm_80": 80, "sm_90": 90}
 _TARGET_SPELLINGS = {"sm_80": "sm_80", "sm80": "sm_80", "80": "sm_80", "8.0": "sm_80",
                      "sm_90": "sm_90", "sm90": "sm_90", "90": "sm_90", "9.0": "sm_90"}
-VECTOR_DTYPES = ("fp16", "bf16")  # dtypes whose K/V loads must all be 16-byte
+# cache dtypes whose K/V loads must all be 16-byte (fp32 K/V tiles are too, but not required)
+VECTOR_DTYPES = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
 
 
 def parse_target(target) -> str:
@@ -51,6 +52,12 @@ class AuditResult:
     kernels: tuple
     compile_seconds: float
     triton_version: str = ""
+    kv_dtype: str = "auto"  # the cache's element type when it is not ``dtype`` (fp8)
+
+    @property
+    def cache_dtype(self) -> str:
+        """The element type of the K/V loads: ``kv_dtype`` for fp8 caches, else ``dtype``."""
+        return self.dtype if self.kv_dtype == "auto" else self.kv_dtype
 
     @property
     def registers(self) -> int:
@@ -82,6 +89,7 @@ class AuditResult:
         """JSON-ready dict with the keys of ``kgen inspect --json`` (widths as string keys)."""
         return {
             "variant": self.variant, "target": self.target, "dtype": self.dtype,
+            "kv_dtype": self.kv_dtype,
             "registers": self.registers, "spill_bytes": self.spill_bytes,
             "shared_bytes": self.shared_bytes,
             "kv_load_bits": _json_counts(self.kv_load_bits),
@@ -108,7 +116,8 @@ class AuditResult:
             for kernel in data["kernels"])
         return cls(variant=data["variant"], dtype=data["dtype"], target=data["target"],
                    kernels=kernels, compile_seconds=data["compile_seconds"],
-                   triton_version=data.get("triton_version", ""))
+                   triton_version=data.get("triton_version", ""),
+                   kv_dtype=data.get("kv_dtype", "auto"))
 
 
 def _sum_counts(maps) -> dict:
@@ -138,8 +147,9 @@ def failures(result: AuditResult, *, vector_dtypes=VECTOR_DTYPES) -> list[str]:
     kv = result.kv_load_bits
     if not kv:
         out.append("no K/V load found in any kernel")
-    elif result.dtype in vector_dtypes and set(kv) != {128}:
-        out.append(f"{result.dtype} K/V loads are not all 16-byte: {_json_counts(kv)} (bits: count)")
+    elif result.cache_dtype in vector_dtypes and set(kv) != {128}:
+        out.append(f"{result.cache_dtype} K/V loads are not all 16-byte: {_json_counts(kv)} "
+                   "(bits: count)")
     return out
 
 

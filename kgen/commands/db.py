@@ -1,25 +1,33 @@
-"""``kgen db show | explain | check``: read the tuning database."""
+"""``kgen db show | explain | check | prune | import | remeasure``: the tuning database."""
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
-from kgen.db.check import check_db
+from kgen.db.check import check_db, prune_stale, stale_records
 from kgen.db.lookup import DbReader, preferred_block_size
-from kgen.db.store import gpu_folders, load_best
+from kgen.db.schema import DbFormatError
+from kgen.db.tables import LayeredTables
 from kgen.device import normalize_gpu_name
+from kgen.dtypes import normalize_kv_dtype
+from kgen.features import features_text, normalize_features
 from kgen.paths import default_db_dir
 from kgen.workload import bucket
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "db", help="show, explain or check the tuning database",
+        "db", help="show, explain, check, prune, import or re-measure the tuning database",
         description="'kgen db show [--gpu NAME]' prints the best-config tables; 'kgen db explain "
                     "--gpu NAME --batch B --context L ...' says which record a step would use and "
-                    "why; 'kgen db check' validates every file (exit 1 if any is bad).")
-    sub = parser.add_subparsers(dest="db_command", metavar="{show,explain,check}")
+                    "why; 'kgen db check' validates every file (exit 1 if any is bad) and lists "
+                    "stale records; 'kgen db prune --stale' drops them; 'kgen db import --storage "
+                    "URL --gpu NAME' writes a shared study storage's results as records; 'kgen db "
+                    "remeasure --gpu NAME' re-times records measured against other templates.")
+    sub = parser.add_subparsers(dest="db_command",
+                                metavar="{show,explain,check,prune,import,remeasure}")
     sub.required = True
     show = sub.add_parser("show", help="print the best-config table(s)")
     show.add_argument("--gpu", default=None, help="only this GPU (default: all)")
@@ -31,10 +39,45 @@ def register(subparsers) -> None:
     explain.add_argument("--block-size", type=int, default=16)
     explain.add_argument("--group-size", type=int, default=1)
     explain.add_argument("--dtype", default="fp16")
-    check = sub.add_parser("check", help="validate every file of the database")
-    for p in (show, explain, check):
+    explain.add_argument("--kv-dtype", default="auto",
+                         help="KV-cache element type: auto, fp8_e4m3, fp8_e5m2 (default auto)")
+    explain.add_argument("--features", default="",
+                         help="attention features of the step, a comma set of sliding_window, "
+                              "soft_cap, alibi, sinks (default none)")
+    check = sub.add_parser("check", help="validate every file of the database, list stale records",
+                           description="Validate every file (exit 1 if one is bad) and list "
+                                       "stale records: measured against other kernel templates "
+                                       "(lookup does not serve them) or by an older kgen.")
+    check.add_argument("--strict", action="store_true", help="exit 1 when a record is stale too")
+    prune = sub.add_parser("prune", help="drop stale records from best.json",
+                           description="Drop the records 'kgen db check' lists as stale from the "
+                                       "best tables (the trial logs keep their history).")
+    prune.add_argument("--stale", action="store_true", required=True,
+                       help="drop stale records (the only kind of pruning)")
+    prune.add_argument("--gpu", default=None, help="only this GPU (default: all)")
+    imp = sub.add_parser("import", help="write a shared study storage's results as records",
+                         description="Read every study of a GPU from an Optuna storage (a "
+                                     "database URL, or a journal file) and write best.json "
+                                     "entries and trials.jsonl lines with provenance: the hosts "
+                                     "that measured, triton and driver versions, template hash.")
+    imp.add_argument("--storage", required=True, metavar="URL",
+                     help="the storage the fleet tuned into (postgresql://..., sqlite:///...)")
+    imp.add_argument("--gpu", required=True, metavar="NAME")
+    remeasure = sub.add_parser(
+        "remeasure", help="re-time records measured against other templates",
+        description="On the GPU itself: time each record lookup holds back (measured against "
+                    "other kernel templates) and the current default variant; the record is "
+                    "served again only if it still beats the default.")
+    remeasure.add_argument("--gpu", required=True, metavar="NAME",
+                           help="the GPU present (as for kgen tune)")
+    remeasure.add_argument("--key", action="append", default=None, metavar="WORKLOAD",
+                           help="only this workload key (repeatable; default: all held back)")
+    remeasure.add_argument("--no-audit", action="store_true",
+                           help="skip the static audit before timing")
+    for p in (show, explain, check, prune, imp, remeasure):
         p.add_argument("--db", default=None, metavar="DIR",
-                       help="database folder (default: tuning_db/ or $KGEN_DB)")
+                       help="database folder (default: $KGEN_DB; else tuning_db/ in a source "
+                            "checkout, the user's ~/.local/share/kgen/tuning_db for a wheel)")
         p.set_defaults(func=run)
 
 
@@ -45,30 +88,39 @@ def _db_dir(args):
 def show(args) -> int:
     import pandas as pd  # heavy: only for the table
 
-    root = _db_dir(args)
-    gpus = [normalize_gpu_name(args.gpu)] if args.gpu else gpu_folders(root)
+    tables = LayeredTables(args.db)
+    gpus = [normalize_gpu_name(args.gpu)] if args.gpu else tables.gpus()
     rows, defaults = [], []
     for gpu in gpus:
-        table = load_best(Path(root) / gpu / "best.json")
+        with warnings.catch_warnings():  # a bad file is this command's error, said once below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            table = tables.get(gpu)
+        if gpu in tables.errors:  # show the database as it is: a bad file is an error here
+            raise DbFormatError(tables.errors[gpu])
         if table is None:
             if args.gpu:
-                raise FileNotFoundError(f"no tuning records for gpu={args.gpu!r} in {root}")
+                raise FileNotFoundError(f"no tuning records for gpu={args.gpu!r} in "
+                                        f"{', '.join(map(str, tables.layers))}")
             continue
-        for key, entry in sorted(table["entries"].items()):
+        every = {**table.entries, **table.held}
+        for key, entry in sorted(every.items()):
             w, c, prov = entry["workload"], entry["config"], entry["provenance"]
-            rows.append({"gpu": gpu, "dtype": w["dtype"], "d": w["head_dim"], "b": w["block_size"],
+            rows.append({"gpu": gpu, "dtype": w["dtype"], "kv": w.get("kv_dtype", "auto"),
+                         "features": features_text(tuple(w.get("features", ()))),
+                         "d": w["head_dim"], "b": w["block_size"],
                          "g": w["group_size"], "batch": w["batch"], "context": w["context"],
                          "split": "auto" if c["split_k"] == 0 else c["split_k"],
                          "tile": c["tile_tokens"], "warps": c["num_warps"],
                          "stages": c["num_stages"], "ms": entry["time_ms"],
                          "default_ms": entry["default_time_ms"], "speedup": entry.get("speedup"),
                          "trials": entry["trials"], "triton": prov.get("triton"),
+                         "served": "no (stale)" if key in table.held else "yes",
                          "method": prov.get("method")})
-        for key, rec in sorted(table.get("block_size_defaults", {}).items()):
+        for key, rec in sorted(table.block_size_defaults.items()):
             defaults.append(f"{gpu} {key}: fastest block size {rec['block_size']} "
                             f"(geomean ms {rec['geomean_ms']})")
     if not rows:
-        print(f"no tuning records in {root}")
+        print(f"no tuning records in {', '.join(map(str, tables.layers))}")
         return 0
     frame = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 30,
@@ -76,6 +128,8 @@ def show(args) -> int:
         print(frame.to_string(index=False))
     for line in defaults:
         print(line)
+    if any(row["served"] != "yes" for row in rows):
+        print("stale records are not served (see 'kgen db check')")
     return 0
 
 
@@ -87,10 +141,13 @@ def explain(args) -> int:
     reader = DbReader(_db_dir(args))
     result = reader.lookup(args.gpu, dtype=args.dtype, head_dim=args.head_dim,
                            block_size=args.block_size, group_size=args.group_size,
-                           num_seqs=args.batch, max_context=args.context)
+                           num_seqs=args.batch, max_context=args.context,
+                           kv_dtype=normalize_kv_dtype(args.kv_dtype, name="--kv-dtype"),
+                           features=normalize_features(args.features, name="--features"))
     print(f"step: batch {args.batch} (bucket {bucket(args.batch, '--batch')}), context "
           f"{args.context} (bucket {bucket(args.context, '--context')})")
-    print(f"workload: {result.workload.key}")
+    print(f"workload: {result.workload.key} (kv dtype {result.workload.kv_dtype}, features "
+          f"{features_text(result.workload.features)})")
     print(f"source: {result.source}")
     print(f"why: {result.reason}")
     print(f"variant: {result.config.key}")
@@ -113,8 +170,56 @@ def check(args) -> int:
             print(f"BAD  {report.problem}")
         else:
             print(f"ok   {report.path}: {report.summary}")
-    print(f"{len(reports)} file(s) checked, {bad} bad")
-    return 1 if bad else 0
+    stale = stale_records(_db_dir(args))
+    for record in stale:
+        print(f"STALE {record.path}: {record.key}: {'; '.join(record.reasons)}")
+    print(f"{len(reports)} file(s) checked, {bad} bad, {len(stale)} stale record(s)"
+          + (" (not served; 'kgen db remeasure' on the GPU, or 'kgen db prune --stale')"
+             if stale else ""))
+    return 1 if bad or (stale and args.strict) else 0
+
+
+def prune(args) -> int:
+    dropped = prune_stale(_db_dir(args), normalize_gpu_name(args.gpu) if args.gpu else None)
+    for record in dropped:
+        print(f"dropped {record.key} from {record.path}: {'; '.join(record.reasons)}")
+    print(f"{len(dropped)} stale record(s) dropped")
+    return 0
+
+
+def import_(args) -> int:
+    from kgen.tune.importer import import_storage  # imports optuna
+
+    report = import_storage(args.storage, args.gpu, _db_dir(args))
+    for key, entry in sorted(report.entries.items()):
+        prov = entry["provenance"]
+        print(f"{key}: {entry['config_key']} {entry['time_ms']:.5g} ms (default "
+              f"{_ms(entry['default_time_ms'])}), {entry['trials']} trials, hosts "
+              f"{', '.join(prov['hosts'])}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"{len(report.entries)} record(s) and {report.trial_lines} trial line(s) written to "
+          f"{Path(_db_dir(args)) / normalize_gpu_name(args.gpu)}")
+    return 0
+
+
+def remeasure(args) -> int:
+    from kgen.commands.tune import make_measurer  # imports torch for a real GPU
+    from kgen.db.schema import make_provenance
+    from kgen.device import resolve_gpu
+    from kgen.tune.remeasure import remeasure_stale  # imports optuna
+
+    device = resolve_gpu(args.gpu)
+    measurer = make_measurer(device, audit=not args.no_audit, seed=0)
+    prov = make_provenance(device, method=measurer.method)
+    written = remeasure_stale(args.db, device.name, measurer, prov, keys=args.key)
+    for key, entry in written.items():
+        block = entry["remeasure"]
+        verdict = "served again" if block["beats_default"] else "still held back"
+        print(f"{key}: {entry['config_key']} {_ms(block['time_ms'])} vs default "
+              f"{block['default_config_key']} {_ms(block['default_time_ms'])}: {verdict}")
+    print(f"{len(written)} record(s) re-measured")
+    return 0
 
 
 # ---- `kgen emit --gpu NAME`: the recorded best variant (used by kgen/commands/emit.py) ---------
@@ -151,17 +256,21 @@ def emit_config_from_db(args, given: dict):
     if "head_dim" not in given:
         raise ValueError("--head-dim is required with --gpu")
     dtype = given.get("dtype", "fp16")
+    kv_dtype, features = given.get("kv_dtype", "auto"), given.get("features", ())
     block_size = given.get("block_size") or preferred_block_size(
-        args.gpu, dtype=dtype, head_dim=given["head_dim"], db_dir=_db_dir(args))
+        args.gpu, dtype=dtype, head_dim=given["head_dim"], db_dir=_db_dir(args),
+        kv_dtype=kv_dtype, features=features)
     if block_size is None:
         raise ValueError(f"--block-size is required: no fastest block size is recorded for "
                          f"gpu={args.gpu!r}, {dtype}, head dim {given['head_dim']}")
     result = DbReader(_db_dir(args)).lookup(
         args.gpu, dtype=dtype, head_dim=given["head_dim"], block_size=block_size,
-        group_size=given.get("group_size", 1), num_seqs=args.batch, max_context=args.context)
+        group_size=given.get("group_size", 1), num_seqs=args.batch, max_context=args.context,
+        kv_dtype=kv_dtype, features=features)
     sys.stderr.write(f"kgen emit: {result.source}: {result.reason}\n")
     return result.config
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"show": show, "explain": explain, "check": check}[args.db_command](args)
+    return {"show": show, "explain": explain, "check": check, "prune": prune, "import": import_,
+            "remeasure": remeasure}[args.db_command](args)

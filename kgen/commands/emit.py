@@ -34,7 +34,8 @@ def config_from_args(args: argparse.Namespace) -> VariantConfig:
         raise ValueError(f"{', '.join(missing)} required (or --key)")
     base = default_config(head_dim=given["head_dim"], block_size=given["block_size"],
                           group_size=given.get("group_size", 1), dtype=given.get("dtype", "fp16"),
-                          split_k=given.get("split_k", "auto"))
+                          split_k=given.get("split_k", "auto"),
+                          kv_dtype=given.get("kv_dtype", "auto"), features=given.get("features", ()))
     return base.replace(**given)
 
 
@@ -43,7 +44,9 @@ def register(subparsers) -> None:
         "emit", help="write one variant as a standalone Python module",
         description="Write a module exposing paged_attention_decode for one variant, e.g. "
                     "'kgen emit --head-dim 128 --block-size 16 --group-size 4 --split-k 4 "
-                    "--dtype bf16 -o decode.py'. Unset launch options take the default heuristic.")
+                    "--dtype bf16 -o decode.py', or with an fp8 cache and features "
+                    "'... --kv-dtype fp8_e4m3 --features sliding_window,soft_cap'. Unset launch "
+                    "options take the default heuristic.")
     add_axis_options(parser, multiple=False)
     parser.add_argument("--key", default=None, help="a variant key instead of the axis options")
     add_emit_gpu_options(parser)

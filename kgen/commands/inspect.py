@@ -8,6 +8,7 @@ import sys
 from kgen.audit import AuditResult, audit_variant, failures, parse_target
 from kgen.commands.emit import config_from_args
 from kgen.commands.variants import add_axis_options
+from kgen.space import target_prune_reason
 
 
 def format_bits(counts: dict) -> str:
@@ -60,6 +61,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     target = parse_target(args.target)
     config = config_from_args(args)
+    reason = target_prune_reason(config, target)
+    if reason:
+        sys.stderr.write(f"kgen inspect: {config.key} cannot run on {target}: {reason}\n")
+        return 1
     try:
         result = audit_variant(config, target)
     except Exception as exc:  # noqa: BLE001 - a compile failure is reported, not a traceback

@@ -7,9 +7,12 @@ import os
 import sys
 
 from kgen.device import resolve_gpu
-from kgen.dtypes import normalize_dtype
+from kgen.dtypes import normalize_dtype, normalize_kv_dtype
+from kgen.features import normalize_features
 from kgen.paths import default_db_dir
+from kgen.space import default_config, target_prune_reason
 from kgen.tune.measure import SyntheticMeasurer
+from kgen.tune import DEFAULT_HEARTBEAT_S
 from kgen.tune.measure_kernel import GpuMeasurer, InterpreterMeasurer
 from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
@@ -22,8 +25,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tune", help="tune kernel variants per workload with Optuna into tuning_db/",
         description="Search split-K, tile tokens, num_warps and num_stages per workload (dtype x "
-                    "head dim x block size x group size x batch bucket x context bucket) and "
-                    "record the best variant per workload. E.g. 'kgen tune --gpu interpreter "
+                    "KV dtype x features x head dim x block size x group size x batch bucket x "
+                    "context bucket) and record the best variant per workload. E.g. 'kgen tune --gpu interpreter "
                     "--trials 4 --head-dim 64 --block-size 16 --batch 1 --context 512'.")
     parser.add_argument("--gpu", required=True, metavar="NAME",
                         help="device to tune: h100, a100, l40s, ... (must be the one present), "
@@ -32,6 +35,14 @@ def register(subparsers) -> None:
     parser.add_argument("--block-size", default="16", metavar="LIST", help="default 16")
     parser.add_argument("--group-size", default="1", metavar="LIST", help="default 1")
     parser.add_argument("--dtype", default="fp16", metavar="LIST", help="default fp16")
+    parser.add_argument("--kv-dtype", default="auto", metavar="LIST",
+                        help="KV-cache element types: auto (the --dtype), fp8_e4m3, fp8_e5m2 "
+                             "(default auto)")
+    parser.add_argument("--features", default="", metavar="SET",
+                        help="attention features compiled into every tuned variant, one comma "
+                             "set of sliding_window, soft_cap, alibi, sinks (default none); "
+                             "sliding-window workloads are timed with a window of half the "
+                             "context bucket")
     parser.add_argument("--batch", default=_csv(DEFAULT_BATCHES), metavar="LIST",
                         help=f"batch buckets, powers of two (default {_csv(DEFAULT_BATCHES)})")
     parser.add_argument("--context", default=_csv(DEFAULT_CONTEXTS), metavar="LIST",
@@ -42,14 +53,25 @@ def register(subparsers) -> None:
                         help="Optuna sampler (default tpe)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     parser.add_argument("--db", default=None, metavar="DIR",
-                        help="database folder (default: tuning_db/ or $KGEN_DB)")
+                        help="database folder to write (default: $KGEN_DB; else tuning_db/ in a "
+                             "source checkout, ~/.local/share/kgen/tuning_db for an installed "
+                             "wheel)")
     parser.add_argument("--storage", default=None, metavar="URL",
-                        help="Optuna RDB URL (or a journal file path) shared by several processes "
-                             "or machines (default: DB/<gpu>/journal.log)")
+                        help="where the Optuna studies live (default: DB/<gpu>/journal.log, for "
+                             "one machine). A database URL (postgresql://user@host/db with "
+                             "kgen[postgres]; mysql://...) lets processes on many machines join "
+                             "the same studies; each finishes the work of members that die. "
+                             "Never SQLite or a journal on NFS. Collect the records with 'kgen db "
+                             "import --storage URL --gpu NAME'")
     parser.add_argument("--resume", action="store_true",
-                        help="continue studies that already have trials (after an interruption)")
+                        help="continue studies that already have trials (after an interruption): "
+                             "trials of killed runs are failed and their candidates measured")
     parser.add_argument("--workers", type=int, default=1, metavar="K",
                         help="worker processes on this machine against the same storage")
+    parser.add_argument("--heartbeat", type=int, default=DEFAULT_HEARTBEAT_S, metavar="S",
+                        help="database storages: seconds between a running trial's heartbeats; "
+                             "a trial silent for 3 of them (its member died) is failed and its "
+                             f"candidate measured by another member (default {DEFAULT_HEARTBEAT_S})")
     parser.add_argument("--no-audit", action="store_true",
                         help="skip the static audit before timing on a GPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, summary only")
@@ -59,7 +81,14 @@ def register(subparsers) -> None:
 def make_measurer(device, *, audit: bool, seed: int):
     """The measurer for a device: synthetic, interpreter, or the GPU's (audited for its target)."""
     if device.name == "synthetic":
-        return SyntheticMeasurer(seed=seed)
+        # $KGEN_SYNTHETIC_DELAY_S: seconds per synthetic measurement, so tests can overlap
+        # processes and kill one mid-trial
+        delay = os.environ.get("KGEN_SYNTHETIC_DELAY_S", "0")
+        try:
+            delay_s = float(delay)
+        except ValueError:
+            raise ValueError(f"KGEN_SYNTHETIC_DELAY_S={delay!r} is not a number of seconds") from None
+        return SyntheticMeasurer(seed=seed, delay_s=delay_s)
     if device.name == "interpreter":
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
         return InterpreterMeasurer(seed=seed)
@@ -70,7 +99,11 @@ def workloads_from_args(args, gpu: str):
     dtypes = [normalize_dtype(d.strip()) for d in args.dtype.split(",") if d.strip()]
     if not dtypes:
         raise ValueError(f"--dtype={args.dtype!r} is empty")
+    kv_dtypes = [normalize_kv_dtype(k.strip(), name="--kv-dtype") for k in args.kv_dtype.split(",")
+                 if k.strip()] or ["auto"]
     return expand_workloads(
+        kv_dtypes=list(dict.fromkeys(kv_dtypes)),
+        feature_sets=[normalize_features(args.features, name="--features")],
         gpu=gpu, dtypes=dtypes, head_dims=parse_int_list(args.head_dim, "--head-dim"),
         block_sizes=parse_int_list(args.block_size, "--block-size"),
         group_sizes=parse_int_list(args.group_size, "--group-size"),
@@ -102,19 +135,39 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--trials={args.trials} must be at least 1")
     if args.workers < 1:
         raise ValueError(f"--workers={args.workers} must be at least 1")
+    if args.heartbeat < 1:
+        raise ValueError(f"--heartbeat={args.heartbeat} must be at least 1 second")
     device = resolve_gpu(args.gpu)
     workloads = workloads_from_args(args, device.name)
-    from kgen.tune.tuner import TuneSettings, tune  # imports optuna: only when tuning
+    cc = device.compute_capability
+    target = f"sm_{cc[0]}{cc[1]}" if cc else (None if device.is_pseudo else device.audit_target)
+    for workload in workloads if target else ():
+        reason = target_prune_reason(default_config(**workload.variant_fields()), target)
+        if reason:
+            raise ValueError(f"cannot tune {workload.key} on {device.name} ({target}): {reason}")
+    # kgen.tune.tuner imports optuna: only when tuning
+    from kgen.tune import interrupts
+    from kgen.tune.tuner import TuneInterrupted, TuneSettings, tune
 
     settings = TuneSettings(
         measurer=make_measurer(device, audit=not args.no_audit, seed=args.seed), device=device,
         db_dir=args.db or default_db_dir(), trials=args.trials, sampler=args.sampler,
         seed=args.seed, storage=args.storage, resume=args.resume, workers=args.workers,
-        progress=not args.quiet and sys.stderr.isatty())
+        progress=not args.quiet and sys.stderr.isatty(), heartbeat_s=args.heartbeat)
     if not args.quiet:
         print(f"tuning {len(workloads)} workload(s) x {args.trials} trials on {device.full_name} "
               f"({device.name}) into {settings.store.dir}", flush=True)
-    results = tune(settings, workloads)
+    previous = interrupts.install()  # Ctrl-C and SIGTERM stop at the next safe point
+    try:
+        results = tune(settings, workloads)
+    except TuneInterrupted as stop:
+        if stop.results:
+            for line in summary_lines(stop.results, None):
+                print(line)
+        sys.stderr.write(f"kgen tune: {stop.message}\n")
+        return 130
+    finally:
+        interrupts.uninstall(previous)
     for line in summary_lines(results, settings.store.load_best()):
         print(line)
     return 0

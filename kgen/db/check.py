@@ -1,4 +1,5 @@
-"""Validate every file of a tuning database (``kgen db check``). Standard library only."""
+"""Validate every file of a tuning database (``kgen db check``), find and drop stale records
+(``kgen db prune --stale``). Standard library only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kgen.db.schema import DbFormatError
-from kgen.db.store import BEST_FILE, JOURNAL_FILE, TRIALS_FILE, gpu_folders, load_best, read_trials
+from kgen.db.stale import stale_reasons
+from kgen.db.store import (BEST_FILE, JOURNAL_FILE, TRIALS_FILE, TuningStore, gpu_folders,
+                           load_best, read_trials)
+from kgen.paths import template_hash
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,42 @@ def check_db(db_dir) -> list[FileReport]:
             except (DbFormatError, OSError) as exc:
                 reports.append(FileReport(str(journal), str(exc)))
     return reports
+
+
+@dataclass(frozen=True)
+class StaleRecord:
+    """A best-table entry that no longer describes this kgen's kernels (:mod:`kgen.db.stale`)."""
+
+    path: str
+    gpu: str
+    key: str
+    reasons: tuple
+
+
+def stale_records(db_dir, gpu: str | None = None) -> list[StaleRecord]:
+    """Every stale entry of the database folder ``db_dir`` (of one GPU, or all)."""
+    root = Path(db_dir)
+    out = []
+    current = template_hash()
+    for name in [gpu] if gpu else gpu_folders(root):
+        path = root / name / BEST_FILE
+        try:
+            table = load_best(path)
+        except (DbFormatError, OSError):
+            continue  # reported by check_db
+        for key, entry in sorted((table or {"entries": {}})["entries"].items()):
+            reasons = stale_reasons(entry, current)
+            if reasons:
+                out.append(StaleRecord(str(path), name, key, tuple(reasons)))
+    return out
+
+
+def prune_stale(db_dir, gpu: str | None = None) -> list[StaleRecord]:
+    """Drop the stale entries of ``db_dir`` (of one GPU, or all); returns what was dropped."""
+    dropped = stale_records(db_dir, gpu)
+    by_gpu: dict[str, list[str]] = {}
+    for record in dropped:
+        by_gpu.setdefault(record.gpu, []).append(record.key)
+    for name, keys in by_gpu.items():
+        TuningStore(db_dir, name).remove_entries(keys)
+    return dropped

@@ -4,13 +4,18 @@ Order tried (the first that gives a config wins):
 
 1. ``exact``      -- the workload's own entry, tuned under this triton version;
 2. ``nearest``    -- the nearest tuned (batch, context) bucket in log2 distance with the same
-                     dtype/head dim/block size/group size, inside the tuned range on both axes;
+                     dtype/head dim/block size/group size/KV dtype/features, inside the tuned
+                     range on both axes (a plain record never serves a feature workload);
 3. ``other-triton`` -- 1 or 2 among entries of the same GPU tuned under another triton version;
 4. ``family``     -- 1 or 2 on another GPU of the same family (h200 for h100 ...);
 5. ``heuristic``  -- :func:`kgen.space.default_config`.
 
-Each fallback is logged once (logger ``kgen.db``) with what was used and why. A corrupted,
-truncated or future-schema file is skipped with a warning, never a crash. Standard library only.
+Only entries measured against the current kernel templates (or vindicated by a re-measure under
+them, :mod:`kgen.db.stale`) take part; one that would have been used otherwise is logged once with
+why it was not. Each fallback is logged once (logger ``kgen.db``) with what was used and why. A
+corrupted, truncated or future-schema file is skipped with a warning, never a crash. The default
+database reads the user's records over the shipped ones (:mod:`kgen.db.tables`). Standard library
+only.
 """
 
 from __future__ import annotations
@@ -18,28 +23,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-from kgen.db.schema import DbFormatError, _package_version
-from kgen.db.store import BEST_FILE, gpu_folders, load_best
-from kgen.workload import Workload, log2_distance
+from kgen.db.schema import _package_version
+from kgen.db.store import BEST_FILE
+from kgen.db.tables import LayeredTables, _logged, log_once  # noqa: F401 (re-exported)
+from kgen.workload import Workload, head_key, log2_distance
 from kgen.device import family_of, normalize_gpu_name
-from kgen.dtypes import normalize_dtype
-from kgen.paths import default_db_dir
 from kgen.space import default_config
 from kgen.variant import VariantConfig
-
-log = logging.getLogger("kgen.db")
-_logged: set = set()
-
-
-def log_once(level: int, message: str) -> None:
-    """Log ``message`` at ``level`` the first time it is seen in this process."""
-    if message not in _logged:
-        _logged.add(message)
-        log.log(level, message)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,10 +39,11 @@ def triton_version() -> str | None:
     return _package_version("triton")
 
 
-def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int) -> VariantConfig:
+def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int,
+                     kv_dtype="auto", features=()) -> VariantConfig:
     """The generator's default variant for a shape (no tuning data)."""
     return default_config(head_dim=head_dim, block_size=block_size, group_size=group_size,
-                          dtype=dtype)
+                          dtype=dtype, kv_dtype=kv_dtype, features=features)
 
 
 @dataclass(frozen=True)
@@ -67,56 +60,32 @@ class LookupResult:
 
 
 class DbReader:
-    """Loads and caches the best tables of a database root; bad files are skipped with a warning.
+    """Reads a database's best tables (:class:`kgen.db.tables.LayeredTables`) and answers lookups.
 
     Parameters
     ----------
     db_dir : path or None
-        Database root; None means :func:`kgen.paths.default_db_dir`.
+        Database folder; None means the default database (the user's records over the
+        shipped ones, :func:`kgen.paths.db_layers`).
     """
 
     def __init__(self, db_dir=None) -> None:
-        if db_dir is None:
-            db_dir = default_db_dir()
-        self.db_dir = Path(db_dir)
-        self._tables: dict[str, tuple[tuple | None, dict | None]] = {}
-        self.errors: dict[str, str] = {}
+        self.tables = LayeredTables(db_dir)
+        self.db_dir = self.tables.root
+        self.errors = self.tables.errors
 
-    def table(self, gpu: str) -> dict | None:
-        """The validated best table of ``gpu``, or None if missing or unusable.
+    def table(self, gpu: str):
+        """The GPU's merged table (:class:`kgen.db.tables.GpuTable`), or None if it has none."""
+        return self.tables.get(gpu)
 
-        Read once and kept while the file is unchanged (its size and mtime are checked, one
-        ``stat`` per call), so records a tuning run writes are seen by a running process.
-        """
-        path = self.db_dir / gpu / BEST_FILE
-        try:
-            st = path.stat()
-            stamp = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            stamp = None
-        cached = self._tables.get(gpu)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        table = None
-        if stamp is not None:
-            try:
-                table = load_best(path)
-                self.errors.pop(gpu, None)
-            except (DbFormatError, OSError) as exc:
-                self.errors[gpu] = str(exc)
-                message = f"tuning database file unusable, falling back: {exc}"
-                if message not in _logged:
-                    warnings.warn(message, RuntimeWarning, stacklevel=3)
-                log_once(logging.WARNING, message)
-        self._tables[gpu] = (stamp, table)
-        return table
-
-    def preferred_block_size(self, gpu: str, *, dtype, head_dim: int) -> int | None:
-        """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
+    def preferred_block_size(self, gpu: str, *, dtype, head_dim: int, kv_dtype="auto",
+                             features=()) -> int | None:
+        """The block size recorded as fastest for (gpu, dtype, head dim[, KV dtype, features]) by
+        current entries, or None if not tuned."""
         table = self.table(normalize_gpu_name(gpu))
         if not table:
             return None
-        rec = table.get("block_size_defaults", {}).get(f"{normalize_dtype(dtype)}-d{head_dim}")
+        rec = table.block_size_defaults.get(head_key(dtype, head_dim, kv_dtype, features))
         return int(rec["block_size"]) if rec else None
 
     def family_gpus(self, gpu: str) -> list[str]:
@@ -126,26 +95,31 @@ class DbReader:
             return []
         if family is None:
             return []
-        return [name for name in gpu_folders(self.db_dir) if name != gpu and _family(name) == family]
+        return [name for name in self.tables.gpus() if name != gpu and _family(name) == family]
 
     # ---- the lookup -----------------------------------------------------------------------
     def lookup(self, gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
-               num_seqs: int | None, max_context: int | None) -> LookupResult:
+               num_seqs: int | None, max_context: int | None, kv_dtype="auto",
+               features=()) -> LookupResult:
         """The config to use for one decode step shape on ``gpu`` (see the module docstring).
 
         ``num_seqs`` / ``max_context`` of None mean "the middle of the tuned range" (used by
-        ``kgen emit --gpu`` when no step size is given).
+        ``kgen emit --gpu`` when no step size is given). ``kv_dtype`` / ``features`` select
+        records of that KV dtype and feature set only.
         """
         gpu = normalize_gpu_name(gpu)
         if num_seqs is None or max_context is None:
-            num_seqs, max_context = self._middle(gpu, (normalize_dtype(dtype), head_dim, block_size,
-                                                       group_size), num_seqs, max_context)
+            shape = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim,
+                                      block_size=block_size, group_size=group_size, num_seqs=1,
+                                      max_context=1, kv_dtype=kv_dtype, features=features).shape
+            num_seqs, max_context = self._middle(gpu, shape, num_seqs, max_context)
         asked = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
                                   group_size=group_size, num_seqs=num_seqs,
-                                  max_context=max_context)
+                                  max_context=max_context, kv_dtype=kv_dtype, features=features)
         here = triton_version()
         table = self.table(gpu)
-        candidates = _matching(table, _shape(asked))
+        candidates = _matching(table, asked.shape)
+        held = self._held_back(table, asked, candidates)
         same = [c for c in candidates if c[1]["provenance"].get("triton") == here]
         found = _choose(same, asked)
         if found:
@@ -154,15 +128,36 @@ class DbReader:
         if found:
             return self._result(found, asked, gpu, "other-triton", here=here)
         for other in self.family_gpus(gpu):
-            found = _choose(_matching(self.table(other), _shape(asked)), asked)
+            other_table = self.table(other)
+            matching = _matching(other_table, asked.shape)
+            held = held or self._held_back(other_table, asked, matching)
+            found = _choose(matching, asked)
             if found:
                 return self._result(found, asked, other, "family")
         config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                  group_size=group_size)
-        why = "no database for this GPU" if table is None else "no tuned entry in range"
+                                  group_size=group_size, kv_dtype=asked.kv_dtype,
+                                  features=asked.features)
+        why = ("no database for this GPU" if table is None else
+               f"no current tuned entry in range ({held} held back: measured against other "
+               f"kernel templates or another default)" if held else "no tuned entry in range")
         reason = f"{asked.key}: {why} ({self.db_dir / gpu}); using the heuristic default {config.key}"
         log_once(logging.INFO, f"kgen.db lookup: {reason}")
         return LookupResult(config=config, source="heuristic", reason=reason, workload=asked)
+
+    def _held_back(self, table, asked: Workload, current: list) -> str | None:
+        """The stale entry a lookup would have chosen among all of ``table``'s entries, logged
+        once with why it is not served; None when a current one would have been chosen anyway."""
+        if table is None or not table.stale:
+            return None
+        stale = [(key, entry) for key, entry in table.held.items()
+                 if Workload.from_dict(entry["workload"]).shape == asked.shape]
+        found = _choose(current + stale, asked)
+        if found is None or found[0] not in table.stale:
+            return None
+        key = found[0]
+        log_once(logging.WARNING, f"kgen.db lookup: {asked.key}: entry {key} "
+                                  f"({table.paths[key]}) is not served: {table.stale[key]}")
+        return key
 
     def _middle(self, gpu: str, shape: tuple, num_seqs, max_context) -> tuple[int, int]:
         """Fill a missing batch / context with the middle (log2) of the tuned buckets of the
@@ -179,7 +174,7 @@ class DbReader:
     def _result(self, found, asked: Workload, gpu: str, source: str, here=None) -> LookupResult:
         key, entry = found
         config = VariantConfig.from_dict(entry["config"])
-        path = str(self.db_dir / gpu / BEST_FILE)
+        path = self.table(gpu).paths.get(key, str(self.db_dir / gpu / BEST_FILE))
         reason = {
             "exact": f"{asked.key}: exact entry",
             "nearest": f"{asked.key}: nearest tuned bucket {key}",
@@ -201,16 +196,13 @@ def _family(name: str) -> str | None:
         return None
 
 
-def _shape(w: Workload) -> tuple:
-    return (w.dtype, w.head_dim, w.block_size, w.group_size)
-
-
-def _matching(table: dict | None, shape: tuple) -> list[tuple[str, dict]]:
-    """Entries of ``table`` with this (dtype, head dim, block size, group size)."""
+def _matching(table, shape: tuple) -> list[tuple[str, dict]]:
+    """Served entries of ``table`` (a GpuTable) of this :attr:`Workload.shape` (dtype, head dim,
+    block size, group size, KV dtype, features)."""
     if not table:
         return []
-    return [(key, entry) for key, entry in table["entries"].items()
-            if _shape(Workload.from_dict(entry["workload"])) == shape]
+    return [(key, entry) for key, entry in table.entries.items()
+            if Workload.from_dict(entry["workload"]).shape == shape]
 
 
 def _choose(candidates, asked: Workload):
@@ -249,13 +241,16 @@ def lookup(gpu: str, *, db_dir=None, **shape) -> LookupResult:
 
 def best_config_for(gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
                     num_seqs: int | None = None, max_context: int | None = None,
-                    db_dir=None) -> VariantConfig:
+                    db_dir=None, kv_dtype="auto", features=()) -> VariantConfig:
     """The recorded best variant for a shape on ``gpu`` (with the lookup's fallbacks)."""
     return DbReader(db_dir).lookup(gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
                                    group_size=group_size, num_seqs=num_seqs,
-                                   max_context=max_context).config
+                                   max_context=max_context, kv_dtype=kv_dtype,
+                                   features=features).config
 
 
-def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None) -> int | None:
+def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None, kv_dtype="auto",
+                         features=()) -> int | None:
     """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
-    return DbReader(db_dir).preferred_block_size(gpu, dtype=dtype, head_dim=head_dim)
+    return DbReader(db_dir).preferred_block_size(gpu, dtype=dtype, head_dim=head_dim,
+                                                 kv_dtype=kv_dtype, features=features)

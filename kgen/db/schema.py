@@ -11,7 +11,11 @@ Files in ``tuning_db/<gpu>/``:
 
     ENTRY = ``{"workload": {...}, "config": {...VariantConfig.to_dict()}, "config_key": str,
     "time_ms": float, "default_time_ms": float, "speedup": float, "trials": int,
-    "provenance": {...}}``.
+    "provenance": {...}, "default_key": str}``. ``default_key`` names the heuristic default the
+    winner was re-measured against (:func:`kgen.space.default_config` at tuning time): when the
+    default changes, the lookup stops serving the entry (:mod:`kgen.db.stale`: it no longer shows
+    the winner beats the default). Entries written before the field existed are judged by their
+    templates alone.
 
 ``trials.jsonl``
     The raw trial log, append-only. One JSON object a line: ``{"type": "provenance", "id": ...}``
@@ -34,6 +38,7 @@ import math
 
 from kgen import __version__
 from kgen.paths import template_hash
+from kgen.space import default_config
 from kgen.variant import BLOCK_SIZES, VariantConfig
 from kgen.workload import Workload
 
@@ -119,8 +124,8 @@ def check_entry(key: str, entry, where: str) -> None:
         raise DbFormatError(f"{here}: its workload is {workload.key!r}")
     if config.key != entry["config_key"]:
         raise DbFormatError(f"{here}: config_key {entry['config_key']!r} != {config.key!r}")
-    mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size")
-                if getattr(config, f) != getattr(workload, f)]
+    mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size", "kv_dtype",
+                            "features") if getattr(config, f) != getattr(workload, f)]
     if mismatch:
         raise DbFormatError(f"{here}: config differs from the workload in {', '.join(mismatch)}")
     _check_time(entry["time_ms"], "time_ms", here)
@@ -186,9 +191,20 @@ def check_trial_line(record, where: str) -> None:
         raise DbFormatError(f"{where}: a {record['status']} trial has no reason")
 
 
+def default_key_for(workload) -> str:
+    """The key of the heuristic default variant of ``workload``'s shape (what tuning beats)."""
+    return default_config(head_dim=workload.head_dim, block_size=workload.block_size,
+                          group_size=workload.group_size, dtype=workload.dtype,
+                          kv_dtype=workload.kv_dtype, features=workload.features).key
+
+
 def make_entry(workload, config, *, time_ms: float, default_time_ms: float | None,
                provenance: dict, trials: int, **extra) -> dict:
-    """One best-table entry for ``workload`` (a Workload) won by ``config`` (a VariantConfig)."""
+    """One best-table entry for ``workload`` (a Workload) won by ``config`` (a VariantConfig).
+
+    ``default_key`` (in ``extra``) defaults to today's heuristic default of the shape.
+    """
+    extra.setdefault("default_key", default_key_for(workload))
     return {"workload": workload.to_dict(), "config": config.to_dict(), "config_key": config.key,
             "time_ms": time_ms, "default_time_ms": default_time_ms,
             "speedup": (default_time_ms / time_ms) if default_time_ms else None,

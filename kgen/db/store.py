@@ -13,11 +13,14 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 from kgen.db.schema import (DbFormatError, SCHEMA_VERSION, check_best_table, check_trial_line,
                             new_best_table, provenance_id)
+from kgen.db.tail import repair_tail
+from kgen.workload import Workload
 
 BEST_FILE = "best.json"
 TRIALS_FILE = "trials.jsonl"
@@ -92,16 +95,17 @@ def atomic_write_json(path: Path, data) -> None:
 
 
 def block_size_defaults(entries: dict) -> dict:
-    """Per ``dtype-d<head_dim>``: the block size with the lowest geometric-mean best time.
+    """Per ``dtype-d<head_dim>`` (plus the KV dtype / feature suffixes of feature workloads, so
+    plain and feature records never mix): the block size with the lowest geometric-mean best time.
 
     Only (group, batch, context) points tuned for every block size are compared, so that a block
     size tuned on easier workloads does not win by that; if there are none, all entries count.
     """
     by_head: dict[str, dict[int, dict[tuple, float]]] = defaultdict(lambda: defaultdict(dict))
     for entry in entries.values():
-        w = entry["workload"]
-        point = (w["group_size"], w["batch"], w["context"])
-        by_head[f"{w['dtype']}-d{w['head_dim']}"][w["block_size"]][point] = entry["time_ms"]
+        w = Workload.from_dict(entry["workload"])
+        point = (w.group_size, w.batch, w.context)
+        by_head[w.head_key][w.block_size][point] = entry["time_ms"]
     out = {}
     for head_key, per_block in sorted(by_head.items()):
         common = set.intersection(*(set(points) for points in per_block.values()))
@@ -164,6 +168,9 @@ class TuningStore:
             lines.append(line)
         payload = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
         with self.lock():
+            repaired = repair_tail(self.trials_path)  # a kill mid-append left a half line
+            if repaired:
+                warnings.warn(repaired, RuntimeWarning, stacklevel=2)
             with open(self.trials_path, "ab") as handle:
                 handle.write(payload.encode("utf-8"))
                 handle.flush()
@@ -186,6 +193,21 @@ class TuningStore:
             table["schema_version"] = SCHEMA_VERSION
             check_best_table(table, f"{self.best_path} (about to be written)")
             table["block_size_defaults"] = block_size_defaults(table["entries"])
+            atomic_write_json(self.best_path, table)
+        return table
+
+
+    def remove_entries(self, keys) -> dict | None:
+        """Drop entries (workload keys) from the best table under the lock; returns the table
+        written (None when there is no table). The trial log keeps its history."""
+        with self.lock():
+            table = self.load_best()
+            if table is None:
+                return None
+            for key in keys:
+                table["entries"].pop(key, None)
+            table["block_size_defaults"] = block_size_defaults(table["entries"])
+            check_best_table(table, f"{self.best_path} (about to be written)")
             atomic_write_json(self.best_path, table)
         return table
 

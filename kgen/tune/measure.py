@@ -121,8 +121,11 @@ class SyntheticMeasurer(Measurer):
         return base * bowl * jitter
 
     def _measure(self, config: VariantConfig, workload: Workload) -> Measurement:
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        # sleep in slices: a signal the kernel hands to another thread (numpy's BLAS pool) does
+        # not cut a long sleep of the main thread short, so Ctrl-C would wait for its end
+        end = time.monotonic() + self.delay_s
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
         if config.tile_tokens == 16 and config.num_warps == 16:
             return Measurement("failed", reason="synthetic: wrong result against the reference")
         return Measurement("ok", time_ms=self.cost(config, workload))

@@ -13,9 +13,13 @@ import statistics
 import time
 
 from kgen import audit
+from kgen.space import target_prune_reason
 from kgen.tune.measure import Measurement, Measurer
-from kgen.workload import Workload
+from kgen.workload import Workload, tuning_window
 from kgen.variant import VariantConfig
+
+# The soft cap tuning measurements use (Gemma 2's attention cap); the value does not change speed.
+TUNING_SOFT_CAP = 50.0
 
 
 def check_lens(config: VariantConfig, workload: Workload) -> list[int]:
@@ -55,6 +59,8 @@ class KernelMeasurer(Measurer):
         """Why the static audit rejects ``config`` for this target (cached), or None."""
         if self.audit_target is None:
             return None
+        if config.key not in self._audits and target_prune_reason(config, self.audit_target):
+            self._audits[config.key] = target_prune_reason(config, self.audit_target)
         if config.key not in self._audits:
             try:
                 result = audit.audit_variant(config, self.audit_target)
@@ -66,12 +72,18 @@ class KernelMeasurer(Measurer):
         return self._audits[config.key]
 
     def _inputs(self, config: VariantConfig, lens: list[int], seed: int) -> dict:
+        """Random paged inputs of ``lens`` with the variant's KV dtype (per-head scales) and the
+        arguments of its features (a window of half the longest length)."""
         # kgen.reference and kgen.build import torch/triton: loaded when a kernel is measured
         from kgen.reference import make_paged_inputs
 
+        window = max(1, max(lens) // 2) if config.has("sliding_window") else None
         return make_paged_inputs(len(lens), self.num_kv_heads * config.group_size,
                                  self.num_kv_heads, config.head_dim, config.block_size, lens,
-                                 config.dtype, seed=seed, device=self.torch_device)
+                                 config.dtype, seed=seed, device=self.torch_device,
+                                 kv_dtype=config.kv_dtype,
+                                 scale_kind="head" if config.kv_fp8 else None,
+                                 features=config.features, sliding_window=window)
 
     def check(self, module, config: VariantConfig, workload: Workload) -> str | None:
         """Run the kernel once against the float64 reference; a reason if it is wrong."""
@@ -163,6 +175,8 @@ class GpuMeasurer(KernelMeasurer):
     def _timing_inputs(self, config: VariantConfig, workload: Workload, seed: int) -> dict:
         import torch
 
+        from kgen.reference import feature_arguments
+
         dev = self.torch_device
         gen = torch.Generator(device=dev).manual_seed(seed)
         lens = torch.randint(max(1, workload.context // 2), workload.context + 1,
@@ -178,13 +192,18 @@ class GpuMeasurer(KernelMeasurer):
         valid = cols[None, :] < pages[:, None]  # [batch, max_pages]
         tables[valid] = perm[(offsets[:, None] + cols[None, :])[valid]]
         shape = (num_blocks, config.block_size, self.num_kv_heads, config.head_dim)
-        dtype = config.torch_dtype
+        dtype, kv_dtype = config.torch_dtype, config.kv_torch_dtype
         heads = self.num_kv_heads * config.group_size
+        window = tuning_window(workload.context) if config.has("sliding_window") else None
         return {"query": torch.randn(workload.batch, heads, config.head_dim, device=dev,
                                      generator=gen, dtype=dtype),
-                "key_cache": torch.randn(shape, device=dev, generator=gen, dtype=dtype),
-                "value_cache": torch.randn(shape, device=dev, generator=gen, dtype=dtype),
-                "block_tables": tables, "seq_lens": lens, "scale": config.head_dim ** -0.5}
+                "key_cache": torch.randn(shape, device=dev, generator=gen, dtype=dtype).to(kv_dtype),
+                "value_cache": torch.randn(shape, device=dev, generator=gen, dtype=dtype).to(kv_dtype),
+                "block_tables": tables, "seq_lens": lens, "scale": config.head_dim ** -0.5,
+                **feature_arguments(heads, self.num_kv_heads, features=config.features,
+                                    scale_kind="head" if config.kv_fp8 else None,
+                                    sliding_window=window, soft_cap=TUNING_SOFT_CAP,
+                                    device=dev)}
 
     def time(self, module, config: VariantConfig, workload: Workload) -> Measurement:
         import torch
@@ -201,4 +220,7 @@ class GpuMeasurer(KernelMeasurer):
         torch.cuda.synchronize()
         ms = _do_bench(step)
         del inputs, out
-        return Measurement("ok", time_ms=ms, extra={"num_kv_heads": self.num_kv_heads})
+        extra = {"num_kv_heads": self.num_kv_heads}
+        if config.has("sliding_window"):
+            extra["sliding_window"] = tuning_window(workload.context)
+        return Measurement("ok", time_ms=ms, extra=extra)

@@ -1,8 +1,8 @@
 """The per-workload search space: the template parameters that do not change the cache layout.
 
-A workload fixes dtype, head dim, block size and group size; the tuner searches split-K (``auto``
-and 1 included), tokens per inner tile, ``num_warps`` and ``num_stages``, with the values of
-:data:`kgen.space.AXES`. The generator's pure prune rules (:func:`kgen.space.prune_reason`) reject
+A workload fixes dtype, head dim, block size, group size, KV dtype and attention features; the
+tuner searches split-K (``auto`` and 1 included), tokens per inner tile, ``num_warps`` and
+``num_stages``, with the values of :data:`kgen.space.AXES`. The generator's pure prune rules (:func:`kgen.space.prune_reason`) reject
 a candidate before anything is built.
 
 Optuna sees each axis as an ordered integer index into its sorted values (parameter
@@ -41,8 +41,7 @@ def config_for(workload: Workload, params: dict) -> VariantConfig:
         if not isinstance(index, int) or not 0 <= index < len(space[axis]):
             raise ValueError(f"{name}={index!r} is outside 0..{len(space[axis]) - 1}")
         values[axis] = space[axis][index]
-    return VariantConfig(head_dim=workload.head_dim, block_size=workload.block_size,
-                         group_size=workload.group_size, dtype=workload.dtype, **values)
+    return VariantConfig(**workload.variant_fields(), **values)
 
 
 def params_of(workload: Workload, config: VariantConfig) -> dict | None:
@@ -65,8 +64,7 @@ def grid_space(workload: Workload) -> dict[str, list[int]]:
 
 def default_variant(workload: Workload) -> VariantConfig:
     """The generator's untuned default for the workload's shape (the warm start)."""
-    return default_config(head_dim=workload.head_dim, block_size=workload.block_size,
-                          group_size=workload.group_size, dtype=workload.dtype)
+    return default_config(**workload.variant_fields())
 
 
 def static_prune(config: VariantConfig) -> str | None:
@@ -79,7 +77,5 @@ def all_candidates(workload: Workload) -> list[VariantConfig]:
     import itertools
 
     space = search_space(workload)
-    return [VariantConfig(head_dim=workload.head_dim, block_size=workload.block_size,
-                          group_size=workload.group_size, dtype=workload.dtype,
-                          **dict(zip(SEARCH_AXES, combo)))
+    return [VariantConfig(**workload.variant_fields(), **dict(zip(SEARCH_AXES, combo)))
             for combo in itertools.product(*(space[name] for name in SEARCH_AXES))]

@@ -9,14 +9,18 @@ table. Every candidate measured is appended to the trial log with the run's prov
 from __future__ import annotations
 
 import functools
-import multiprocessing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kgen.db.schema import make_entry, make_provenance
 from kgen.db.store import TuningStore
+from kgen.tune import interrupts
 from kgen.tune import study as st
+from kgen.tune import workers as wk
 from kgen.tune.measure import Measurer
+from kgen.tune.storage import (DEFAULT_HEARTBEAT_S, TuneStorage, clear_stale_journal_lock, is_url,
+                               open_storage)
 from kgen.tune.search import default_variant
 from kgen.workload import Workload, log2_distance
 from kgen.variant import VariantConfig
@@ -37,6 +41,7 @@ class TuneSettings:
     workers: int = 1
     progress: bool = False
     provenance: dict = field(default_factory=dict)
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S  # database storages: liveness of running trials
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -45,6 +50,10 @@ class TuneSettings:
             raise ValueError(f"workers={self.workers!r} must be at least 1")
         if self.sampler not in st.SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r} is not one of {', '.join(st.SAMPLERS)}")
+        if isinstance(self.heartbeat_s, bool) or not isinstance(self.heartbeat_s, int) \
+                or self.heartbeat_s < 1:
+            raise ValueError(f"heartbeat_s={self.heartbeat_s!r} must be a whole number of "
+                             f"seconds, at least 1")
         self.db_dir = Path(self.db_dir)
         if not self.provenance:
             self.provenance = make_provenance(self.device, method=self.measurer.method,
@@ -58,6 +67,15 @@ class TuneSettings:
     @property
     def storage_location(self) -> str:
         return self.storage or str(self.store.journal_path)
+
+    @property
+    def shared(self) -> bool:
+        """Whether others may work on the studies too (explicit storage or several workers)."""
+        return self.storage is not None or self.workers > 1
+
+    def open_storage(self) -> TuneStorage:
+        return open_storage(self.storage_location, heartbeat_s=self.heartbeat_s,
+                            on_stale=st.requeue)
 
 
 @dataclass
@@ -76,18 +94,32 @@ class WorkloadResult:
         return None
 
 
+class TuneInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; ``message`` says what was recorded, ``results`` holds
+    the workloads finished before it."""
+
+    def __init__(self, message: str, results: list) -> None:
+        super().__init__(message)
+        self.message = message
+        self.results = results
+
+
 def _open(settings: TuneSettings, workload: Workload):
-    storage = st.open_storage(settings.storage_location)
-    sampler = st.make_sampler(settings.sampler, settings.seed, workload)
-    return st.open_study(workload, storage, sampler)
+    storage = settings.open_storage()
+    sampler = st.make_sampler(settings.sampler, st.worker_seed(settings.seed, settings.shared),
+                              workload)
+    return st.open_study(workload, storage, sampler), storage
 
 
 def _run_trials(settings: TuneSettings, workload: Workload, callbacks=()) -> int:
-    """Worker body: run this workload's remaining trials against the shared storage."""
-    study = _open(settings, workload)
+    """Worker body: work on this workload's study until it is done (see :func:`study.optimize`)."""
+    study, storage = _open(settings, workload)
     store = settings.store
-    objective = st.Objective(workload, settings.measurer, record=lambda r: store.append_trials([r]))
-    return st.optimize(study, objective, settings.trials, callbacks)
+    objective = st.Objective(workload, settings.measurer, storage=storage,
+                             record=lambda r: store.append_trials([r]))
+    info = {"provenance": settings.provenance,
+            "seed": st.worker_seed(settings.seed, settings.shared)}
+    return st.optimize(study, objective, settings.trials, callbacks, info=info)
 
 
 def neighbour_winners(settings: TuneSettings, workload: Workload, limit: int = 2) -> list:
@@ -103,18 +135,36 @@ def neighbour_winners(settings: TuneSettings, workload: Workload, limit: int = 2
     return [config for _, _, config in sorted(near)[:limit]]
 
 
+def _notify(message: str) -> None:
+    sys.stderr.write(f"kgen tune: {message}\n")
+    sys.stderr.flush()
+
+
 def prepare(settings: TuneSettings, workload: Workload):
-    """Open the study; refuse to mix with old trials unless resuming; warm-start or recover."""
-    study = _open(settings, workload)
+    """Open the study; warm-start it, or recover it when resuming.
+
+    The private journal (no ``--storage``) refuses old trials unless ``--resume`` is given (they
+    may be from another run); an explicit ``--storage`` is shared by design, so joining a study
+    that others already work on is the point.
+    """
+    if not is_url(settings.storage_location):
+        cleared = clear_stale_journal_lock(settings.storage_location)
+        if cleared:
+            _notify(cleared)
+    study, storage = _open(settings, workload)
     with settings.store.lock():
         done = len(st.done_trials(study))
-        if done and not settings.resume:
+        if done and not settings.resume and settings.storage is None:
             raise ValueError(f"study {workload.key!r} in {settings.storage_location} already has "
                              f"{done} trials; pass --resume to continue it (or use another --db)")
         recovered = st.recover_orphans(study) if settings.resume else 0
         queued = st.warm_start(study, workload,
-                               [default_variant(workload), *neighbour_winners(settings, workload)])
-    return study, {"recovered": recovered, "queued": queued}
+                               [default_variant(workload), *neighbour_winners(settings, workload)],
+                               claims=storage.claims, limit=settings.trials)
+    if recovered:
+        _notify(f"{workload.key}: {recovered} trial(s) of interrupted runs failed and their "
+                f"candidates queued again")
+    return study, {"recovered": recovered, "queued": queued, "done": done}
 
 
 def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResult:
@@ -131,8 +181,10 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
     measurer, store = settings.measurer, settings.store
     winner = VariantConfig.from_key(st.trial_info(best_trial)["config_key"])
     default = default_variant(workload)
-    final = {"winner": measurer.measure(winner, workload)}
-    final["default"] = final["winner"] if default == winner else measurer.measure(default, workload)
+    with interrupts.interruptible():
+        final = {"winner": measurer.measure(winner, workload)}
+        final["default"] = (final["winner"] if default == winner
+                            else measurer.measure(default, workload))
     store.append_trials([{"workload_key": workload.key, "config_key": cfg.key, "status": m.status,
                           "time_ms": m.time_ms, "reason": m.reason, "study": workload.key,
                           "phase": f"final-{role}"}
@@ -174,16 +226,39 @@ class _Progress:
             self.bar.close()
 
 
+def interrupted_message(settings: TuneSettings, workload: Workload, study, results) -> str:
+    """What an interrupted run recorded: finished workloads, and the cut one's measured trials."""
+    measured = st.budget_trials(study) if study is not None else []
+    best = st.best_complete(study) if study is not None else None
+    parts = [f"interrupted while tuning {workload.key}"]
+    if results:
+        parts.append(f"{len(results)} workload(s) finished and recorded in {settings.store.best_path}")
+    parts.append(f"{workload.key}: {len(measured)} of {settings.trials} trials measured and kept in "
+                 f"{settings.storage_location} and {settings.store.trials_path}"
+                 + (f", best so far {best.value:.5g} ms ({st.trial_info(best).get('config_key')})"
+                    if best is not None else "")
+                 + "; its best.json entry was not written")
+    parts.append("continue with the same command and --resume")
+    return "; ".join(parts)
+
+
 def tune(settings: TuneSettings, workloads: list[Workload]) -> list[WorkloadResult]:
-    """Tune every workload in turn; returns one result per workload."""
+    """Tune every workload in turn; returns one result per workload.
+
+    Raises
+    ------
+    TuneInterrupted
+        On Ctrl-C / SIGTERM (when the caller turns SIGTERM into KeyboardInterrupt): workers are
+        stopped, the interrupted trials' candidates queued again, and the message says what was
+        recorded.
+    """
     if not workloads:
         raise ValueError("no workloads selected")
     progress = _Progress(settings.progress, settings.trials * len(workloads))
-    results, pool = [], None
-    if settings.workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(settings.workers)
+    results, study, workload = [], None, workloads[0]
     try:
         for index, workload in enumerate(workloads):
+            study = None
             study, _ = prepare(settings, workload)
             base = index * settings.trials
             label = f"{workload.key} ({index + 1}/{len(workloads)})"
@@ -191,19 +266,21 @@ def tune(settings: TuneSettings, workloads: list[Workload]) -> list[WorkloadResu
             def tick(study_, _trial, base=base, label=label):
                 progress.set(base + min(settings.trials, len(st.budget_trials(study_))), label)
 
-            if pool is None:
+            if settings.workers == 1:
                 _run_trials(settings, workload, callbacks=[tick])
             else:
-                pending = pool.starmap_async(_run_trials, [(settings, workload)] * settings.workers)
-                while not pending.ready():
-                    pending.wait(0.5)
-                    tick(study, None)
-                pending.get()
+                stopped = wk.run_workers(_run_trials, (settings, workload), settings.workers,
+                                         poll=lambda: tick(study, None), notify=_notify)
+                if stopped and st.needs_work(study, settings.trials):
+                    raise KeyboardInterrupt("the workers were stopped")  # nobody finished it
             tick(study, None)
             results.append(finalize(settings, workload, study))
+            interrupts.checkpoint()
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, TuneInterrupted):
+            raise
+        raise TuneInterrupted(interrupted_message(settings, workload, study, results),
+                              results) from None
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
         progress.close()
     return results

@@ -1,0 +1,105 @@
+"""Attention features a variant can be compiled with, and how keys name them.
+
+A feature is a compile-time switch of the kernels (a Triton constexpr branch), so a variant
+without it pays nothing. A variant's features are a tuple in the canonical order of
+:data:`FEATURES`; keys grow one suffix per feature that is on, after the KV dtype's, e.g.
+``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16-kvfp8e4m3-swa-cap``.
+
+=================  =======  ===================================================================
+feature            suffix   call argument (semantics in the launcher's docstring / README)
+=================  =======  ===================================================================
+sliding_window     swa      ``sliding_window=W``: only the last W keys; pages before them unread
+soft_cap           cap      ``logits_soft_cap=c``: scores become ``c * tanh(s / c)``
+alibi              alibi    ``alibi_slopes`` fp32 [num_heads]: ``s += slope[h] * (j - p)``
+sinks              sinks    ``sinks`` fp32 [num_heads]: one extra logit per head in the softmax
+=================  =======  ===================================================================
+
+Standard library only (the variant space, workloads and dispatch import it).
+"""
+
+from __future__ import annotations
+
+FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")
+KEY_TAGS = {"sliding_window": "swa", "soft_cap": "cap", "alibi": "alibi", "sinks": "sinks"}
+# The launcher's keyword argument that each feature needs.
+ARGUMENTS = {"sliding_window": "sliding_window", "soft_cap": "logits_soft_cap",
+             "alibi": "alibi_slopes", "sinks": "sinks"}
+_ALIASES = {**{name: name for name in FEATURES}, **{tag: name for name, tag in KEY_TAGS.items()},
+            **{arg: name for name, arg in ARGUMENTS.items()},
+            "window": "sliding_window", "softcap": "soft_cap", "logit_soft_cap": "soft_cap",
+            "sink": "sinks", "attention_sinks": "sinks"}
+_NONE = ("", "none", "plain")
+
+
+def normalize_features(features, *, name: str = "features") -> tuple[str, ...]:
+    """A feature set as a tuple in canonical order.
+
+    Parameters
+    ----------
+    features : None, str or iterable of str
+        ``None``, ``""`` or ``"none"`` for no feature; a comma-separated string
+        (``"sliding_window,soft_cap"``); or an iterable of names. Key suffixes (``swa``, ``cap``)
+        and call-argument names (``logits_soft_cap``, ``alibi_slopes``) are accepted too.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and the unknown item, with the allowed names.
+    """
+    if features is None:
+        return ()
+    if isinstance(features, str):
+        items = [part.strip() for part in features.split(",")]
+    else:
+        try:
+            items = list(features)
+        except TypeError:
+            raise ValueError(f"{name}={features!r} is not a feature name or a collection of "
+                             f"them; use any of {', '.join(FEATURES)}") from None
+    found = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{name}={features!r}: {item!r} is not a feature name; use any of "
+                             f"{', '.join(FEATURES)}")
+        low = item.strip().lower()
+        if low in _NONE:
+            continue
+        canonical = _ALIASES.get(low)
+        if canonical is None:
+            raise ValueError(f"{name}={features!r}: {item!r} is not a feature; use any of "
+                             f"{', '.join(FEATURES)}")
+        found.add(canonical)
+    return tuple(f for f in FEATURES if f in found)
+
+
+def all_feature_sets() -> tuple[tuple[str, ...], ...]:
+    """Every subset of :data:`FEATURES` (16), the empty set first, in canonical order."""
+    out = []
+    for mask in range(1 << len(FEATURES)):
+        out.append(tuple(f for i, f in enumerate(FEATURES) if mask >> i & 1))
+    return tuple(sorted(out, key=lambda s: (len(s), [FEATURES.index(f) for f in s])))
+
+
+def key_suffix(kv_tag: str | None, features: tuple[str, ...]) -> str:
+    """``-kvfp8e4m3-swa-cap`` style suffix ('' for the plain case)."""
+    tags = ([kv_tag] if kv_tag else []) + [KEY_TAGS[f] for f in features]
+    return "".join(f"-{tag}" for tag in tags)
+
+
+def features_text(features: tuple[str, ...]) -> str:
+    """``"sliding_window,soft_cap"`` (``"none"`` for the empty set): for tables and CLI echoes."""
+    return ",".join(features) if features else "none"
+
+
+def drop_default_axes(data: dict) -> dict:
+    """A variant's or workload's field dict with ``kv_dtype`` and ``features`` left out when they
+    are the defaults (``auto``, none) and ``features`` as a list otherwise: the dicts (and the
+    tuning records holding them) of the plain space stay what they were before these axes."""
+    out = dict(data)
+    if out.get("kv_dtype") == "auto":
+        del out["kv_dtype"]
+    if out.get("features"):
+        out["features"] = list(out["features"])
+    else:
+        out.pop("features", None)
+    return out
