@@ -2,7 +2,7 @@
 
 The documents are cut into blocks (a paragraph, a list item, a table row; fenced code is left
 out). A block that names results files (``bench/results/...``, ``results/...`` from bench/, or
-``tuning_db/...``; ``{json,md}`` and ``*`` expand) must hold only numbers that one of those files
+``tuning_db/...``; ``{json,md}`` and ``*`` expand, a folder stands for its files) must hold only numbers that one of those files
 holds, at the precision printed (``0.96x`` matches 0.9614 in a JSON, ``4k`` matches 4096). A block
 that names none must print no measured figure: no percentage, ``1.2x`` ratio, tok/s, us, ms,
 GB/s or TB/s.
@@ -58,7 +58,8 @@ def _expand(citation: str, doc: Path) -> list[Path]:
     found = []
     for option in options:
         for base in (doc.parent, REPO):
-            found += [Path(p) for p in glob.glob(str(base / option)) if Path(p).is_file()]
+            for hit in map(Path, glob.glob(str(base / option))):
+                found += [hit] if hit.is_file() else [f for f in sorted(hit.rglob("*")) if f.is_file()]
     return found
 
 
