@@ -159,12 +159,15 @@ def _write_if_changed(path: Path, text: str) -> Path:
 
 
 def write_source(config: VariantConfig, directory=None) -> Path:
-    """Render ``config`` to ``<directory>/<key>.py`` (default :func:`kgen.paths.cache_dir`).
+    """Render ``config`` to ``<directory>/<key>.py``.
 
-    The file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on
-    the source) stay put across runs.
+    The default directory is ``<cache_dir>/<template hash>/`` (:func:`kgen.paths.cache_dir`): two
+    kgen versions (or checkouts) with different templates on one machine never overwrite each
+    other's module of the same key, so a process cannot import another version's kernel. The
+    file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on the
+    source) stay put across runs.
     """
-    folder = Path(directory) if directory is not None else cache_dir()
+    folder = Path(directory) if directory is not None else cache_dir() / template_hash()
     return _write_if_changed(folder / f"{config.key}.py", render_source(config))
 
 
