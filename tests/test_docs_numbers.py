@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "bench/README.md")
 CITATION = re.compile(r"(?<![\w/])((?:bench/)?results/[\w./{},*-]+|tuning_db/[\w./{},*-]+)")
-NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(k\b)?")
+NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)(\d+(?:\.\d+)?)(k\b)?")  # not AVX-512's 512
 MEASURED = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:%|x\b|\s?(?:tok/s|us\b|µs|ms\b|GB/s|TB/s))")
 FILE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -93,6 +93,8 @@ def test_the_number_check_catches_a_figure_no_file_holds(tmp_path):
     values = _file_numbers(_expand("bench/results/h200/kernel_bench.md", REPO / "README.md"))
     assert _held("0.1613", False, values) and _held("0.86", False, values) and _held("32", True, values)
     assert not _held("443", False, values) and not _held("0.1614", False, values)
+    assert [f for f, _ in NUMBER.findall("AVX-512, 88-91%, 4-layer, d128, sm_90, 1.5x")] == \
+        ["88", "91", "4", "1.5"]
 
 
 @pytest.mark.parametrize("name", DOCS)
