@@ -91,3 +91,14 @@ def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None
         path.write_text(table_text + "\n")
         if not quiet:
             print(f"wrote {path}")
+
+
+def build_checkpoint(folder: Path, model: dict) -> None:
+    """Save a random fp32 Llama (no EOS, so every request runs to its token budget)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**model, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+                         initializer_range=0.05, rms_norm_eps=1e-5)
+    LlamaForCausalLM(config).save_pretrained(folder)

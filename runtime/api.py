@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from runtime import kv_layout
 from runtime.attention import default_block_size
 from runtime.config import parse_dtype
 from runtime.engine import Engine
-from runtime.loader import LoadedModel, load_model
-from runtime.sampling import SamplingParams
+from runtime.kv_cache import parse_kv_cache_dtype
+from runtime.loader import LoadedModel, load_model, parse_device
+from runtime.sampling import SamplingParams, check_seed
+from runtime.threads import torch_threads, wait_policy
 
 __all__ = ["generate", "SamplingParams", "RequestOutput", "CompletionOutput", "GenerateOutputs"]
 
@@ -29,18 +33,20 @@ class CompletionOutput:
     text: str | None
     token_ids: list[int]
     cumulative_logprob: float
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "abort" (the KV pool can never hold the request)
 
 
 @dataclass
 class RequestOutput:
-    """A request's prompt and its completions (``n`` samples or ``beam_width`` beams, best first)."""
+    """A request's prompt and its completions (``n`` samples or ``beam_width`` beams, best first);
+    ``error`` says why it was aborted (its completions end with ``"abort"``), else None."""
 
     request_id: int
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    error: str | None = None
 
 
 class GenerateOutputs(list):
@@ -54,7 +60,7 @@ def _as_model(model, dtype, device) -> LoadedModel:
         if dtype is not None and parse_dtype(dtype) != model.dtype:
             raise ValueError(f"dtype={dtype!r} differs from the loaded model's {model.dtype}; "
                              f"pass the model folder or load it with that dtype")
-        if device is not None and torch.device(device).type != model.device.type:
+        if device is not None and parse_device(device).type != model.device.type:
             raise ValueError(f"device={device!r} differs from the loaded model's {model.device}")
         return model
     if isinstance(model, (str, Path)):
@@ -98,29 +104,46 @@ def _params_list(sampling_params, n: int) -> list[SamplingParams]:
     return params
 
 
-def _num_blocks(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_bytes) -> int:
+def _pool(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_bytes, kv_cache_dtype) -> int:
+    """The KV pool size in blocks; raises ValueError when a request can never fit it."""
     if num_blocks is not None and kv_cache_bytes is not None:
         raise ValueError(f"num_blocks={num_blocks!r} and kv_cache_bytes={kv_cache_bytes!r}: give one")
-    per_block = loaded.model.bytes_per_block(block_size)
+    per_block = loaded.model.bytes_per_block(block_size, kv_cache_dtype)
+    max_pos = loaded.config.max_position_embeddings
+    window = loaded.config.sliding_window
+    peaks = [kv_layout.request_peak_blocks(len(t), p.max_tokens, block_size, num_seqs=p.num_outputs,
+                                           max_len=max_pos, window=window) for t, p in zip(ids, params)]
     if kv_cache_bytes is not None:
         if isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < per_block:
             raise ValueError(f"kv_cache_bytes={kv_cache_bytes!r} must be an int >= one block ({per_block} bytes)")
-        return kv_cache_bytes // per_block
-    if num_blocks is not None:
+        blocks = kv_cache_bytes // per_block
+    elif num_blocks is not None:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks!r} must be a positive int")
-        return num_blocks
-    max_pos = loaded.config.max_position_embeddings
-    need = sum(p.num_outputs * -(-min(len(t) + p.max_tokens, max_pos) // block_size) + p.num_outputs
-               for t, p in zip(ids, params))
-    cap = DEFAULT_KV_CACHE_BYTES.get(loaded.device.type, 1 << 30) // per_block
-    return max(1, min(need + 8, cap))
+        blocks = num_blocks
+    else:  # every request at its peak at once, capped by the default cache bytes
+        cap = DEFAULT_KV_CACHE_BYTES.get(loaded.device.type, 1 << 30) // per_block
+        blocks = max(1, min(sum(peaks) + 8, cap))
+    usable = blocks - int(WATERMARK * blocks)  # what admission may hand out
+    for i, (t, p, peak) in enumerate(zip(ids, params, peaks)):
+        if len(t) >= max_pos:
+            raise ValueError(f"prompts[{i}] has {len(t)} tokens; the model's context "
+                             f"(max_position_embeddings={max_pos}) leaves no room to generate")
+        admit = kv_layout.request_peak_blocks(len(t), 1, block_size, max_len=max_pos, window=window)
+        if peak > blocks or admit > usable:
+            seqs = f" x {p.num_outputs} sequences" if p.num_outputs > 1 else ""
+            raise ValueError(f"prompts[{i}] (request {i}: {len(t)} prompt tokens + max_tokens={p.max_tokens}{seqs}) "
+                             f"needs up to {peak} KV blocks of {block_size} ({admit} to admit its prompt); "
+                             f"the KV pool has num_blocks={blocks} ({usable} usable for admission); "
+                             f"give a larger num_blocks/kv_cache_bytes or a smaller max_tokens")
+    return blocks
 
 
 def generate(model, prompts, sampling_params=None, *, block_size: int | None = None, num_blocks: int | None = None,
              kv_cache_bytes: int | None = None, max_num_seqs: int = 256,
              max_num_batched_tokens: int | None = None, backend: str = "auto", dtype=None, device=None,
-             enable_prefix_caching: bool = True, seed: int | None = None, use_tqdm: bool | None = None,
+             enable_prefix_caching: bool = True, seed: int | None = None, kv_cache_dtype: str = "auto",
+             calculate_kv_scales: bool = False, num_threads: int | None = None, use_tqdm: bool | None = None,
              return_stats: bool = False, cuda_graphs: bool | None = None):
     """Generate completions for a batch of prompts with paged attention and continuous batching.
 
@@ -138,7 +161,10 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         database recorded as fastest for this GPU, dtype and head dim; otherwise 16.
     num_blocks, kv_cache_bytes : int, optional
         Size of the KV pool (give at most one); default: enough for every request at once,
-        capped at 1 GiB on the CPU and 8 GiB on a GPU.
+        capped at 1 GiB on the CPU and 8 GiB on a GPU. A request that could never fit the pool
+        (its prompt, or its generation at ``max_tokens`` with all its samples or beams, see
+        :func:`runtime.kv_layout.request_peak_blocks`) is a ValueError naming it and the blocks
+        it needs, before anything runs.
     max_num_seqs, max_num_batched_tokens : int, optional
         Scheduler limits per step.
     backend : str
@@ -151,6 +177,15 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         Replay decode-only steps from CUDA graphs; default: on for CUDA with the triton backend.
     seed : int, optional
         Seed for sampled requests without their own seed.
+    kv_cache_dtype : str
+        ``auto`` (the model's dtype), ``fp8_e4m3`` (alias ``fp8``) or ``fp8_e5m2``: the KV cache
+        stored in fp8, one byte per value (:mod:`runtime.kv_cache`).
+    calculate_kv_scales : bool
+        With an fp8 cache, per-layer ``k_scale``/``v_scale`` from the first step's K/V
+        (``amax / fp8 max``); otherwise 1.0.
+    num_threads : int, optional
+        torch intra-op threads while generating (restored on return); default: ``OMP_NUM_THREADS``
+        when set, else the CPUs this process may run on (:func:`runtime.threads.default_num_threads`).
     use_tqdm : bool, optional
         Progress bar; default: on when stderr is a terminal and the call is long.
     return_stats : bool
@@ -160,31 +195,31 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     -------
     GenerateOutputs (a list of RequestOutput in input order), or ``(outputs, stats)``.
     """
-    loaded = _as_model(model, dtype, device)
-    ids = _tokenize(prompts, loaded)
-    params = _params_list(sampling_params, len(ids))
-    if block_size is None:
-        block_size = default_block_size(backend, head_dim=loaded.config.head_dim,
-                                        dtype=loaded.dtype, device=loaded.device)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} must be a positive int")
-    blocks = _num_blocks(loaded, ids, params, block_size, num_blocks, kv_cache_bytes)
-    max_pos = loaded.config.max_position_embeddings
-    for i, t in enumerate(ids):
-        if len(t) >= max_pos:
-            raise ValueError(f"prompts[{i}] has {len(t)} tokens; the model's context "
-                             f"(max_position_embeddings={max_pos}) leaves no room to generate")
-        need = -(-(len(t) + 1) // block_size)
-        usable = blocks - int(WATERMARK * blocks)  # what admission may hand out
-        if need > usable:
-            raise ValueError(f"prompts[{i}] has {len(t)} tokens and needs {need} blocks of {block_size}; "
-                             f"the KV pool has num_blocks={blocks} ({usable} usable for admission)")
-    if max_num_batched_tokens is None:  # a bad max_num_seqs is left for the Scheduler to name
-        max_num_batched_tokens = max(8192, max_num_seqs) if isinstance(max_num_seqs, int) else 8192
-    engine = Engine(loaded, num_blocks=blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens,
-                    backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
-                    watermark=WATERMARK, cuda_graphs=cuda_graphs)
+    check_seed("seed", seed)
+    kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
+    with torch_threads(num_threads) as threads:
+        loaded = _as_model(model, dtype, device)
+        ids = _tokenize(prompts, loaded)
+        params = _params_list(sampling_params, len(ids))
+        if block_size is None:
+            block_size = default_block_size(backend, head_dim=loaded.config.head_dim,
+                                            dtype=loaded.dtype, device=loaded.device)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} must be a positive int")
+        blocks = _pool(loaded, ids, params, block_size, num_blocks, kv_cache_bytes, kv_cache_dtype)
+        if max_num_batched_tokens is None:  # a bad max_num_seqs is left for the Scheduler to name
+            max_num_batched_tokens = max(8192, max_num_seqs) if isinstance(max_num_seqs, int) else 8192
+        engine = Engine(loaded, num_blocks=blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_num_batched_tokens,
+                        backend=backend, enable_prefix_caching=enable_prefix_caching, seed=seed,
+                        watermark=WATERMARK, kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=calculate_kv_scales,
+                        cuda_graphs=cuda_graphs)
+        outputs, stats = _run(engine, ids, params, prompts, loaded, use_tqdm)
+    stats.update(num_threads=threads, omp_wait_policy=wait_policy())
+    return (outputs, stats) if return_stats else outputs
+
+
+def _run(engine: Engine, ids, params, prompts, loaded: LoadedModel, use_tqdm):
     for t, p in zip(ids, params):
         engine.add_request(t, p)
     if use_tqdm is None:
@@ -205,7 +240,10 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     stats.update(elapsed_s=elapsed, generated_tokens=generated,
                  tokens_per_s=generated / elapsed if elapsed > 0 else 0.0)
     outputs.stats = stats
-    return (outputs, stats) if return_stats else outputs
+    for out in outputs:
+        if out.error:
+            warnings.warn(f"aborted: {out.error}", RuntimeWarning, stacklevel=3)
+    return outputs, stats
 
 
 def _to_output(done, prompt, tokenizer) -> RequestOutput:
@@ -215,4 +253,4 @@ def _to_output(done, prompt, tokenizer) -> RequestOutput:
     comps = [CompletionOutput(i, text(toks), list(toks), float(cum), reason)
              for i, (toks, cum, reason) in enumerate(done.completions)]
     return RequestOutput(done.request_id, prompt if isinstance(prompt, str) else None,
-                         list(done.prompt_token_ids), comps)
+                         list(done.prompt_token_ids), comps, error=done.error)

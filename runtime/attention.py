@@ -1,22 +1,29 @@
 """Attention over the paged KV cache: batch metadata, prefill attention and the decode backends.
 
-Both backends read the same inputs: an NHD cache per layer ``[num_blocks, block_size,
-num_kv_heads, head_dim]``, int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
+Every backend reads the same inputs: a layer's NHD caches ``[num_blocks, block_size,
+num_kv_heads, head_dim]`` (a :class:`runtime.kv_cache.LayerKV`, possibly fp8 with per-layer
+scales), int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
 
-- ``torch``: one batched gather of every decode sequence's context per layer, then one SDPA
-  call with a padding mask (the CPU default).
+- ``native`` (:mod:`runtime.decode_native`): a small C kernel, built on first use, that reads
+  each live K/V row once in place (the CPU default for float32 models when a C compiler works).
+- ``torch`` (:mod:`runtime.decode_torch`): sequences grouped by context length, one gather of
+  each group's live context per layer and one SDPA call per group (any dtype and device).
 - ``triton``: kgen's paged decode kernel, chosen per decode step through ``kgen.dispatch`` (the
-  tuning database when it has a record, a sound default otherwise). On a CPU device it runs under
-  the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not, with a warning).
+  tuning database when it has a record, a sound default otherwise), fp8 caches included. On a
+  CPU device it runs under the Triton interpreter (``TRITON_INTERPRET=1`` is set if it was not,
+  with a warning).
 
-Prefill attention (causal, over the tokens of one sequence, after its cached prefix) uses
-``torch.nn.functional.scaled_dot_product_attention`` for both backends.
+Prefill attention (causal, over the tokens of one sequence) uses
+``torch.nn.functional.scaled_dot_product_attention`` for every backend: the new tokens' K/V come
+straight from the projections (full precision even with an fp8 cache), a cached prefix is read
+back from the cache (dequantized), only as far back as the layer's window reaches.
 
 Per-layer features (:class:`runtime.config.LayerAttention`) arrive as keyword arguments of
 ``prefill_attention`` and ``decode``: ``sliding_window=W`` (the query at position p sees keys
 j > p - W, transformers' convention) and ``logits_soft_cap=c`` (scores become ``c * tanh(s / c)``
-before the softmax; computed without SDPA, whose kernels cannot cap). The torch paths implement
-both; the triton backend refuses, by feature and layer, what kgen's kernels lack.
+before the softmax). Block-table entries wholly before a window may have been freed by the memory
+manager and hold anything: no backend reads them. The triton backend refuses, by feature and
+layer, what kgen's kernels lack.
 """
 
 from __future__ import annotations
@@ -32,8 +39,15 @@ import torch.nn.functional as F
 
 from kgen.dispatch import get_dispatcher, normalize_dtype
 from runtime.config import kernel_features
+from runtime.decode_native import NativeDecode, native_lacks
+from runtime.decode_torch import TorchDecode
+from runtime.kv_cache import LayerKV
+from runtime.sdpa import attend, soft_cap
 
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["AttentionMetadata", "PrefillSpan", "prefill_attention", "soft_cap", "TorchDecode", "NativeDecode",
+           "TritonDecode", "make_decode_backend", "default_block_size", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
 @dataclass
@@ -41,15 +55,17 @@ class PrefillSpan:
     """One sequence's prefill tokens inside the flat token batch.
 
     ``start:end`` are rows of the batch; the tokens are positions ``num_cached:ctx_len`` of the
-    sequence. ``ctx_slots`` (int64 ``[ctx_len]``) are the cache slots of all its positions, needed
-    only when a cached prefix must be read back from the cache (``num_cached > 0``).
+    sequence. When ``num_cached > 0`` the prefix is read back from the cache: positions
+    ``read_start:num_cached`` (all of it, or the part a sliding window still sees) at the int64
+    slots ``cached_slots``.
     """
 
     start: int
     end: int
     num_cached: int
     ctx_len: int
-    ctx_slots: torch.Tensor | None = None
+    cached_slots: torch.Tensor | None = None
+    read_start: int = 0
 
 
 @dataclass
@@ -57,15 +73,18 @@ class AttentionMetadata:
     """Everything attention needs for one engine step (built once, used by every layer).
 
     Rows ``[0, num_prefill_tokens)`` of the batch are prefill tokens (see ``prefills``); the rows
-    after them are one token per decode sequence.
+    after them are one token per decode sequence. ``slot_mapping`` holds the cache slot of every
+    row whose K/V is written: all rows when ``write_rows`` is None, else the rows ``write_rows``
+    (a sliding-window prefill does not store the positions its window has already left).
     """
 
-    slot_mapping: torch.Tensor                 # int64 [num_tokens]: cache slot of each token's K/V
+    slot_mapping: torch.Tensor                 # int64 [num_written]: cache slot of each written row
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
     block_tables: torch.Tensor | None = None   # int32 [num_decode, max_blocks]
     seq_lens: torch.Tensor | None = None       # int32 [num_decode]
     max_seq_len: int = 0
+    write_rows: torch.Tensor | None = None     # int64 [num_written], or None: every row
     extra: dict = field(default_factory=dict)  # backend-prepared tensors (gather index, mask, kernel)
 
     @property
@@ -73,122 +92,39 @@ class AttentionMetadata:
         return 0 if self.seq_lens is None else int(self.seq_lens.shape[0])
 
 
-def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V rows into their slots. k, v: [num_tokens, num_kv_heads, head_dim]."""
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    key_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    value_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerKV, span: PrefillSpan,
+                      scale: float, *, sliding_window: int | None = None,
+                      logits_soft_cap: float | None = None) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its context (or its window).
 
-
-def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """``cap * tanh(x / cap)`` in x's dtype (Gemma 2's attention scores and final logits)."""
-    return torch.tanh(x / cap) * cap
-
-
-def _attend(q, k, v, mask, scale: float, cap: float | None):
-    """SDPA, or (with a soft-cap) the same math spelled out: scores in q's dtype, softmax in fp32.
-
-    q: [..., n, D]; k, v: [..., S, D]; mask: bool (True = visible) or additive float, broadcastable
-    to [..., n, S], or None. Returns [..., n, D].
-    """
-    if cap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
-
-
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-                      value_cache: torch.Tensor, span: PrefillSpan, scale: float, *,
-                      sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
-    """Causal attention of one sequence's new tokens over its whole context (or its window).
-
-    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' K/V, already
-    written to the cache). Returns [n, num_heads, head_dim].
+    q: [n, num_heads, head_dim]; k, v: [n, num_kv_heads, head_dim] (the new tokens' own K/V).
+    Returns [n, num_heads, head_dim].
     """
     n, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    first = 0  # context position of the first key attended to
-    if span.num_cached:
-        # the cached prefix lives only in the cache: read the context back by slot (from the
-        # first position any new token's window reaches)
+    group = heads // k.shape[1]
+    first = span.num_cached  # context position of the first key attended to
+    if span.num_cached:  # the cached prefix lives only in the cache: read back what the window sees
+        first = span.read_start
         if sliding_window is not None:
-            first = max(0, span.num_cached - sliding_window + 1)
-        slots = span.ctx_slots[first:]
-        k = key_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
-        v = value_cache.view(-1, kv_heads, head_dim).index_select(0, slots)
+            first = max(first, span.num_cached - sliding_window + 1)
+        slots = span.cached_slots[first - span.read_start:]
+        k = torch.cat([layer.read(layer.key, slots, layer.k_scale), k])
+        v = torch.cat([layer.read(layer.value, slots, layer.v_scale), v])
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     # [1, heads, tokens, head_dim]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    if not span.num_cached and sliding_window is None and logits_soft_cap is None:
+    if not span.num_cached and (sliding_window is None or n <= sliding_window) and logits_soft_cap is None:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        qpos = torch.arange(span.num_cached, span.num_cached + n, device=q.device)[:, None]
-        kpos = torch.arange(first, first + k.shape[0], device=q.device)[None, :]
+        qpos = torch.arange(span.num_cached, span.ctx_len, device=q.device)[:, None]
+        kpos = torch.arange(first, span.ctx_len, device=q.device)[None, :]
         mask = kpos <= qpos                                                   # [n, ctx]
         if sliding_window is not None:
             mask &= kpos > qpos - sliding_window
-        out = _attend(qh, kh, vh, mask, scale, logits_soft_cap)
+        out = attend(qh, kh, vh, mask, scale, logits_soft_cap)
     return out.squeeze(0).transpose(0, 1)
-
-
-class TorchDecode:
-    """Vectorized paged decode in torch: one gather per layer for all decode sequences.
-
-    The gather reads the cache as rows of ``head_dim`` (one per slot and KV head) in
-    ``[seq, kv_head, position]`` order, so K and V come out contiguous as ``[B, kvh, S, D]`` and
-    the grouped queries ``[B, kvh, group, D]`` attend to them in one SDPA call without expanding
-    the KV heads. A windowed layer gathers only each sequence's last ``W`` positions (``S = W``),
-    so blocks before the window are never read.
-    """
-
-    name = "torch"
-
-    def __init__(self, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, layers=()) -> None:
-        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
-        self.dtype = dtype
-        self.windows = sorted({la.sliding_window for la in layers} or {None}, key=lambda w: w or 0)
-
-    def prepare(self, meta: AttentionMetadata) -> None:
-        """Build the gather index and the padding mask of each window once per step."""
-        for window in self.windows:
-            self._plan(meta, window)
-
-    def _plan(self, meta: AttentionMetadata, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gather rows int64 ``[B * kvh * S]``, additive mask ``[B, 1, 1, S]``) for one window."""
-        key = ("plan", window)
-        if key not in meta.extra:
-            bt = meta.block_tables.long()                                   # [B, max_blocks]
-            bs, kvh = self.block_size, self.num_kv_heads
-            lens = meta.seq_lens.long()
-            span = meta.max_seq_len if window is None else min(window, meta.max_seq_len)
-            start = (lens - span).clamp(min=0)                              # first position read
-            pos = start[:, None] + torch.arange(span, device=bt.device)     # [B, S]
-            slots = bt.gather(1, pos // bs) * bs + pos % bs
-            heads = torch.arange(kvh, device=bt.device)
-            rows = slots[:, None, :] * kvh + heads[None, :, None]             # [B, kvh, S]
-            pad = pos >= lens[:, None]                                        # [B, S]
-            bias = torch.zeros(pad.shape, dtype=self.dtype, device=bt.device).masked_fill_(pad, float("-inf"))
-            meta.extra[key] = (rows.reshape(-1), bias[:, None, None, :])
-        return meta.extra[key]
-
-    def decode(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float, *, sliding_window: int | None = None,
-               logits_soft_cap: float | None = None) -> torch.Tensor:
-        """q: [B, num_heads, head_dim] -> [B, num_heads, head_dim]."""
-        b, heads, d = q.shape
-        idx, bias = self._plan(meta, sliding_window)
-        kvh, s = self.num_kv_heads, bias.shape[-1]
-        k = key_cache.view(-1, d).index_select(0, idx).view(b, kvh, s, d)     # [B, kvh, S, D]
-        v = value_cache.view(-1, d).index_select(0, idx).view(b, kvh, s, d)
-        qg = q.reshape(b, kvh, heads // kvh, d)                                # [B, kvh, g, D]
-        return _attend(qg, k, v, bias, scale, logits_soft_cap).reshape(b, heads, d)
 
 
 _WARNED_INTERPRET = False
@@ -214,22 +150,24 @@ class TritonDecode:
     """kgen's paged decode kernel, looked up through ``kgen.dispatch`` once per step.
 
     ``layers`` (one :class:`runtime.config.LayerAttention` per layer) says which attention
-    features each layer needs; a feature kgen's kernels lack is refused here, naming the feature
-    and the layer. Each distinct feature set gets its kernel in :meth:`prepare`, and
+    features each layer needs and ``kv_cache_dtype`` the cache's format (``auto`` or fp8); what
+    kgen's kernels lack is refused here, naming the feature (or format) and the layer. Each distinct feature set gets its kernel in :meth:`prepare`, and
     :meth:`decode` passes the layer's ``sliding_window`` / ``logits_soft_cap`` to it.
     """
 
     name = "triton"
 
     def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, dispatcher=None, layers=()) -> None:
+                 dtype: torch.dtype, device: torch.device, dispatcher=None, layers=(),
+                 kv_cache_dtype: str = "auto") -> None:
         ensure_interpreter_on_cpu(device)
         self.dispatcher = dispatcher or get_dispatcher()
         self.block_size, self.head_dim = block_size, head_dim
         self.group_size = num_heads // num_kv_heads
         self.dtype = normalize_dtype(dtype)
-        problem = self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=head_dim,
-                                                  block_size=block_size, group_size=self.group_size)
+        self.kv_dtype = kv_cache_dtype
+        problem = self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=head_dim, block_size=block_size,
+                                                  group_size=self.group_size, kv_dtype=kv_cache_dtype)
         if problem:
             raise ValueError(f"backend='triton': {problem} (use backend='torch')")
         for i, la in enumerate(layers):
@@ -248,7 +186,7 @@ class TritonDecode:
             return f"kgen's decode kernels lack the {features[0]!r} feature"  # kgen before issue 9
         return self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=self.head_dim,
                                                block_size=self.block_size, group_size=self.group_size,
-                                               features=features)
+                                               kv_dtype=self.kv_dtype, features=features)
 
     def prepare(self, meta: AttentionMetadata) -> None:
         for features in self.feature_sets:
@@ -256,9 +194,9 @@ class TritonDecode:
             meta.extra[("kernel", features)] = self.dispatcher.kernel_for(
                 dtype=self.dtype, head_dim=self.head_dim, block_size=self.block_size,
                 group_size=self.group_size, num_seqs=meta.num_decodes, max_context=meta.max_seq_len,
-                **extra)
+                kv_dtype=self.kv_dtype, **extra)
 
-    def decode(self, q, key_cache, value_cache, meta: AttentionMetadata, scale: float, *,
+    def decode(self, q, layer: LayerKV, meta: AttentionMetadata, scale: float, *,
                sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
         features = kernel_features(sliding_window, logits_soft_cap)
         kernel = meta.extra.get(("kernel", features))
@@ -270,16 +208,18 @@ class TritonDecode:
             extra["sliding_window"] = sliding_window
         if logits_soft_cap is not None:
             extra["logits_soft_cap"] = logits_soft_cap
-        return kernel(q.contiguous(), key_cache, value_cache, meta.block_tables, meta.seq_lens,
+        if layer.quantized:  # kgen's fp8 variants dequantize with the layer's scales
+            extra.update(k_scale=layer.k_scale, v_scale=layer.v_scale)
+        return kernel(q.contiguous(), layer.key, layer.value, meta.block_tables, meta.seq_lens,
                       scale=scale, max_seq_len=meta.max_seq_len, **extra)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` on the CPU; validates the name."""
+    """``auto`` -> ``triton`` on CUDA, ``native`` on the CPU (before feature checks); validates the name."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not supported; use one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" else "native"
     return backend
 
 
@@ -297,22 +237,31 @@ def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, devic
 
 
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,
-                        head_dim: int, dtype: torch.dtype, device: torch.device, layers=()):
-    """The decode backend object for a resolved backend name.
+                        head_dim: int, dtype: torch.dtype, device: torch.device, layers=(),
+                        kv_cache_dtype: str = "auto", num_blocks: int = 0):
+    """The decode backend object for a backend name.
 
     ``layers``: one :class:`runtime.config.LayerAttention` per layer (window, soft-cap, scale).
-    ``auto`` falls back to ``torch`` where kgen's kernels cannot serve the model.
+    ``auto`` falls back to ``torch`` where kgen's kernels (CUDA) or the native kernel (CPU) cannot
+    serve the model.
     """
     name = resolve_backend(backend, device)
     if backend == "auto" and name == "triton" and get_dispatcher().why_unsupported(
             dtype=dtype, head_dim=head_dim, block_size=block_size,
-            group_size=num_heads // num_kv_heads):
+            group_size=num_heads // num_kv_heads, kv_dtype=kv_cache_dtype):
+        name = "torch"
+    if backend == "auto" and name == "native" and native_lacks(dtype, num_heads, head_dim, device):
         name = "torch"
     if name == "triton":
         try:
-            return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device, layers=layers)
+            return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device, layers=layers,
+                                kv_cache_dtype=kv_cache_dtype)
         except ValueError:
             if backend != "auto":
                 raise
+    if name == "native":
+        missing = native_lacks(dtype, num_heads, head_dim, device)
+        if missing:
+            raise ValueError(f"backend='native': {missing}")
+        return NativeDecode(block_size, num_kv_heads, num_heads, head_dim, num_blocks, layers=layers)
     return TorchDecode(block_size, num_kv_heads, head_dim, dtype, layers=layers)
-

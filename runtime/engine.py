@@ -20,9 +20,11 @@ import torch
 from runtime.attention import AttentionMetadata, PrefillSpan, make_decode_backend
 from runtime.beam import BeamSearch
 from runtime.cuda_graphs import DecodeGraphs, scratch_blocks
+from runtime.kv_cache import parse_kv_cache_dtype
+from runtime.kv_layout import NULL_BLOCK, window_start
 from runtime.kv_manager import KVCacheManager
 from runtime.loader import LoadedModel
-from runtime.sampling import SamplingParams, make_generator, sample
+from runtime.sampling import SamplingParams, check_seed, make_generator, sample
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence, SequenceGroup
 from runtime.step_stats import StepMeter
@@ -30,11 +32,13 @@ from runtime.step_stats import StepMeter
 
 @dataclass
 class FinishedRequest:
-    """A request's result: (token ids, cumulative logprob, finish reason) per completion."""
+    """A request's result: (token ids, cumulative logprob, finish reason) per completion, and
+    ``error``: why it was aborted (finish reason ``"abort"``), else None."""
 
     request_id: int
     prompt_token_ids: list[int]
     completions: list[tuple[list[int], float, str]]
+    error: str | None = None
 
 
 @dataclass
@@ -68,30 +72,43 @@ class Engine:
         Seed of the stream used by unseeded sampled requests.
     watermark : float
         Fraction of the pool that admission keeps free for running sequences to grow.
+    kv_cache_dtype : str
+        ``auto`` (the model's dtype), ``fp8_e4m3`` or ``fp8_e5m2`` (:mod:`runtime.kv_cache`).
+    calculate_kv_scales : bool
+        With an fp8 cache, set each layer's ``k_scale``/``v_scale`` from the first step's K/V
+        (``amax / fp8 max``) instead of 1.0.
     cuda_graphs : bool or None
         Replay decode-only steps from CUDA graphs (:mod:`runtime.cuda_graphs`); None: on for
         CUDA with the triton backend, off elsewhere.
+
+    A model whose every layer has the same sliding window (``config.sliding_window``) gets a
+    memory manager that frees the blocks that slide out of it (``stats()["window_freed_blocks"]``);
+    with mixed windows (Gemma 2) or none, every block is kept until its sequence finishes.
     """
 
     def __init__(self, model: LoadedModel, *, num_blocks: int, block_size: int = 16,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, backend: str = "auto",
                  enable_prefix_caching: bool = True, seed: int | None = None, watermark: float = 0.01,
+                 kv_cache_dtype: str = "auto", calculate_kv_scales: bool = False,
                  cuda_graphs: bool | None = None) -> None:
+        check_seed("seed", seed)
         self.loaded, self.model, self.config = model, model.model, model.config
         self.device, self.block_size = self.model.device, block_size
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
-                                 watermark=watermark)
+                                 watermark=watermark, sliding_window=self.config.sliding_window)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
         c = self.config
+        kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
         self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                            dtype=self.model.dtype, device=self.device,
-                                           layers=self.model.attention)
+                                           layers=self.model.attention, kv_cache_dtype=kv_cache_dtype,
+                                           num_blocks=num_blocks)
         extra = scratch_blocks(cuda_graphs, device=self.device, backend=self.backend.name)  # 1 for graphs' padded rows
-        self.kv_cache = torch.zeros(self.model.kv_cache_shape(num_blocks + extra, block_size),
-                                    dtype=self.model.dtype, device=self.device)
-        self.max_len = min(c.max_position_embeddings, num_blocks * block_size)
+        self.kv_cache = self.model.make_kv_cache(num_blocks + extra, block_size, kv_cache_dtype)
+        self.calibrate_kv = bool(calculate_kv_scales) and self.kv_cache.quantized
+        self.max_len = c.max_position_embeddings  # the pool never caps a length: see the scheduler's aborts
         self.graphs = DecodeGraphs.for_engine(self, scratch_block=num_blocks) if extra else None
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
@@ -141,18 +158,16 @@ class Engine:
         out = self.scheduler.schedule()
         finished_before = len(self._finished)
         for group in out.aborted:
-            self._complete(self._requests[group.request_id])
+            self._complete(self._requests[group.request_id], error=group.error)
         if out.is_empty():
             if self.scheduler.has_unfinished() and not out.aborted and not out.preempted:
                 raise RuntimeError("the scheduler could not run any sequence: the KV pool is too small")
             return len(out.aborted)
         if out.copies:
-            src = torch.tensor([s for s, _ in out.copies], device=self.device)
-            dst = torch.tensor([d for _, d in out.copies], device=self.device)
-            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # all layers, K and V
+            self.kv_cache.copy_blocks([s for s, _ in out.copies], [d for _, d in out.copies])
         seqs = out.prefill_seqs + out.decode_seqs
         self.meter.record(self.kv)
-        logits = self._forward(out.prefill_seqs, out.decode_seqs)
+        logits = self.run_forward(out.prefill_seqs, out.decode_seqs)
         for seq in seqs:
             seq.num_computed_tokens = len(seq)
         rows: dict[int, list[tuple[Sequence, int]]] = {}
@@ -162,36 +177,50 @@ class Engine:
         self.scheduler.free_finished()
         return len(self._finished) - finished_before
 
-    def _forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
-        bs, dev = self.block_size, self.device
+    def run_forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
+        """One forward over allocated sequences: ``prefill`` over ``token_ids[num_cached_tokens:]``,
+        ``decode`` one token each (their slots made by ``append_slot``). Returns float32 logits
+        ``[len(prefill) + len(decode), vocab]``: each sequence's next-token logits, in that order."""
+        dev, kv = self.device, self.kv
         ids: list[int] = []
-        pos: list[torch.Tensor] = []      # int64 position runs, one per prefill, then the decodes
-        slots: list[torch.Tensor] = []    # matching cache slots
+        pos: list[int] = []
+        slots: list[int] = []         # cache slots of the rows written
+        write_rows: list[int] = []
+        skipped = False
         spans: list[PrefillSpan] = []
         last_rows: list[int] = []
-        for seq in prefill:  # vectorized per sequence: slot = table[pos // bs] * bs + pos % bs
+        for seq in prefill:
             start, n = seq.num_cached_tokens, len(seq)
-            ctx_pos = torch.arange(n)
-            ctx_slots = torch.tensor(seq.block_table)[ctx_pos // bs] * bs + ctx_pos % bs   # [n]
+            # a sliding window's prefill stores only the positions in blocks the manager kept
+            first = start
+            while seq.block_table[first // self.block_size] == NULL_BLOCK:
+                first = (first // self.block_size + 1) * self.block_size
+            skipped |= first > start
+            write_rows.extend(range(len(ids) + first - start, len(ids) + n - start))
+            slots.extend(kv.slots(seq, first, n))
             ids.extend(seq.token_ids[start:])
-            pos.append(ctx_pos[start:])
-            slots.append(ctx_slots[start:])
-            spans.append(PrefillSpan(len(ids) - (n - start), len(ids), start, n,
-                                     ctx_slots.to(dev) if start else None))
+            pos.extend(range(start, n))
+            span = PrefillSpan(len(ids) - (n - start), len(ids), start, n)
+            if start:
+                span.read_start = window_start(start, kv.sliding_window)
+                span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), device=dev)
+            spans.append(span)
             last_rows.append(len(ids) - 1)
         npf = len(ids)
         meta = AttentionMetadata(slot_mapping=None, prefills=spans, num_prefill_tokens=npf)
         if decode:
             lens = [len(s) for s in decode]
             width = max(len(s.block_table) for s in decode)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decode]
+            # freed (out-of-window) entries and padding may hold anything; 0 is a valid block id
+            tables = [([max(b, 0) for b in s.block_table] if kv.sliding_window else s.block_table)
+                      + [0] * (width - len(s.block_table)) for s in decode]
+            write_rows.extend(range(npf, npf + len(decode)))
             ids.extend(s.token_ids[-1] for s in decode)
-            pos.append(torch.tensor(lens) - 1)
-            slots.append(torch.tensor([s.block_table[(n - 1) // bs] * bs + (n - 1) % bs
-                                       for s, n in zip(decode, lens)]))
+            pos.extend(n - 1 for n in lens)
+            slots.extend(kv.slot(s, n - 1) for s, n in zip(decode, lens))
             last_rows.extend(range(npf, npf + len(decode)))
             if not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
-                logits = self.graphs.replay(ids, pos[0], slots[0], tables, lens)
+                logits = self.graphs.replay(ids, pos, slots, tables, lens)
                 if logits is not None:
                     self.num_forward_tokens += len(ids)
                     return logits
@@ -199,11 +228,15 @@ class Engine:
             meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
             meta.max_seq_len = max(lens)
             self.backend.prepare(meta)
-        meta.slot_mapping = torch.cat(slots).to(dev)
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
+        if skipped:
+            meta.write_rows = torch.tensor(write_rows, dtype=torch.int64, device=dev)
         self.num_forward_tokens += len(ids)
-        return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev), torch.cat(pos).to(dev),
-                                  self.kv_cache, meta, self.backend,
-                                  torch.tensor(last_rows, dtype=torch.int64, device=dev))
+        calibrate, self.calibrate_kv = self.calibrate_kv, False  # the first step's K/V set fp8 scales
+        return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
+                                  torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache, meta,
+                                  self.backend, torch.tensor(last_rows, dtype=torch.int64, device=dev),
+                                  calibrate_kv=calibrate)
 
     # ------------------------------------------------------------------ sampling and updates
     def _sample_all(self, rows: dict[int, list[tuple[Sequence, int]]], logits: torch.Tensor) -> None:
@@ -296,18 +329,18 @@ class Engine:
         req.group.seqs.remove(seq)
         del self._seq_req[seq.seq_id]
 
-    def _complete(self, req: _Request) -> None:
+    def _complete(self, req: _Request, error: str | None = None) -> None:
         prompt = req.prompt_token_ids
         for seq in req.group.seqs:
             self._seq_req.pop(seq.seq_id, None)
         if req.beam is not None:
             for seq in req.group.seqs:  # beams still in the group were aborted by the scheduler
-                req.beam.finish_live(seq.output_token_ids, seq.cumulative_logprob, "length")
+                req.beam.finish_live(seq.output_token_ids, seq.cumulative_logprob, seq.finish_reason or "abort")
             comps = [(h.token_ids, h.cumulative_logprob, h.finish_reason) for h in req.beam.best()]
         else:
             ordered = sorted(req.group.seqs, key=lambda s: req.index[s.seq_id])
-            comps = [(s.output_token_ids, s.cumulative_logprob, s.finish_reason or "length") for s in ordered]
-        self._finished.append(FinishedRequest(req.group.request_id, prompt, comps))
+            comps = [(s.output_token_ids, s.cumulative_logprob, s.finish_reason or "abort") for s in ordered]
+        self._finished.append(FinishedRequest(req.group.request_id, prompt, comps, error))
         del self._requests[req.group.request_id]
 
     # ------------------------------------------------------------------ stats
@@ -316,6 +349,8 @@ class Engine:
         (:meth:`runtime.step_stats.StepMeter.summary`)."""
         s = self.scheduler.stats()
         s.update(self.meter.summary(s["peak_blocks_in_use"]))
-        s.update(kv_cache_bytes=self.kv_cache.numel() * self.kv_cache.element_size(),
+        s.update(kv_cache_bytes=self.kv_cache.nbytes, kv_cache_dtype=self.kv_cache.kv_cache_dtype,
+                 k_scales=list(self.kv_cache.k_scales), v_scales=list(self.kv_cache.v_scales),
                  forward_tokens=self.num_forward_tokens, backend=self.backend.name)
         return s
+

@@ -164,6 +164,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(device) -> torch.device:
+    """``"cpu"`` / ``"cuda"`` / ``"cuda:1"`` / a torch.device -> torch.device, checked: a device
+    string torch does not know, or CUDA where torch has none, is a ValueError naming the value."""
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device torch knows (use 'cpu' or 'cuda'): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={device!r} but CUDA is not available ({why}; torch {torch.__version__}); "
+                             f"use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
 def load_model(path, *, dtype=None, device=None) -> LoadedModel:
     """Load a model of a supported family from a local Hugging Face folder.
 
@@ -185,7 +204,7 @@ def load_model(path, *, dtype=None, device=None) -> LoadedModel:
         raise FileNotFoundError(f"model path {str(folder)!r} is not a folder")
     config = read_config(folder)
     torch_dtype = config.torch_dtype if dtype is None else parse_dtype(dtype)
-    dev = default_device() if device is None else torch.device(device)
+    dev = default_device() if device is None else parse_device(device)
     weights = load_weights(folder, config, torch_dtype)
     model = DecoderModel(config, weights, device=dev, dtype=torch_dtype)
     tokenizer, tokenizer_error = load_tokenizer(folder)

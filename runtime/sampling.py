@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def check_seed(name: str, value) -> None:
+    """Raise ValueError naming ``value`` unless it is an int (not a bool) or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name}={value!r} must be an int or None")
+
+
 def _int_at_least(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}={value!r} must be an int >= {low}")
@@ -67,8 +73,7 @@ class SamplingParams:
         top_p = self.top_p
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed={self.seed!r} must be an int or None")
+        check_seed("seed", self.seed)
         if self.beam_width > 1 and self.n > 1:
             raise ValueError(f"n={self.n} and beam_width={self.beam_width}: use one or the other")
         if self.beam_width > 1 and self.temperature > 0:

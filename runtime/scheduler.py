@@ -2,19 +2,23 @@
 
 One :meth:`Scheduler.schedule` call plans one engine step:
 
-1. Decode: every running group (oldest arrival first) gets ``append_slot`` for each unfinished
-   sequence. When blocks run out, the newest running group is preempted: all its sequences'
-   blocks are freed, their KV state is reset, and the group goes back to the front of the waiting
-   queue (counted in ``stats()["preemptions"]``). If the group that needs blocks is the newest
-   one left, it is preempted itself; if it is the only group and still cannot grow, the pool is
-   too small for it and it is aborted (its sequences finish with reason ``"length"`` and the group
-   is listed in ``SchedulerOutput.aborted``).
+1. Decode: every running group (oldest arrival first) first releases the blocks that slid out of
+   a sliding window, then gets ``append_slot`` for each unfinished sequence. When blocks run out,
+   the newest running group is preempted: all its sequences' blocks are freed, their KV state is
+   reset, and the group goes back to the front of the waiting queue (counted in
+   ``stats()["preemptions"]``). If the group that needs blocks is the newest one left, it is
+   preempted itself; if it is the only group and still cannot grow, the pool is too small for it
+   and it is aborted.
 2. Admission (skipped in a step that preempted): waiting groups, first come first served, while
    ``max_num_seqs``, ``max_num_batched_tokens`` and the free blocks above the watermark allow.
-   Each unfinished sequence of an admitted group is allocated and prefilled. A re-admitted
-   preempted sequence is prefilled over all its tokens (prompt + generated so far) and then
-   continues as if it had never been preempted. A group that could not fit even in an empty pool
-   is aborted as above.
+   The unfinished sequences of an admitted group are allocated together (they share the blocks
+   they agree on) and prefilled. A re-admitted preempted sequence is prefilled over all its
+   tokens (prompt + generated so far) and then continues as if it had never been preempted. A
+   group that could not fit even in an empty pool is aborted.
+
+An aborted group's unfinished sequences finish with reason ``"abort"`` (never ``"length"``: the
+request did not reach its length limit) and ``group.error`` names the request and the blocks it
+needs; the group is listed in ``SchedulerOutput.aborted``.
 
 The engine then copies ``copies`` on its K/V caches, runs prefill for ``prefill_seqs`` (over
 ``token_ids[num_cached_tokens:]``) and decode for ``decode_seqs``, appends the sampled tokens, sets
@@ -46,7 +50,8 @@ class SchedulerOutput:
     preempted : list[SequenceGroup]
         Groups preempted this step (blocks freed, back in the waiting queue).
     aborted : list[SequenceGroup]
-        Groups that can never fit the pool; their sequences are finished (``"length"``).
+        Groups that can never fit the pool; their sequences are finished (``"abort"``) and
+        ``group.error`` says why.
     """
 
     prefill_seqs: list[Sequence] = field(default_factory=list)
@@ -134,6 +139,8 @@ class Scheduler:
             if not seqs:
                 kept.append(group)  # finished; free_finished() removes it
                 continue
+            for s in seqs:
+                self.kv.release_out_of_window(s)
             while not self.kv.can_append(seqs):
                 if queue:
                     victim = queue.pop()
@@ -144,8 +151,8 @@ class Scheduler:
                     out.preempted.append(group)
                     break
                 else:
-                    self._abort(group)
-                    out.aborted.append(group)
+                    held = len({b for s in seqs for b in s.block_table if b >= 0})
+                    self._abort(group, out, held + self.kv.append_need(seqs), "to grow")
                     break
             else:
                 for s in seqs:
@@ -168,8 +175,7 @@ class Scheduler:
                 continue
             if not self.kv.can_ever_allocate(seqs):
                 self.waiting.popleft()
-                self._abort(group)
-                out.aborted.append(group)
+                self._abort(group, out, self.kv.blocks_to_admit(seqs), "to be admitted")
                 continue
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
@@ -179,8 +185,8 @@ class Scheduler:
             if not self.kv.can_allocate_all(seqs):
                 break
             self.waiting.popleft()
+            self.kv.allocate_all(seqs)
             for s in seqs:
-                self.kv.allocate(s)
                 s.status = SequenceStatus.RUNNING
                 out.prefill_seqs.append(s)
                 tokens += len(s) - s.num_cached_tokens
@@ -196,16 +202,21 @@ class Scheduler:
         self.kv.record_preemption()
         self.waiting.appendleft(group)
 
-    def _abort(self, group: SequenceGroup) -> None:
-        for s in group.unfinished_seqs():
-            self.finish_seq(s, "length")
+    def _abort(self, group: SequenceGroup, out: SchedulerOutput, need: int, what: str) -> None:
+        seqs = group.unfinished_seqs()
+        group.error = (f"request_id={group.request_id} needs {need} KV blocks of {self.kv.block_size} tokens "
+                       f"{what} ({len(seqs)} sequence(s) of up to {max(len(s) for s in seqs)} tokens); the pool "
+                       f"has num_blocks={self.kv.num_blocks} ({self.kv.usable_blocks} usable for admission)")
+        for s in seqs:
+            self.finish_seq(s, "abort")
         self._request_ids.discard(group.request_id)
+        out.aborted.append(group)
 
     # ------------------------------------------------------------------ completion
     def finish_seq(self, seq: Sequence, reason: str = "stop") -> None:
-        """Mark ``seq`` finished with ``reason`` (``"stop"`` or ``"length"``) and free its blocks now."""
+        """Mark ``seq`` finished with ``reason`` (one of ``FINISH_REASONS``) and free its blocks now."""
         if reason not in FINISH_REASONS:
-            raise ValueError(f"reason must be 'stop' or 'length', got {reason!r}")
+            raise ValueError(f"reason must be one of {FINISH_REASONS}, got {reason!r}")
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.kv.free(seq)

@@ -19,7 +19,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "abort")
+"""``stop``: EOS or a stop token; ``length``: ``max_tokens`` or the context limit; ``abort``: the
+KV pool can never hold the request (see :mod:`runtime.scheduler`)."""
 
 
 def _check_token_ids(name: str, token_ids) -> list[int]:
@@ -56,7 +58,7 @@ class Sequence:
         Sum of the log probabilities passed to :meth:`append_token`.
     status : SequenceStatus
     finish_reason : str or None
-        ``"stop"``, ``"length"`` or ``None`` while unfinished.
+        One of ``FINISH_REASONS``, or ``None`` while unfinished.
     """
 
     def __init__(self, seq_id: int, prompt_token_ids) -> None:
@@ -139,6 +141,11 @@ class SequenceGroup:
         Opaque to the memory manager.
     arrival : int
         Order of admission requests; lower is older. ``None`` means "set by ``Scheduler.add``".
+
+    Attributes
+    ----------
+    error : str or None
+        Why the scheduler aborted the request (it can never fit the KV pool), else None.
     """
 
     def __init__(self, request_id: int, seqs, sampling_params=None, arrival: int | None = None) -> None:
@@ -152,6 +159,7 @@ class SequenceGroup:
         self.seqs: list[Sequence] = seqs
         self.sampling_params = sampling_params
         self.arrival = arrival
+        self.error: str | None = None
 
     def unfinished_seqs(self) -> list[Sequence]:
         return [s for s in self.seqs if not s.is_finished()]

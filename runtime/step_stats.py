@@ -29,7 +29,7 @@ class StepMeter:
         last_refs: dict[int, int] = {}
         for seq in kv.tracked_seqs():
             table = seq.block_table
-            logical += len(table)
+            logical += kv.num_held_blocks(seq)  # out-of-window entries of a sliding window hold none
             if table:
                 b = table[-1]
                 last_fill[b] = max(last_fill.get(b, 0), len(seq) - (len(table) - 1) * bs)

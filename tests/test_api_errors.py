@@ -43,8 +43,9 @@ def test_bad_prompts(ckpt, prompts, match):
 
 
 def test_prompt_longer_than_the_pool(ckpt):
-    with pytest.raises(ValueError, match=r"prompts\[0\] has 20 tokens and needs 6 blocks of 4; .*num_blocks=5"):
-        runtime.generate(ckpt, [[3] * 20], block_size=4, num_blocks=5)
+    with pytest.raises(ValueError, match=r"prompts\[0\] \(request 0: 20 prompt tokens \+ max_tokens=1\) needs up to "
+                                         r"5 KV blocks of 4 \(5 to admit its prompt\); the KV pool has num_blocks=4"):
+        runtime.generate(ckpt, [[3] * 20], SamplingParams(max_tokens=1), block_size=4, num_blocks=4)
 
 
 @pytest.mark.parametrize("options,match", [
@@ -58,6 +59,11 @@ def test_prompt_longer_than_the_pool(ckpt):
     ({"backend": "triton", "block_size": 4}, "backend='triton': head_dim=16 is not supported"),
     ({"max_num_seqs": "8"}, "max_num_seqs must be a positive int, got '8'"),
     ({"max_num_batched_tokens": 0}, "max_num_batched_tokens must be an int >= max_num_seqs=256, got 0"),
+    ({"seed": "7"}, "seed='7' must be an int or None"),
+    ({"seed": 1.5}, "seed=1.5 must be an int or None"),
+    ({"device": "tpu"}, "device='tpu' is not a device torch knows"),
+    ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4' is not supported; use one of 'auto', 'fp8', 'fp8_e4m3'"),
+    ({"num_threads": 0}, "num_threads=0 must be a positive int"),
 ])
 def test_bad_engine_options(ckpt, options, match):
     with pytest.raises(ValueError, match=match):
@@ -123,3 +129,18 @@ def test_loaded_model_options_must_agree(ckpt):
         runtime.generate(loaded, [[3]], dtype="bf16")
     with pytest.raises(ValueError, match="model=42"):
         runtime.generate(42, [[3]])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable CUDA device")
+def test_cuda_device_without_cuda(ckpt):
+    for call in (lambda: runtime.generate(ckpt, [[3, 4]], device="cuda"),
+                 lambda: runtime.load_model(ckpt, device="cuda:0")):
+        with pytest.raises(ValueError, match=r"device='cuda(:0)?' but CUDA is not available"):
+            call()
+
+
+def test_engine_seed_must_be_an_int(ckpt):
+    loaded = runtime.load_model(ckpt, device="cpu")
+    for bad in ("1", 2.0, True):
+        with pytest.raises(ValueError, match=f"seed={bad!r} must be an int or None"):
+            runtime.Engine(loaded, num_blocks=8, seed=bad)

@@ -1,4 +1,5 @@
-"""Sliding windows and logit soft-caps in the torch attention paths, against float64 references.
+"""Sliding windows and logit soft-caps in the torch and native (C) attention paths, against
+float64 references.
 
 Lengths sit at window and block edges (W - 1, W, W + 1, multiples of the block size); block
 tables are permuted pool blocks with a shared one, and cache slots outside every sequence hold
@@ -8,9 +9,10 @@ large garbage, so reading a slot the window excludes shows up.
 import pytest
 import torch
 
-from runtime.attention import AttentionMetadata, PrefillSpan, TorchDecode, prefill_attention
+from runtime.attention import AttentionMetadata, PrefillSpan, prefill_attention
 from runtime.config import LayerAttention
-from test_model_parity import random_paged_case
+from runtime.kv_cache import LayerKV
+from test_model_parity import cpu_backend, random_paged_case
 
 
 def reference(q, k, v, q_pos, scale, window, cap):
@@ -35,25 +37,30 @@ def gather_context(cache, table, n, bs):
     return cache[blocks].reshape(-1, *cache.shape[2:])[:n]
 
 
+@pytest.mark.parametrize("name", ["torch", "native"])
 @pytest.mark.parametrize("window,cap", [(5, None), (8, None), (None, 0.7), (5, 0.7), (64, 0.7)])
-def test_torch_decode_window_and_soft_cap(window, cap):
+def test_cpu_decode_window_and_soft_cap(name, window, cap):
     bs, kvh, group, d = 4, 2, 3, 16
     lens = [1, 4, 5, 6, 8, 9, 13, 23]   # around W = 5 and 8 and the block edges
     q, kc, vc, tables, seq_lens = random_paged_case(bs, kvh, group, d, lens, seed=window or 1)
     q = q * 3  # scores of a few units, so that a cap of 0.7 really bends them
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=seq_lens, max_seq_len=max(lens))
-    backend = TorchDecode(bs, kvh, d, layers=[LayerAttention(0.25, window, cap), LayerAttention(0.25)])
+    layers = [LayerAttention(0.25, window, cap), LayerAttention(0.25)]
+    backend = cpu_backend(name, bs, kvh, kvh * group, d, kc.shape[0])
+    backend.windows = sorted({la.sliding_window for la in layers}, key=lambda w: w or 0)
     backend.prepare(meta)
-    assert {key[1] for key in meta.extra} == {window, None}  # one plan per distinct window
-    out = backend.decode(q, kc, vc, meta, 0.25, sliding_window=window, logits_soft_cap=cap)
+    tag = "torch_decode" if name == "torch" else "native_decode"
+    assert {key[1] for key in meta.extra if key[0] == tag} == {window, None}  # one plan per distinct window
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, 0.25, sliding_window=window,
+                         logits_soft_cap=cap)
     for i, n in enumerate(lens):
         k = gather_context(kc, tables[i], n, bs).repeat_interleave(group, dim=1)
         v = gather_context(vc, tables[i], n, bs).repeat_interleave(group, dim=1)
         ref = reference(q[i:i + 1], k, v, [n - 1], 0.25, window, cap)[0]
         torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
-    if window is not None and window < max(lens):  # the plan reads only the window's slots
-        assert meta.extra[("plan", window)][1].shape[-1] == window
+    if name == "torch" and window is not None and window < max(lens):  # only the window's slots are read
+        assert max(g.length for g in meta.extra[("torch_decode", window)]) == window
 
 
 @pytest.mark.parametrize("cached", [0, 3, 9])
@@ -72,8 +79,9 @@ def test_prefill_window_and_soft_cap_over_a_cached_prefix(cached, window, cap):
     key_cache.view(-1, kvh, d)[slots] = k_all          # prefix and new tokens, as write_kv leaves them
     value_cache.view(-1, kvh, d)[slots] = v_all
     q = torch.randn(n, kvh * group, d, generator=g) * 2
-    span = PrefillSpan(0, n, cached, ctx, slots if cached else None)
-    out = prefill_attention(q, k_all[cached:], v_all[cached:], key_cache, value_cache, span, 0.5,
+    span = PrefillSpan(0, n, cached, ctx, slots[:cached] if cached else None)
+    layer = LayerKV(key_cache, value_cache, 1.0, 1.0, torch.float32)
+    out = prefill_attention(q, k_all[cached:], v_all[cached:], layer, span, 0.5,
                             sliding_window=window, logits_soft_cap=cap)
     ref = reference(q, k_all.repeat_interleave(group, 1), v_all.repeat_interleave(group, 1),
                     torch.arange(cached, ctx), 0.5, window, cap)
@@ -106,11 +114,12 @@ def test_triton_backend_routes_each_layer_to_its_feature_kernel():
                              seq_lens=seq_lens, max_seq_len=20)
     backend.prepare(meta)
     assert sorted(asked) == [("sliding_window", "soft_cap"), ("soft_cap",)]
+    layer = LayerKV(kc, vc, 1.0, 1.0, kc.dtype)
     for la in layers:
-        backend.decode(q, kc, vc, meta, la.scale, sliding_window=la.sliding_window,
+        backend.decode(q, layer, meta, la.scale, sliding_window=la.sliding_window,
                        logits_soft_cap=la.logits_soft_cap)
     assert called == [(("sliding_window", "soft_cap"), {"sliding_window": 8, "logits_soft_cap": 0.5}),
                       (("soft_cap",), {"logits_soft_cap": 0.5}),
                       (("sliding_window", "soft_cap"), {"sliding_window": 8, "logits_soft_cap": 0.5})]
     with pytest.raises(ValueError, match=r"not prepared for features \('sliding_window',\)"):
-        backend.decode(q, kc, vc, meta, 0.2, sliding_window=8)
+        backend.decode(q, layer, meta, 0.2, sliding_window=8)

@@ -103,14 +103,14 @@ def test_replayed_decode_steps_match_eager_decode(monkeypatch):
     eager = _engine(monkeypatch, loaded, graphs=False)
     want = _run(eager, prompts, budgets)
     graphed = _engine(monkeypatch, loaded, graphs=True)
-    assert graphed.graphs is not None and graphed.kv_cache.shape[2] == 25  # pool + scratch block
+    assert graphed.graphs is not None and graphed.kv_cache.data.shape[2] == 25  # pool + scratch block
     got = _run(graphed, prompts, budgets)
     assert got == want
     # one prefill step, then one replay per decode-only step until the longest budget is spent
     assert graphed.graphs.captured == (1, 2, 4) and graphed.graphs.replays == max(budgets) - 1
-    pool_g, pool_e = graphed.kv_cache[:, :, :24], eager.kv_cache[:, :, :24]
+    pool_g, pool_e = graphed.kv_cache.data[:, :, :24], eager.kv_cache.data[:, :, :24]
     torch.testing.assert_close(pool_g, pool_e, atol=1e-5, rtol=1e-5)
-    assert graphed.kv_cache[:, :, 24].abs().sum() > 0  # padded rows wrote only the scratch block
+    assert graphed.kv_cache.data[:, :, 24].abs().sum() > 0  # padded rows wrote only the scratch block
 
 
 def test_batches_past_the_largest_graph_run_eagerly(monkeypatch):

@@ -8,6 +8,7 @@ import torch
 import runtime
 from helpers_checkpoint import hf_greedy, make_llama, random_prompts
 from runtime import SamplingParams
+from runtime.decode_native import native_lacks
 
 LENGTHS = [1, 7, 16, 17, 33]
 NEW = 12
@@ -29,10 +30,14 @@ def ckpt(request, tmp_path_factory):
     return path, hf, prompts, [hf_greedy(hf, p, NEW, eos_token_id=eos) for p in prompts]
 
 
+NATIVE = native_lacks(torch.float32, 4, 16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
-def test_greedy_matches_transformers(ckpt, block_size):
+def test_greedy_matches_transformers(ckpt, block_size, backend):
     path, _, prompts, refs = ckpt
-    outs = runtime.generate(path, prompts, SamplingParams(max_tokens=NEW), block_size=block_size)
+    outs = runtime.generate(path, prompts, SamplingParams(max_tokens=NEW), block_size=block_size, backend=backend)
     assert [o.prompt_token_ids for o in outs] == prompts
     eos = runtime.load_model(path, device="cpu").config.eos_token_ids
     for out, (ref_ids, ref_logprob) in zip(outs, refs):
@@ -42,7 +47,9 @@ def test_greedy_matches_transformers(ckpt, block_size):
         assert comp.finish_reason == ("stop" if len(ref_ids) < NEW else "length")
         assert (comp.token_ids[-1] in eos) == (comp.finish_reason == "stop")
     assert len(eos) == 1 or any(o.outputs[0].finish_reason == "stop" for o in outs)
-    assert outs.stats["backend"] == "torch" and outs.stats["peak_blocks_in_use"] > 0
+    # auto on the CPU: the native C kernel when a compiler works, else torch
+    assert outs.stats["backend"] == ("native" if backend == "auto" and not NATIVE else "torch")
+    assert outs.stats["peak_blocks_in_use"] > 0
 
 
 def test_tiny_pool_preempts_and_keeps_parity(ckpt):
@@ -114,7 +121,7 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(small):
     torch.manual_seed(0)
     expected = torch.rand(4)
     torch.manual_seed(0)
-    outs = runtime.generate(path, [prompts[0]], SamplingParams(max_tokens=3, temperature=1.0))
+    outs = runtime.generate(path, [prompts[0]], SamplingParams(max_tokens=3, temperature=1.0, ignore_eos=True))
     assert len(outs[0].outputs[0].token_ids) == 3
     assert torch.equal(torch.rand(4), expected)
 
@@ -214,7 +221,8 @@ def test_step_counts_requests_aborted_alongside_running_ones(small):
     engine.add_request(list(range(3, 30)), SamplingParams(max_tokens=3))   # 7 blocks > pool: aborted
     assert engine.step() == 1
     (done,) = engine.pop_finished()
-    assert done.request_id == 1 and done.completions == [([], 0.0, "length")]
+    assert done.request_id == 1 and done.completions == [([], 0.0, "abort")]
+    assert done.error.startswith("request_id=1 needs 7 KV blocks of 4 tokens to be admitted")
     while engine.has_unfinished():
         engine.step()
     assert [d.request_id for d in engine.pop_finished()] == [0]

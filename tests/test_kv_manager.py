@@ -1,5 +1,6 @@
 """KVCacheManager: a hypothesis state machine over allocate / append / fork / COW / free / prefix
-reuse with a simulated KV cache, sharing savings for n > 1 and beam search, bad input, no torch."""
+reuse / sliding-window release with a simulated KV cache, sharing savings for n > 1 and beam
+search, in-group sharing on recompute, bad input, no torch."""
 
 import random
 import subprocess
@@ -10,6 +11,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from runtime.block_pool import NoFreeBlocksError
+from runtime.kv_layout import NULL_BLOCK, window_blocks, window_start
 from runtime.kv_manager import KVCacheManager
 from runtime.sequence import Sequence
 
@@ -25,11 +27,15 @@ class KVMachine(RuleBasedStateMachine):
     Invariants: reference counts equal table references, a block is free iff unreferenced, the
     cache holds exactly each live sequence's computed tokens at its slots (so COW and prefix reuse
     gave the right data), cached blocks hold their key's tokens, and stats agree with the tables.
+    With a sliding window: the tokens inside each sequence's window are readable and right, every
+    entry wholly below it is freed, and no sequence holds more than ``window_blocks`` blocks.
     """
 
-    @initialize(caching=st.booleans())
-    def setup(self, caching):
-        self.kv = KVCacheManager(NUM_BLOCKS, BS, enable_prefix_caching=caching, watermark=0.0)
+    @initialize(caching=st.booleans(), window=st.sampled_from([None, None, 1, 3, 5, 8]))
+    def setup(self, caching, window):
+        self.window = window
+        self.kv = KVCacheManager(NUM_BLOCKS, BS, enable_prefix_caching=caching, watermark=0.0,
+                                 sliding_window=window)
         self.kv_cache = [POISON] * (NUM_BLOCKS * BS)
         self.live: list[Sequence] = []
         self.next_id = 0
@@ -46,12 +52,15 @@ class KVMachine(RuleBasedStateMachine):
                 self.kv.allocate(seq)
             return False
         self.kv.allocate(seq)
-        for pos in range(seq.num_cached_tokens):  # reused prefix must already hold the tokens
+        cached = seq.num_cached_tokens
+        for pos in range(window_start(cached, self.window), cached):  # the reused prefix the prefill reads
             assert self.kv_cache[self.kv.slot(seq, pos)] == seq.token_ids[pos]
-        for pos in range(seq.num_cached_tokens, len(seq)):
-            self.kv_cache[self.kv.slot(seq, pos)] = seq.token_ids[pos]
+        for pos in range(cached, len(seq)):  # a windowed prefill stores only what the window keeps
+            if seq.block_table[pos // BS] != NULL_BLOCK:
+                self.kv_cache[self.kv.slot(seq, pos)] = seq.token_ids[pos]
         seq.num_computed_tokens = len(seq)
         seq.append_token(self.rng.randrange(1, 1000))
+        self.kv.release_out_of_window(seq)  # what the scheduler does before the next step
         self.live.append(seq)
         return True
 
@@ -74,6 +83,7 @@ class KVMachine(RuleBasedStateMachine):
         self.kv_cache[self.kv.slot(seq, pos)] = seq.token_ids[pos]
         seq.num_computed_tokens = len(seq)
         seq.append_token(token)
+        self.kv.release_out_of_window(seq)
 
     @precondition(lambda self: self.live)
     @rule(i=st.integers(0, 99), token=st.integers(1, 999))
@@ -103,7 +113,8 @@ class KVMachine(RuleBasedStateMachine):
         refs = [0] * NUM_BLOCKS
         for s in self.live:
             for b in s.block_table:
-                refs[b] += 1
+                if b != NULL_BLOCK:
+                    refs[b] += 1
         free = set(self.kv.pool.free_blocks())
         for b in range(NUM_BLOCKS):
             assert self.kv.pool.ref_count(b) == refs[b]
@@ -118,8 +129,14 @@ class KVMachine(RuleBasedStateMachine):
     def cache_holds_each_sequences_tokens(self):
         for s in self.live:
             assert len(s.block_table) == self.kv.num_blocks_for(len(s) - 1)
-            got = [self.kv_cache[self.kv.slot(s, p)] for p in range(s.num_computed_tokens)]
-            assert got == s.token_ids[:s.num_computed_tokens]
+            start = window_start(s.num_computed_tokens, self.window)
+            got = [self.kv_cache[self.kv.slot(s, p)] for p in range(start, s.num_computed_tokens)]
+            assert got == s.token_ids[start:s.num_computed_tokens]
+            if self.window is not None:
+                freed = start // BS
+                assert all(b == NULL_BLOCK for b in s.block_table[:min(freed, len(s.block_table) - 1)])
+                held = sum(b != NULL_BLOCK for b in s.block_table)
+                assert held == self.kv.num_held_blocks(s) <= window_blocks(self.window, BS)
         cache = self.kv.prefix_cache
         for key, b in cache.entries() if cache else []:
             assert tuple(self.kv_cache[b * BS:(b + 1) * BS]) == key.token_ids
@@ -215,6 +232,76 @@ def test_beam_search_shares_more_than_sampling():
     for b in beams:
         kv.free(b)
     assert kv.pool.num_free == 400
+
+
+def test_group_allocation_shares_what_its_sequences_agree_on():
+    """Recomputing a preempted n=3 request: the prompt's full blocks and the blocks two beams
+    agree on are allocated once; later sequences skip them in their prefill."""
+    bs = 4
+    prompt = list(range(1, 11))                                # 2 full blocks + 2 tokens
+    a = Sequence(0, prompt + [20, 21, 22, 23, 24])             # 15 tokens: blocks 0-2 full
+    b = Sequence(1, prompt + [20, 21, 22, 23, 25, 26])         # agrees with a on blocks 0-1 and 2
+    c = Sequence(2, prompt + [30])                             # agrees on blocks 0-1 only
+    for caching in (False, True):
+        kv = KVCacheManager(16, bs, enable_prefix_caching=caching, watermark=0.0)
+        alone = sum(kv.num_blocks_for(len(s)) for s in (a, b, c))
+        assert kv.blocks_to_admit([a, b, c]) == alone - 2 * 2 - 1 == 6
+        kv.allocate_all([a, b, c])
+        assert a.block_table[:3] == b.block_table[:3] and a.block_table[:2] == c.block_table[:2]
+        assert c.block_table[2] != a.block_table[2] and a.block_table[3] != b.block_table[3]
+        assert [s.num_cached_tokens for s in (a, b, c)] == [0, 12, 8]
+        assert kv.pool.num_used == 6 and kv.pool.ref_count(a.block_table[0]) == 3
+        assert kv.pool.ref_count(a.block_table[2]) == 2
+        for s in (a, b, c):
+            kv.free(s)
+            s.reset_for_recompute()
+        assert kv.pool.num_free == 16
+
+
+def test_windowed_admission_in_a_tight_pool_allocates_only_the_window_and_reuses_a_cached_window():
+    bs, window = 4, 5
+    kv = KVCacheManager(4, bs, watermark=0.0, sliding_window=window)  # too small to store a whole prompt
+    long = Sequence(0, list(range(1, 31)))                      # 30 tokens, blocks 0..7
+    kv.allocate(long)
+    # after the prefill the next query (position 30) sees 26..30: only blocks 6 and 7 are stored
+    assert long.block_table[:6] == [NULL_BLOCK] * 6 and NULL_BLOCK not in long.block_table[6:]
+    assert kv.num_held_blocks(long) == 2 == kv.pool.num_used
+    long.num_computed_tokens = 30
+    long.append_token(99)
+    kv.free(long)                                  # block 6 (positions 24..27, computed) stays cached
+    cached_block = kv.prefix_cache.entries()[0][1]
+    again = Sequence(1, list(range(1, 31)) + [99, 5, 6])        # 33 tokens, blocks 0..8
+    kv.allocate(again)
+    # a prefill from position 28 reads 24..27 only: block 6 is enough, blocks 0..5 are never needed
+    assert again.num_cached_tokens == 28 and again.block_table[6] == cached_block
+    assert again.block_table[:6] == [NULL_BLOCK] * 6 and kv.num_held_blocks(again) == 3
+    assert kv.stats()["prefix_cache_hit_blocks"] == 1 and kv.stats()["prefill_tokens_skipped"] == 28
+    again.num_computed_tokens = 33
+    again.append_token(7)
+    assert kv.release_out_of_window(again) == 1                 # the cached block leaves the window
+    assert kv.num_held_blocks(again) == 2 == window_blocks(window, bs)
+    assert kv.stats()["window_freed_blocks"] == 1 and kv.pool.ref_count(cached_block) == 0
+
+
+def test_windowed_admission_with_room_stores_the_prompt_for_the_prefix_cache():
+    """As vLLM: the prefill stores every prompt block, its full blocks enter the prefix cache, the
+    out-of-window ones are freed after the step and stay cached, so a later request with the same
+    long prefix skips it; while decoding a sequence still holds at most window_blocks."""
+    bs, window = 4, 5
+    kv = KVCacheManager(32, bs, watermark=0.0, sliding_window=window)
+    first = Sequence(0, list(range(1, 31)))                     # 30 tokens, blocks 0..7
+    kv.allocate(first)
+    assert NULL_BLOCK not in first.block_table and kv.num_held_blocks(first) == 8
+    first.num_computed_tokens = 30
+    first.append_token(99)
+    assert kv.release_out_of_window(first) == 6                 # positions 26.. still seen
+    assert kv.num_held_blocks(first) == 2 and len(kv.prefix_cache) == 7
+    kv.append_slot(first)
+    assert kv.stats()["peak_blocks_per_seq"] == 2 <= window_blocks(window, bs)
+    second = Sequence(1, list(range(1, 31)) + [7])              # the same 30 tokens, then another
+    kv.allocate(second)
+    assert second.num_cached_tokens == 28                       # blocks 0..6 computed: prefill from 28
+    assert second.block_table[:6] == [NULL_BLOCK] * 6           # never read by a prefill from 28
 
 
 def test_bad_input_names_the_value():

@@ -80,7 +80,7 @@ def _prefill_logits(loaded, ids):
     model = loaded.model
     n = len(ids)
     blocks = -(-n // 4)
-    cache = torch.zeros(model.kv_cache_shape(blocks + 3, 4), dtype=model.dtype)
+    cache = model.make_kv_cache(blocks + 3, 4)
     table = torch.randperm(blocks + 3)[:blocks]
     slots = table.repeat_interleave(4)[:n] * 4 + torch.arange(n) % 4
     meta = AttentionMetadata(slot_mapping=slots, prefills=[PrefillSpan(0, n, 0, n)], num_prefill_tokens=n)
@@ -93,7 +93,9 @@ def test_sharded_tied_llama3_checkpoint_matches_transformers(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     loaded = load_model(tmp_path, device="cpu")
-    assert loaded.config.tie_word_embeddings and loaded.model.lm_head is loaded.model.embed
+    assert loaded.config.tie_word_embeddings
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(loaded.model.lm_head(x), x @ loaded.model.embed.T, rtol=1e-5, atol=1e-5)
     ids = torch.randint(3, 96, (40,)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

@@ -8,19 +8,26 @@ import pytest
 import torch
 
 from helpers_checkpoint import make_llama
-from runtime.attention import AttentionMetadata, PrefillSpan, TorchDecode, TritonDecode
+from runtime.attention import AttentionMetadata, PrefillSpan, TritonDecode
+from runtime.decode_native import NativeDecode, native_lacks
+from runtime.decode_torch import TorchDecode
+from runtime.config import LayerAttention
+from runtime.kv_cache import LayerKV
 from runtime.loader import load_model
 
 
-def reference_decode(q, key_cache, value_cache, tables, lens, scale):
-    """float64 paged decode, one sequence at a time. q: [B, H, D] -> [B, H, D] float64."""
+def reference_decode(q, key_cache, value_cache, tables, lens, scale, window=None, k_scale=1.0, v_scale=1.0):
+    """float64 paged decode, one sequence at a time, over the last ``window`` positions when given
+    (reading only those blocks). q: [B, H, D] -> [B, H, D] float64."""
     bs, kvh = key_cache.shape[1], key_cache.shape[2]
     group = q.shape[1] // kvh
     out = torch.empty(q.shape, dtype=torch.float64)
     for i, n in enumerate(lens.tolist()):
-        blocks = tables[i, : -(-n // bs)].long()
-        k = key_cache[blocks].reshape(-1, kvh, q.shape[2])[:n].double().repeat_interleave(group, dim=1)
-        v = value_cache[blocks].reshape(-1, kvh, q.shape[2])[:n].double().repeat_interleave(group, dim=1)
+        start = max(0, n - window) if window else 0
+        blocks = tables[i, start // bs: -(-n // bs)].long()
+        lo, hi = start % bs, start % bs + n - start
+        k = key_cache[blocks].reshape(-1, kvh, q.shape[2])[lo:hi].double().repeat_interleave(group, dim=1) * k_scale
+        v = value_cache[blocks].reshape(-1, kvh, q.shape[2])[lo:hi].double().repeat_interleave(group, dim=1) * v_scale
         p = torch.softmax(torch.einsum("hd,thd->ht", q[i].double(), k) * scale, dim=-1)
         out[i] = torch.einsum("ht,thd->hd", p, v)
     return out
@@ -47,17 +54,102 @@ def random_paged_case(bs, kvh, group, d, lens, seed=0, dtype=torch.float32):
     return q, key_cache, value_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
 
+NATIVE = native_lacks(torch.float32, 8, 64, torch.device("cpu"))
+
+
+def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, **kw):
+    """The torch or the native (C) decode backend; the native one is skipped without a C compiler."""
+    layers = [LayerAttention(scale=1.0, sliding_window=window)]
+    if name == "torch":
+        return TorchDecode(bs, kvh, d, layers=layers, **kw)
+    if NATIVE:
+        pytest.skip(NATIVE)
+    return NativeDecode(bs, kvh, heads, d, num_blocks, layers=layers)
+
+
+@pytest.mark.parametrize("name", ["torch", "native"])
 @pytest.mark.parametrize("bs,group", [(1, 1), (16, 4), (32, 3)])
-def test_torch_decode_matches_float64(bs, group):
+def test_cpu_decode_matches_float64(name, bs, group):
     lens = [bs, bs + 1, 2 * bs - 1 if bs > 1 else 3, 1, 3 * bs]
     q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, group, 32, lens, seed=bs)
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=seq_lens, max_seq_len=max(lens))
-    backend = TorchDecode(bs, 2, 32)
+    backend = cpu_backend(name, bs, 2, 2 * group, 32, kc.shape[0])
     backend.prepare(meta)
-    out = backend.decode(q, kc, vc, meta, scale=32 ** -0.5)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=32 ** -0.5)
     ref = reference_decode(q, kc, vc, tables, seq_lens, 32 ** -0.5)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 16])
+@pytest.mark.parametrize("group_tokens", [8, 4096, "native"])
+def test_cpu_decode_windows_never_read_freed_blocks(window, group_tokens):
+    """torch with many length groups (budget 8 rows) or one, and the native kernel (2 threads);
+    entries a window has freed, and the padding, point at a NaN block."""
+    bs = 4
+    lens = [1, 3, 4, 5, 8, 9, 16, 17, 31]
+    q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, 3, 16, lens, seed=7)
+    used = {int(tables[i, j]) for i, n in enumerate(lens) for j in range(-(-n // bs))}
+    poison = min(set(range(kc.shape[0])) - used)  # a block no sequence holds
+    kc[poison] = float("nan")
+    vc[poison] = float("nan")
+    if window:
+        for i, n in enumerate(lens):
+            tables[i, : max(0, n - window) // bs] = poison   # freed: may hold anything
+    for i, n in enumerate(lens):
+        tables[i, -(-n // bs):] = poison                     # padding too
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=max(lens))
+    if group_tokens == "native":
+        backend = cpu_backend("native", bs, 2, 6, 16, kc.shape[0], window=window)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            backend.prepare(meta)
+        finally:
+            torch.set_num_threads(before)
+        assert len(meta.extra[("native_decode", window)][2]) == 2  # two threads' chunks
+    else:
+        backend = cpu_backend("torch", bs, 2, 6, 16, kc.shape[0], window=window, group_tokens=group_tokens)
+        backend.prepare(meta)
+        groups = meta.extra[("torch_decode", window)]
+        assert (len(groups) > 1) == (group_tokens == 8)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25, sliding_window=window)
+    ref = reference_decode(q, kc, vc, tables, seq_lens, 0.25, window=window)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["torch", "native"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_cpu_decode_reads_fp8_with_scales(name, fmt):
+    """An fp8 cache: the decode equals float64 attention over the dequantized cache."""
+    from runtime.kv_cache import storage_dtype
+
+    bs = 16
+    q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, 4, 32, [1, 15, 16, 17, 40], seed=3)
+    fp8 = storage_dtype(fmt, torch.float32)
+    k_scale, v_scale = 0.02, 0.5
+    kq = (kc.clamp(-1e3, 1e3) / k_scale).clamp(-torch.finfo(fp8).max, torch.finfo(fp8).max).to(fp8)
+    vq = (vc.clamp(-1e3, 1e3) / v_scale).clamp(-torch.finfo(fp8).max, torch.finfo(fp8).max).to(fp8)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=40)
+    backend = cpu_backend(name, bs, 2, 8, 32, kq.shape[0], **({"group_tokens": 32} if name == "torch" else {}))
+    backend.prepare(meta)
+    out = backend.decode(q, LayerKV(kq, vq, k_scale, v_scale, torch.float32), meta, scale=32 ** -0.5)
+    ref = reference_decode(q, kq.double(), vq.double(), tables, seq_lens, 32 ** -0.5, k_scale=k_scale,
+                           v_scale=v_scale)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_refuses_a_block_outside_the_pool():
+    q, kc, vc, tables, seq_lens = random_paged_case(4, 1, 2, 16, [5, 9], seed=1)
+    tables[1, 1] = kc.shape[0]  # one past the pool, inside sequence 1's live range
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=9)
+    backend = cpu_backend("native", 4, 1, 2, 16, kc.shape[0])
+    backend.prepare(meta)
+    with pytest.raises(RuntimeError, match=r"decode sequence 1 has a block id outside \[0, "):
+        backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.25)
 
 
 def test_triton_decode_backend_matches_float64():
@@ -68,7 +160,7 @@ def test_triton_decode_backend_matches_float64():
                              seq_lens=seq_lens, max_seq_len=40)
     backend = TritonDecode(16, 2, 4, 64, torch.float32, device)
     backend.prepare(meta)
-    out = backend.decode(q, kc, vc, meta, scale=0.125)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.125)
     torch.testing.assert_close(out.double().cpu(), reference_decode(*case, 0.125), rtol=1e-4, atol=1e-4)
 
 
@@ -85,8 +177,8 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
     """
     assert shared % bs == 0 and all(prompts[i][:shared] == prompts[sharers[0]][:shared] for i in sharers)
     assert all(len(prompts[i]) > shared for i in sharers)  # the shared blocks stay full and read-only
-    kv = model.kv_cache_shape(64, bs)
-    cache = (torch.rand(kv) * 2e4 - 1e4).to(model.dtype)  # garbage everywhere first
+    cache = model.make_kv_cache(64, bs)
+    cache.data.copy_(torch.rand(cache.data.shape) * 2e4 - 1e4)  # garbage everywhere first
     perm = torch.randperm(64).tolist()
     prefix_blocks = [perm.pop() for _ in range(shared // bs)]
     tables = []
@@ -100,7 +192,7 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
 
     def prefill_span(i, row, end):
         """Positions cached[i]:end of sequence i as batch rows row.. (reading its cached prefix)."""
-        ctx = torch.tensor(slots(i, range(end))) if cached[i] else None
+        ctx = torch.tensor(slots(i, range(cached[i]))) if cached[i] else None
         return PrefillSpan(row, row + end - cached[i], cached[i], end, ctx)
 
     # Fill the cache with the model itself: the shared prefix once (as sequence sharers[0]'s), then

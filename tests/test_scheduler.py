@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from runtime.kv_layout import NULL_BLOCK, window_blocks, window_start
 from runtime.kv_manager import KVCacheManager
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -17,8 +18,13 @@ VOCAB = 500
 
 
 class FakeEngine:
-    def __init__(self, num_blocks, block_size, *, caching=True, max_num_seqs=64, budget=2048):
-        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching)
+    """With ``window``, the next token depends on the last ``window`` tokens only (a windowed
+    model), read back through the block table; out-of-window entries must never be read."""
+
+    def __init__(self, num_blocks, block_size, *, caching=True, max_num_seqs=64, budget=2048, window=None):
+        self.window = window
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching, sliding_window=window)
+        self.max_held = 0
         self.sched = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
         self.cache = [None] * (num_blocks * block_size)
         self.max_tokens, self.n, self.salt = {}, {}, {}
@@ -30,9 +36,13 @@ class FakeEngine:
         self.max_tokens[request_id], self.n[request_id], self.salt[request_id] = max_tokens, n, 0
         self.sched.add(SequenceGroup(request_id, [seq]))
 
-    def _next_token(self, seq):
-        ctx = tuple(self.cache[self.kv.slot(seq, p)] for p in range(len(seq)))
-        assert ctx == tuple(seq.token_ids), f"seq {seq.seq_id} reads a wrong KV context"
+    def _next_token(self, seq, fresh_from):
+        """Like the engine: a prefill's own tokens (positions >= ``fresh_from``) come from the
+        batch, everything before them from the cache."""
+        start = window_start(len(seq) - 1, self.window)
+        ctx = tuple(self.cache[self.kv.slot(seq, p)] if p < fresh_from else seq.token_ids[p]
+                    for p in range(start, len(seq)))
+        assert ctx == tuple(seq.token_ids[start:]), f"seq {seq.seq_id} reads a wrong KV context"
         return hash((self.salt[seq.seq_id], ctx)) % VOCAB
 
     def step(self):
@@ -46,11 +56,15 @@ class FakeEngine:
             self.cache[dst * bs:(dst + 1) * bs] = self.cache[src * bs:(src + 1) * bs]
         for s in out.prefill_seqs:
             for p in range(s.num_cached_tokens, len(s)):
-                self.cache[self.kv.slot(s, p)] = s.token_ids[p]
+                if s.block_table[p // bs] != NULL_BLOCK:  # a windowed prefill skips what it will not read
+                    self.cache[self.kv.slot(s, p)] = s.token_ids[p]
+        for s in out.decode_seqs:  # after this step's releases and appends
+            self.max_held = max(self.max_held, self.kv.num_held_blocks(s))
         for s in out.decode_seqs:
             self.cache[self.kv.slot(s, len(s) - 1)] = s.token_ids[-1]
+        fresh = {s.seq_id: s.num_cached_tokens for s in out.prefill_seqs}
         for s in out.prefill_seqs + out.decode_seqs:
-            tok = self._next_token(s)
+            tok = self._next_token(s, fresh.get(s.seq_id, len(s)))
             s.num_computed_tokens = len(s)
             s.append_token(tok)
             # n > 1: the first prefill's seq (seq_id == request_id) forks the other samples
@@ -109,6 +123,24 @@ def test_preemption_by_recompute_gives_the_same_outputs(caching, n):
     assert tight.kv.pool.num_free == 48 and tight.kv.stats()["blocks_in_use"] == 0
 
 
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("window", [3, 9])
+def test_sliding_window_frees_blocks_and_keeps_outputs_under_preemption(caching, n, window):
+    reqs = [(r, p, 20 + 3 * (r % 4) + m, k) for r, p, m, k in _requests(seed=11 + window, count=12, n=n)]
+    _, want = _run(reqs, 4000, 4, caching=caching, window=window)  # never short of blocks
+    _, full = _run(reqs, 4000, 4, caching=caching)
+    assert want != full  # the window changes what the fake model sees
+    bs = 4
+    # per sequence: a fresh admission takes at most window_blocks; cached hits can add a few
+    # for one step, so give the small pool room for one such admission beside the others
+    eng, got = _run(reqs, 3 * n * window_blocks(window, bs) + 6, bs, caching=caching, window=window)
+    assert got == want
+    assert eng.kv.stats()["preemptions"] > 0 and eng.kv.stats()["window_freed_blocks"] > 0
+    assert eng.max_held <= window_blocks(window, bs)
+    assert eng.kv.pool.num_free == eng.kv.num_blocks
+
+
 def test_continuous_batching_admits_while_others_decode_and_frees_at_once():
     eng = FakeEngine(60, 4, max_num_seqs=4)
     for req in _requests(seed=3, count=10):
@@ -161,8 +193,13 @@ def test_requests_too_big_for_the_pool_are_aborted():
     steps = [eng.step()[0] for _ in range(20)]
     aborted = [g.request_id for o in steps for g in o.aborted]
     assert aborted == [0, 1]
-    s1 = next(g for o in steps for g in o.aborted if g.request_id == 1).seqs[0]
-    assert s1.status is SequenceStatus.FINISHED and s1.finish_reason == "length"
+    g0, g1 = (next(g for o in steps for g in o.aborted if g.request_id == r) for r in (0, 1))
+    s1 = g1.seqs[0]
+    assert s1.status is SequenceStatus.FINISHED and s1.finish_reason == "abort"  # never "length"
+    assert g0.seqs[0].finish_reason == "abort"
+    assert g0.error.startswith("request_id=0 needs 10 KV blocks of 4 tokens to be admitted")
+    assert g1.error.startswith("request_id=1 needs 9 KV blocks of 4 tokens to grow")
+    assert "num_blocks=8" in g1.error
     # 32 tokens filled the pool; the 33rd was sampled from them but has no slot
     assert len(s1) == 8 * 4 + 1 and not eng.sched.has_unfinished() and eng.kv.pool.num_free == 8
 

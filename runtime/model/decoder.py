@@ -16,12 +16,14 @@ convention, softmax in fp32) so that greedy decoding matches it token for token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from runtime.attention import AttentionMetadata, prefill_attention, soft_cap, write_kv
+from runtime.attention import AttentionMetadata, prefill_attention
 from runtime.config import ModelConfig
+from runtime.kv_cache import LayerKV, PagedKVCache, storage_dtype
+from runtime.model.linear import Linear
 from runtime.model.ops import ACTIVATIONS, RMSNorm, rotate_half
 from runtime.model.weights import LayerWeights, pack_layers
+from runtime.sdpa import soft_cap
 
 
 class DecoderModel:
@@ -34,7 +36,7 @@ class DecoderModel:
         Hugging Face tensor names -> tensors (checked by :func:`runtime.loader.load_weights`).
     device : torch.device
     dtype : torch.dtype
-        Compute dtype of weights, activations and the KV cache.
+        Compute dtype of weights and activations (and of the KV cache unless it is fp8).
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], *,
@@ -49,7 +51,7 @@ class DecoderModel:
             return w(name) if name in weights else None
 
         self.embed = w("model.embed_tokens.weight")                       # [vocab, hidden]
-        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else w("lm_head.weight"))
         self.final_norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, fam.norm_offset)
         # Gemma: embeddings times sqrt(hidden), the factor rounded to the compute dtype first
         self.embed_scale = (torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device)
@@ -64,11 +66,17 @@ class DecoderModel:
         c = self.config
         return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
 
-    def bytes_per_block(self, block_size: int) -> int:
-        """KV-cache bytes of one block across all layers."""
+    def make_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> PagedKVCache:
+        """A zeroed cache of :meth:`kv_cache_shape` in the model's dtype or fp8."""
         c = self.config
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return c.num_hidden_layers * 2 * block_size * c.num_key_value_heads * c.head_dim * elem
+        return PagedKVCache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+                            dtype=self.dtype, kv_cache_dtype=kv_cache_dtype, device=self.device)
+
+    def bytes_per_block(self, block_size: int, kv_cache_dtype: str = "auto") -> int:
+        """KV-cache bytes of one block across all layers (fp8 caches take one byte per value)."""
+        c = self.config
+        return PagedKVCache.bytes_per_block(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim,
+                                            storage_dtype(kv_cache_dtype, self.dtype))
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [tokens, 1, head_dim] in the compute dtype for int64 positions [tokens]."""
@@ -77,22 +85,25 @@ class DecoderModel:
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, decode_backend, logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
+                meta: AttentionMetadata, decode_backend, logits_indices: torch.Tensor, *,
+                calibrate_kv: bool = False) -> torch.Tensor:
         """Run one engine step.
 
         Parameters
         ----------
         input_ids, positions : torch.Tensor
             int64 ``[num_tokens]``: prefill tokens first, then one token per decode sequence.
-        kv_cache : torch.Tensor
-            ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``, written in place.
+        kv_cache : PagedKVCache
+            The paged cache, written in place.
         meta : AttentionMetadata
             Slot mapping, prefill spans and decode block tables for this step.
         decode_backend
             A :mod:`runtime.attention` decode backend (already ``prepare``-d for ``meta``).
         logits_indices : torch.Tensor
             int64 ``[num_outputs]``: rows whose next-token logits are wanted.
+        calibrate_kv : bool
+            Set each layer's fp8 ``k_scale``/``v_scale`` from this step's K/V before writing them.
 
         Returns
         -------
@@ -107,39 +118,43 @@ class DecoderModel:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for li, layer in enumerate(self.layers):
-            qkv = F.linear(layer.attn_norm(x), layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(layer.attn_norm(x))
             qk = qkv[:, : (heads + kvh) * d].view(num_tokens, heads + kvh, d)
             if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before RoPE
                 qk = torch.cat((layer.q_norm(qk[:, :heads]), layer.k_norm(qk[:, heads:])), dim=1)
             qk = qk * cos + rotate_half(qk) * sin                              # RoPE on q and k at once
             q, k = qk[:, :heads], qk[:, heads:]                                # [T, heads, D], [T, kvh, D]
             v = qkv[:, (heads + kvh) * d:].view(num_tokens, kvh, d)
-            key_cache, value_cache = kv_cache[li, 0], kv_cache[li, 1]
-            write_kv(key_cache, value_cache, k, v, meta.slot_mapping)
-            attn = self._attention(q, k, v, key_cache, value_cache, meta, decode_backend, li)
-            out = F.linear(attn.reshape(num_tokens, heads * d), layer.o_proj, layer.o_bias)
+            if calibrate_kv:
+                kv_cache.calibrate(li, k, v)
+            if meta.write_rows is None:
+                kv_cache.write(li, k, v, meta.slot_mapping)
+            else:  # a sliding-window prefill skips the positions its window has already left
+                kv_cache.write(li, k.index_select(0, meta.write_rows), v.index_select(0, meta.write_rows),
+                               meta.slot_mapping)
+            attn = self._attention(q, k, v, kv_cache.layer(li), meta, decode_backend, li)
+            out = layer.o_proj(attn.reshape(num_tokens, heads * d))
             x = x + (out if layer.attn_out_norm is None else layer.attn_out_norm(out))
-            gate, up = F.linear(layer.mlp_norm(x), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            out = F.linear(self.act(gate) * up, layer.down, layer.down_bias)
+            gate, up = layer.gate_up(layer.mlp_norm(x)).chunk(2, dim=-1)
+            out = layer.down(self.act(gate) * up)
             x = x + (out if layer.mlp_out_norm is None else layer.mlp_out_norm(out))
-        logits = F.linear(self.final_norm(x.index_select(0, logits_indices)), self.lm_head)
+        logits = self.lm_head(self.final_norm(x.index_select(0, logits_indices)))
         if c.final_logit_softcapping is not None:
             logits = soft_cap(logits, c.final_logit_softcapping)
         return logits.float()
 
-    def _attention(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, decode_backend,
+    def _attention(self, q, k, v, layer_kv: LayerKV, meta: AttentionMetadata, decode_backend,
                    li: int) -> torch.Tensor:
         """Layer ``li``'s attention for the whole batch: per-sequence prefill, one batched decode."""
         la = self.attention[li]
         opts = dict(sliding_window=la.sliding_window, logits_soft_cap=la.logits_soft_cap)
         npf, num_tokens = meta.num_prefill_tokens, q.shape[0]
         if npf == num_tokens and len(meta.prefills) == 1:
-            return prefill_attention(q, k, v, key_cache, value_cache, meta.prefills[0], la.scale, **opts)
+            return prefill_attention(q, k, v, layer_kv, meta.prefills[0], la.scale, **opts)
         attn = torch.empty_like(q)
         for span in meta.prefills:
             s, e = span.start, span.end
-            attn[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], key_cache, value_cache, span,
-                                          la.scale, **opts)
+            attn[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], layer_kv, span, la.scale, **opts)
         if npf < num_tokens:
-            attn[npf:] = decode_backend.decode(q[npf:], key_cache, value_cache, meta, la.scale, **opts)
+            attn[npf:] = decode_backend.decode(q[npf:], layer_kv, meta, la.scale, **opts)
         return attn

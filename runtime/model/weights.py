@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import ModelConfig
+from runtime.model.linear import Linear
 from runtime.model.ops import RMSNorm
 
 
@@ -50,18 +51,14 @@ class LayerWeights:
     """One decoder layer, projections fused. Norms that a family lacks are None."""
 
     attn_norm: RMSNorm            # input_layernorm
-    qkv: torch.Tensor             # [(heads + 2 * kv_heads) * head_dim, hidden]
-    qkv_bias: torch.Tensor | None
+    qkv: Linear                   # hidden -> (heads + 2 * kv_heads) * head_dim, optional bias
     q_norm: RMSNorm | None        # per head, over head_dim (Qwen3)
     k_norm: RMSNorm | None
-    o_proj: torch.Tensor          # [hidden, heads * head_dim]
-    o_bias: torch.Tensor | None
+    o_proj: Linear                # heads * head_dim -> hidden
     attn_out_norm: RMSNorm | None  # on the attention output (Gemma 2's post_attention_layernorm)
     mlp_norm: RMSNorm             # on the MLP input
-    gate_up: torch.Tensor         # [2 * intermediate, hidden]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor            # [hidden, intermediate]
-    down_bias: torch.Tensor | None
+    gate_up: Linear               # hidden -> 2 * intermediate
+    down: Linear                  # intermediate -> hidden
     mlp_out_norm: RMSNorm | None  # on the MLP output (Gemma 2)
 
 
@@ -85,16 +82,14 @@ def pack_layers(config: ModelConfig, w, opt) -> list[LayerWeights]:
         sandwich = fam.sandwich_norms
         layers.append(LayerWeights(
             attn_norm=norm(p + "input_layernorm.weight"),
-            qkv=torch.cat([w(a + ".weight") for a in attn]),
-            qkv_bias=cat_opt([a + ".bias" for a in attn]),
+            qkv=Linear(torch.cat([w(a + ".weight") for a in attn]), cat_opt([a + ".bias" for a in attn])),
             q_norm=norm(p + "self_attn.q_norm.weight") if fam.qk_norm else None,
             k_norm=norm(p + "self_attn.k_norm.weight") if fam.qk_norm else None,
-            o_proj=w(p + "self_attn.o_proj.weight"), o_bias=opt(p + "self_attn.o_proj.bias"),
+            o_proj=Linear(w(p + "self_attn.o_proj.weight"), opt(p + "self_attn.o_proj.bias")),
             attn_out_norm=norm(p + "post_attention_layernorm.weight") if sandwich else None,
             mlp_norm=norm(p + ("pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight")),
-            gate_up=torch.cat([w(m + ".weight") for m in mlp]),
-            gate_up_bias=cat_opt([m + ".bias" for m in mlp]),
-            down=w(p + "mlp.down_proj.weight"), down_bias=opt(p + "mlp.down_proj.bias"),
+            gate_up=Linear(torch.cat([w(m + ".weight") for m in mlp]), cat_opt([m + ".bias" for m in mlp])),
+            down=Linear(w(p + "mlp.down_proj.weight"), opt(p + "mlp.down_proj.bias")),
             mlp_out_norm=norm(p + "post_feedforward_layernorm.weight") if sandwich else None,
         ))
     return layers

@@ -1,0 +1,202 @@
+"""The CPU pieces behind runtime.generate()'s speed, measured one by one.
+
+1. ``linear``: ``F.linear`` (MKL sgemm) against the oneDNN-packed weight that
+   ``runtime/model/linear.py`` uses, for the e2e model's projection shapes (hidden 512: qkv, o,
+   gate_up, down, lm_head) and 1-2048 rows, at 1 and 2 threads; the time of all five shapes summed.
+2. ``decode``: one layer's paged decode for a 64-sequence batch with contexts 16-768 (block 16,
+   2 KV heads x 64, 8 query heads, fp32): the torch backend (grouped gather + SDPA; one group, the
+   old path, and the default grouping) against the native C kernel, at 1 and 2 threads.
+3. ``threads``: a short generate() run (16 of the e2e mixed requests) in fresh processes with 1
+   thread, 2 threads under ``OMP_WAIT_POLICY=PASSIVE`` and 2 threads spinning (``ACTIVE``).
+
+Each case reports the best of its repeats, with the load average, since the machine is shared.
+Usage::
+
+    python bench/cpu_kernels.py [--quick] [--json PATH] [--md PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401 - puts the checkout on sys.path
+from _common import build_checkpoint
+
+SHAPES = {"qkv": (768, 512), "o_proj": (512, 512), "gate_up": (2752, 512), "down": (512, 1376), "lm_head": (4096, 512)}
+
+
+def best_ms(fn, repeats: int, inner: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t) / inner)
+    return best * 1e3
+
+
+def bench_linear(rows_list, threads_list, repeats) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from runtime.model.linear import Linear
+
+    out = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for rows in rows_list:
+            aten = onednn = 0.0
+            for n, k in SHAPES.values():
+                x, w = torch.randn(rows, k), torch.randn(n, k)
+                packed = Linear(w.clone())
+                torch.testing.assert_close(packed(x), F.linear(x, w), rtol=1e-4, atol=1e-3)
+                inner = 2 if rows >= 1024 else 10
+                aten += best_ms(lambda: F.linear(x, w), repeats, inner)
+                onednn += best_ms(lambda: packed(x), repeats, inner)
+            out.append({"threads": threads, "rows": rows, "aten_ms": aten, "onednn_ms": onednn,
+                        "speedup": aten / onednn, "loadavg": os.getloadavg()[0]})
+    return out
+
+
+def decode_case(seed=0, batch=64):
+    import torch
+
+    from runtime.attention import AttentionMetadata
+
+    g = torch.Generator().manual_seed(seed)
+    bs, kvh, d = 16, 2, 64
+    lens = torch.randint(16, 769, (batch,), generator=g, dtype=torch.int32)
+    need = [-(-int(n) // bs) for n in lens]
+    num_blocks = sum(need) + 8
+    kc, vc = torch.randn(num_blocks, bs, kvh, d, generator=g), torch.randn(num_blocks, bs, kvh, d, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(batch, max(need), dtype=torch.int32)
+    for i, nb in enumerate(need):
+        tables[i, :nb] = torch.tensor([perm.pop() for _ in range(nb)])
+    q = torch.randn(batch, 8, d, generator=g)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=lens, max_seq_len=int(lens.max()))
+    return q, kc, vc, meta, num_blocks
+
+
+def bench_decode(threads_list, repeats) -> list[dict]:
+    import torch
+
+    from runtime.decode_native import NativeDecode, native_lacks
+    from runtime.decode_torch import TorchDecode
+    from runtime.kv_cache import LayerKV
+
+    q, kc, vc, meta, num_blocks = decode_case()
+    layer = LayerKV(kc, vc, 1.0, 1.0, torch.float32)
+    backends = {"torch_one_group": TorchDecode(16, 2, 64, group_tokens=10 ** 9), "torch_grouped": TorchDecode(16, 2, 64)}
+    if native_lacks(torch.float32, 8, 64, torch.device("cpu")) is None:
+        backends["native"] = NativeDecode(16, 2, 8, 64, num_blocks)
+    out = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        row = {"threads": threads, "context_tokens": int(meta.seq_lens.sum()),
+               "kv_bytes": int(meta.seq_lens.sum()) * 2 * 2 * 64 * 4}
+        ref = None
+        for name, backend in backends.items():
+            meta.extra.clear()
+            backend.prepare(meta)
+            got = backend.decode(q, layer, meta, 0.125)
+            ref = got if ref is None else ref
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            row[f"{name}_ms"] = best_ms(lambda: backend.decode(q, layer, meta, 0.125), repeats, 5)
+        row["loadavg"] = os.getloadavg()[0]
+        out.append(row)
+    return out
+
+
+CHILD = r"""
+import sys, time, json
+sys.path.insert(0, {repo!r})
+import runtime, torch
+g = torch.Generator().manual_seed(1234)
+lens = torch.randint(16, 257, (64,), generator=g).tolist()
+prompts = [torch.randint(1, 4096, (k,), generator=g).tolist() for k in lens][:{n}]
+new = torch.randint(16, 513, (64,), generator=g).tolist()[:{n}]
+loaded = runtime.load_model({model!r}, device="cpu")
+params = [runtime.SamplingParams(max_tokens=k, ignore_eos=True) for k in new]
+runtime.generate(loaded, [[5, 6, 7]] * 2, runtime.SamplingParams(max_tokens=4), num_threads={threads})
+t = time.perf_counter()
+outs = runtime.generate(loaded, prompts, params, num_threads={threads})
+e = time.perf_counter() - t
+print(json.dumps({{"tokens_per_s": sum(new) / e, "seconds": e}}))
+"""
+
+
+def bench_threads(model_dir: Path, requests: int, repeats: int) -> list[dict]:
+    out = []
+    for threads, policy in ((1, "PASSIVE"), (2, "PASSIVE"), (2, "ACTIVE")):
+        best = None
+        loads = []
+        for _ in range(repeats):
+            code = CHILD.format(repo=str(_common.REPO), n=requests, model=str(model_dir), threads=threads)
+            env = {**os.environ, "OMP_WAIT_POLICY": policy}
+            env.pop("OMP_NUM_THREADS", None)
+            loads.append(os.getloadavg()[0])
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            best = r if best is None or r["tokens_per_s"] > best["tokens_per_s"] else best
+        out.append({"threads": threads, "omp_wait_policy": policy.lower(), **best, "loadavg": loads})
+    return out
+
+
+def table(results: dict) -> str:
+    lines = ["Linear (5 projection shapes of the e2e model summed, best-of ms):", "",
+             "| threads | rows | F.linear ms | oneDNN packed ms | speedup |", "|---|---|---|---|---|"]
+    for r in results["linear"]:
+        lines.append(f"| {r['threads']} | {r['rows']} | {r['aten_ms']:.2f} | {r['onednn_ms']:.2f} | {r['speedup']:.2f}x |")
+    lines += ["", "Paged decode, one layer, 64 sequences, contexts 16-768 (best-of ms):", "",
+              "| threads | torch one group | torch grouped | native | native vs grouped |", "|---|---|---|---|---|"]
+    for r in results["decode"]:
+        nat = r.get("native_ms")
+        native = "n/a" if nat is None else f"{nat:.2f}"
+        gain = "" if nat is None else f"{r['torch_grouped_ms'] / nat:.2f}x"
+        lines.append(f"| {r['threads']} | {r['torch_one_group_ms']:.2f} | {r['torch_grouped_ms']:.2f} | "
+                     f"{native} | {gain} |")
+    if results.get("threads"):
+        lines += ["", f"generate() on {results['thread_requests']} mixed requests, fresh processes (tok/s, best):", "",
+                  "| threads | OpenMP wait policy | tok/s | load average before runs |", "|---|---|---|---|"]
+        for r in results["threads"]:
+            lines.append(f"| {r['threads']} | {r['omp_wait_policy']} | {r['tokens_per_s']:.0f} | "
+                         f"{', '.join(f'{x:.2f}' for x in r['loadavg'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no thread runs")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--md", type=Path)
+    args = ap.parse_args(argv)
+    results = {"machine": _common.machine_info(), "loadavg_start": os.getloadavg()}
+    repeats = 2 if args.quick else 7
+    results["linear"] = bench_linear([16, 64] if args.quick else [1, 16, 64, 256, 2048], [1] if args.quick else [1, 2],
+                                     repeats)
+    results["decode"] = bench_decode([1] if args.quick else [1, 2], repeats)
+    if not args.quick:
+        results["thread_requests"] = 16
+        with tempfile.TemporaryDirectory() as tmp:
+            from e2e_throughput import MODEL
+
+            build_checkpoint(Path(tmp), MODEL)
+            results["threads"] = bench_threads(Path(tmp), 16, 3)
+    results["loadavg_end"] = os.getloadavg()
+    text = table(results)
+    print(text)
+    _common.write_outputs(results, text, json_path=args.json, md_path=args.md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Attention math shared by the prefill and the torch decode paths: SDPA, or the same with a
+soft-cap spelled out (torch's SDPA kernels cannot cap scores)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap * tanh(x / cap)`` in x's dtype (Gemma 2's attention scores and final logits)."""
+    return torch.tanh(x / cap) * cap
+
+
+def attend(q, k, v, mask, scale: float, cap: float | None):
+    """SDPA, or (with a soft-cap) the same math spelled out: scores in q's dtype, softmax in fp32.
+
+    q: [..., n, D]; k, v: [..., S, D]; mask: bool (True = visible) or additive float, broadcastable
+    to [..., n, S], or None. Returns [..., n, D].
+    """
+    if cap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)

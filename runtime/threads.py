@@ -1,0 +1,61 @@
+"""torch's intra-op thread count while ``generate()`` runs: a fixed, documented default.
+
+torch picks its thread count at start-up from ``OMP_NUM_THREADS`` or the machine's cores, and
+any library may change it later, so a generate() that left it alone would run with whatever the
+process happened to hold.
+
+Default: ``OMP_NUM_THREADS`` when the environment sets it (the operator's choice), else the
+number of CPUs this process may run on (``os.sched_getaffinity``, which honours ``taskset`` and
+cpusets): on an idle machine every core helps (the projections, about half of the time, scale
+with threads). The previous count is restored when generate() returns.
+
+The hazard is OpenMP's default of spinning while it waits, on cores that other processes also
+use: a partner thread that is switched out stalls every barrier the others spin at. On the
+shared 2-core machine that sometimes made two threads several times slower than one; starting
+Python with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead of spinning) avoids the collapse
+but costs some speed on an idle machine (``bench/results/cpu_kernels.md`` has both). The policy
+can only be chosen before torch loads OpenMP, so it is left to the environment;
+:func:`wait_policy` reports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def wait_policy() -> str:
+    """``OMP_WAIT_POLICY`` from the environment, lower case; ``"default"`` when unset (spin, then
+    sleep)."""
+    return os.environ.get("OMP_WAIT_POLICY", "default").lower()
+
+
+def default_num_threads() -> int:
+    """``OMP_NUM_THREADS`` if set to a positive int, else the CPUs available to this process."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None = None):
+    """Run the body with ``num_threads`` torch intra-op threads (None: :func:`default_num_threads`)
+    and restore the previous count after; yields the count used."""
+    if num_threads is None:
+        num_threads = default_num_threads()
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads={num_threads!r} must be a positive int or None")
+    before = torch.get_num_threads()
+    if num_threads != before:
+        torch.set_num_threads(num_threads)
+    try:
+        yield num_threads
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
