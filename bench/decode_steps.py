@@ -49,6 +49,7 @@ def random_model(preset: dict, *, device, seed: int = 0, std: float = 0.02):
     """
     import torch
 
+    # runtime's model modules import torch: loaded with the first model (tests import PRESETS)
     from runtime.config import ModelConfig
     from runtime.loader import LoadedModel
     from runtime.model.decoder import DecoderModel
@@ -74,7 +75,7 @@ def run_steps(loaded, *, batch: int, prompt: int, warmup: int, steps: int, cuda_
     """Time ``steps`` decode-only engine steps of ``batch`` sequences; tokens for the check."""
     import torch
 
-    from runtime.engine import Engine
+    from runtime.engine import Engine  # imports torch, like the line above
     from runtime.sampling import SamplingParams
 
     block = 16

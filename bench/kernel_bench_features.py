@@ -14,6 +14,12 @@ before it is timed; a wrong kernel leaves NaN times.
 
 from __future__ import annotations
 
+from kernel_targets import sdpa_fn
+from kgen.build import load_kernel
+from kgen.db.lookup import lookup
+from kgen.dtypes import kv_torch_dtype
+from kgen.space import default_config
+
 FP8_SCALE = 0.5  # k_scale = v_scale; the caches hold fp8(randn) so K/V ~ 0.5 * N(0, 1)
 
 
@@ -25,19 +31,12 @@ def _check(out, ref) -> tuple[float, bool]:
 def _sdpa(torch, query, k_contig, v_contig, group):
     """SDPA of one query token per sequence over [batch, kv_heads, tokens, head_dim] K/V, reading
     each KV head once (``enable_gqa``; see kernel_targets.sdpa_fn)."""
-    from kernel_targets import sdpa_fn
-
     return sdpa_fn(torch, query, k_contig, v_contig, group)[0]
 
 
 def fp8_row(torch, case, plain_row: dict, *, kv_dtype: str, timer, copy_gbs: float,
             gpu_name: str) -> dict:
     """One fp8-KV row for the plain row's case (same shape, caches rounded to ``kv_dtype``)."""
-    from kgen.build import load_kernel
-    from kgen.db.lookup import lookup
-    from kgen.dtypes import kv_torch_dtype
-    from kgen.space import default_config
-
     dt, d, bs, g = (plain_row[k] for k in ("dtype", "head_dim", "block_size", "group_size"))
     batch, ctx = plain_row["batch"], plain_row["context"]
     fp8 = kv_torch_dtype(kv_dtype, dt)
@@ -82,10 +81,6 @@ def window_rows(torch, args, *, make_case, timer, copy_gbs: float, gpu_name: str
                 device: str) -> list[dict]:
     """Rows of a fixed window over growing contexts: window variant vs plain variant vs SDPA on
     the window's tokens."""
-    from kgen.build import load_kernel
-    from kgen.db.lookup import lookup
-    from kgen.space import default_config
-
     dt, d, bs = args.dtypes[0], args.head_dims[0], args.block_sizes[0]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
     rows = []

@@ -31,10 +31,14 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile in this process
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from kgen.audit.asm import resource_usage, sass_instructions  # noqa: E402
+from kgen.audit.capture import capture_launches, load_jit_module, specialize  # noqa: E402
+from kgen.audit.compile import compile_for, read_cubin  # noqa: E402
+from kgen.render import render_source  # noqa: E402
+from kgen.space import default_config  # noqa: E402
+
 
 def default_variants() -> list:
-    from kgen.space import default_config
-
     out = [default_config(head_dim=d, block_size=16, group_size=8, dtype=t, split_k=s)
            for t in ("fp16", "bf16", "fp32") for d in (80, 128) for s in (1, "auto")]
     return out + [default_config(head_dim=256, block_size=1, group_size=1, dtype="fp32", split_k=4)]
@@ -57,8 +61,6 @@ def rendered(config, folder: Path | None) -> str:
     """The variant's module as the revision unpacked in ``folder`` renders it (its own code and
     templates, in a child process), or as this working tree does (``folder`` None)."""
     if folder is None:
-        from kgen.render import render_source
-
         return render_source(config)
     env = {**os.environ, "KGEN_CACHE": str(folder / "cache")}
     return subprocess.run([sys.executable, "-c", RENDER, str(folder), config.key], env=env,
@@ -67,10 +69,6 @@ def rendered(config, folder: Path | None) -> str:
 
 def compile_module(source: str, config, folder: Path, tag: str) -> dict:
     """{(kernel, target): (sass instruction list, registers)} of one rendered module."""
-    from kgen.audit.asm import resource_usage, sass_instructions
-    from kgen.audit.capture import capture_launches, load_jit_module, specialize
-    from kgen.audit.compile import compile_for, read_cubin
-
     path = folder / f"{tag}-{config.key}.py"
     path.write_text(source)
     out = {}

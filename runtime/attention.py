@@ -28,7 +28,6 @@ layer, what kgen's kernels lack.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import warnings
@@ -182,8 +181,6 @@ class TritonDecode:
         """Why kgen's kernels cannot run ``features`` for this model (None: they can)."""
         if not features:
             return None
-        if "features" not in inspect.signature(self.dispatcher.why_unsupported).parameters:
-            return f"kgen's decode kernels lack the {features[0]!r} feature"  # kgen before issue 9
         return self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=self.head_dim,
                                                block_size=self.block_size, group_size=self.group_size,
                                                kv_dtype=self.kv_dtype, features=features)

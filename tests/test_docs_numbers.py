@@ -2,7 +2,7 @@
 
 The documents are cut into blocks (a paragraph, a list item, a table row; fenced code is left
 out). A block that names results files (``bench/results/...``, ``results/...`` from bench/, or
-``tuning_db/...``; ``{json,md}`` and ``*`` expand) must hold only numbers that one of those files
+``tuning_db/...``; ``{json,md}`` and ``*`` expand, a folder stands for its files) must hold only numbers that one of those files
 holds, at the precision printed (``0.96x`` matches 0.9614 in a JSON, ``4k`` matches 4096). A block
 that names none must print no measured figure: no percentage, ``1.2x`` ratio, tok/s, us, ms,
 GB/s or TB/s.
@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DOCS = ("README.md", "bench/README.md")
 CITATION = re.compile(r"(?<![\w/])((?:bench/)?results/[\w./{},*-]+|tuning_db/[\w./{},*-]+)")
-NUMBER = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(k\b)?")
+NUMBER = re.compile(r"(?<![\w.])(?<![A-Za-z]-)(\d+(?:\.\d+)?)(k\b)?")  # not AVX-512's 512
 MEASURED = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:%|x\b|\s?(?:tok/s|us\b|µs|ms\b|GB/s|TB/s))")
 FILE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -58,7 +58,8 @@ def _expand(citation: str, doc: Path) -> list[Path]:
     found = []
     for option in options:
         for base in (doc.parent, REPO):
-            found += [Path(p) for p in glob.glob(str(base / option)) if Path(p).is_file()]
+            for hit in map(Path, glob.glob(str(base / option))):
+                found += [hit] if hit.is_file() else [f for f in sorted(hit.rglob("*")) if f.is_file()]
     return found
 
 
@@ -92,6 +93,8 @@ def test_the_number_check_catches_a_figure_no_file_holds(tmp_path):
     values = _file_numbers(_expand("bench/results/h200/kernel_bench.md", REPO / "README.md"))
     assert _held("0.1613", False, values) and _held("0.86", False, values) and _held("32", True, values)
     assert not _held("443", False, values) and not _held("0.1614", False, values)
+    assert [f for f, _ in NUMBER.findall("AVX-512, 88-91%, 4-layer, d128, sm_90, 1.5x")] == \
+        ["88", "91", "4", "1.5"]
 
 
 @pytest.mark.parametrize("name", DOCS)

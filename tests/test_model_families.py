@@ -105,40 +105,38 @@ def test_each_feature_changes_the_reference(family):
         assert any(g[0] != r[0] or abs(g[1] - r[1]) > 1e-2 for g, r in zip(got, refs[1:])), change
 
 
-def _kernels_have(*features):
-    """Whether kgen's dispatcher reports kernels for these attention features (issue 9)."""
-    import inspect
+class _NoFeatureDispatcher:
+    """A dispatcher whose kernels lack every attention feature (an older or narrower kgen)."""
 
-    from kgen.dispatch import get_dispatcher
+    def __init__(self):
+        from kgen.dispatch import get_dispatcher
 
-    ask = get_dispatcher().why_unsupported
-    return "features" in inspect.signature(ask).parameters and ask(
-        dtype="fp32", head_dim=64, block_size=16, group_size=2, features=features) is None
+        self._real = get_dispatcher()
 
+    def why_unsupported(self, *, features=(), **shape):
+        if features:
+            return f"kgen's decode kernels lack the {features[0]!r} feature"
+        return self._real.why_unsupported(**shape)
 
-@pytest.mark.skipif(_kernels_have("sliding_window"), reason="kgen's kernels have sliding windows")
-def test_triton_backend_refuses_a_window_by_name(tmp_path):
-    make_family(tmp_path, "mistral", hidden=128, heads=2, kv_heads=1, layers=2, sliding_window=8)
-    with pytest.raises(ValueError, match=r"backend='triton' cannot decode layer 0 \(sliding_window=8, "
-                                         r"logits_soft_cap=None\): .*'sliding_window'.*use backend='torch'"):
-        runtime.generate(tmp_path, [[5, 6, 7]], block_size=16, backend="triton")
+    def kernel_for(self, **kw):
+        return self._real.kernel_for(**kw)
 
 
-@pytest.mark.skipif(_kernels_have("soft_cap"), reason="kgen's kernels have soft-caps")
-def test_triton_backend_refuses_a_soft_cap_by_name():
-    from runtime.attention import TritonDecode, make_decode_backend
+def test_triton_backend_refuses_a_feature_its_kernels_lack_by_name():
+    from runtime.attention import TritonDecode
     from runtime.config import LayerAttention
 
-    layers = [LayerAttention(0.1), LayerAttention(0.1, logits_soft_cap=50.0)]
-    with pytest.raises(ValueError, match=r"cannot decode layer 1 .*'soft_cap'"):
-        TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers)
-    # 'auto' on a GPU falls back to the torch backend rather than decode something else
-    auto = make_decode_backend("auto", block_size=16, num_heads=4, num_kv_heads=2, head_dim=64,
-                               dtype=torch.float16, device=torch.device("cuda"), layers=layers)
-    assert auto.name == "torch" and auto.windows == [None]
-    plain = make_decode_backend("auto", block_size=16, num_heads=4, num_kv_heads=2, head_dim=64,
-                                dtype=torch.float16, device=torch.device("cuda"), layers=layers[:1])
-    assert plain.name == "triton" and plain.feature_sets == [()]
+    layers = [LayerAttention(0.1), LayerAttention(0.1, sliding_window=8),
+              LayerAttention(0.1, logits_soft_cap=50.0)]
+    with pytest.raises(ValueError, match=r"backend='triton' cannot decode layer 1 \(sliding_window=8, "
+                                         r"logits_soft_cap=None\): .*'sliding_window'.*use backend='torch'"):
+        TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers,
+                     dispatcher=_NoFeatureDispatcher())
+    with pytest.raises(ValueError, match=r"cannot decode layer 1 .*logits_soft_cap=50.0.*'soft_cap'"):
+        TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers[::2],
+                     dispatcher=_NoFeatureDispatcher())
+    ok = TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers)
+    assert ok.feature_sets == [(), ("sliding_window",), ("soft_cap",)]
 
 
 @pytest.mark.parametrize("name,features,config", [
@@ -147,9 +145,7 @@ def test_triton_backend_refuses_a_soft_cap_by_name():
                                                      attn_logit_softcapping=0.5, final_logit_softcapping=1.0)),
 ])
 def test_triton_backend_matches_transformers_with_features(tmp_path, name, features, config):
-    """Runs once kgen's kernels have the features (issue 9); under the interpreter on a CPU."""
-    if not _kernels_have(*features):
-        pytest.skip(f"kgen's kernels lack {features} (issue 9); the refusal tests above cover this")
+    """kgen's feature kernels decode windowed / soft-capped families; the interpreter on a CPU."""
     hf = make_family(tmp_path, name, hidden=128, heads=2, kv_heads=1, layers=2, **config)
     prompts = random_prompts([5, 11], 128, seed=2)
     outs = runtime.generate(tmp_path, prompts, SamplingParams(max_tokens=10), block_size=16, backend="triton")

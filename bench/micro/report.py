@@ -36,7 +36,7 @@ def render(data: dict) -> str:
     ]
     for bench in data["benchmarks"]:
         stats = bench["stats"]
-        doc = (bench.get("extra_info") or {}).get("what") or bench["name"]
+        doc = (bench.get("extra_info") or {}).get("what") or "-"
         lines.append(f"| `{bench['name']}` | {doc} | {_us(stats['median'])} | {_us(stats['iqr'])} "
                      f"| {_us(stats['min'])} | {stats['rounds']} |")
     return "\n".join(lines) + "\n"
@@ -48,6 +48,11 @@ def main(argv=None) -> int:
     parser.add_argument("--md", type=Path, default=None, help="output (default: beside, .md)")
     args = parser.parse_args(argv)
     data = json.loads(args.json.read_text())
+    # pytest-benchmark keeps every timed round (megabytes): the committed JSON keeps the summary
+    # statistics only, so the raw samples are dropped here, in place
+    raw = sum(len(b["stats"].pop("data", ())) for b in data["benchmarks"])
+    if raw:
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
     out = args.md or args.json.with_suffix(".md")
     out.write_text(render(data))
     print(out.read_text())

@@ -6,11 +6,12 @@ import argparse
 import warnings
 from pathlib import Path
 
+from kgen.commands.tune import make_measurer
 from kgen.db.check import check_db, prune_stale, stale_records
 from kgen.db.lookup import DbReader, preferred_block_size
-from kgen.db.schema import DbFormatError
+from kgen.db.schema import DbFormatError, make_provenance
 from kgen.db.tables import LayeredTables
-from kgen.device import normalize_gpu_name
+from kgen.device import normalize_gpu_name, resolve_gpu
 from kgen.dtypes import normalize_kv_dtype
 from kgen.features import features_text, normalize_features
 from kgen.paths import default_db_dir
@@ -204,9 +205,6 @@ def import_(args) -> int:
 
 
 def remeasure(args) -> int:
-    from kgen.commands.tune import make_measurer  # imports torch for a real GPU
-    from kgen.db.schema import make_provenance
-    from kgen.device import resolve_gpu
     from kgen.tune.remeasure import remeasure_stale  # imports optuna
 
     device = resolve_gpu(args.gpu)

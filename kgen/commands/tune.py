@@ -12,7 +12,7 @@ from kgen.features import normalize_features
 from kgen.paths import default_db_dir
 from kgen.space import default_config, target_prune_reason
 from kgen.tune.measure import SyntheticMeasurer
-from kgen.tune import DEFAULT_HEARTBEAT_S
+from kgen.tune import DEFAULT_HEARTBEAT_S, interrupts
 from kgen.tune.measure_kernel import GpuMeasurer, InterpreterMeasurer
 from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
@@ -146,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
         if reason:
             raise ValueError(f"cannot tune {workload.key} on {device.name} ({target}): {reason}")
     # kgen.tune.tuner imports optuna: only when tuning
-    from kgen.tune import interrupts
     from kgen.tune.tuner import TuneInterrupted, TuneSettings, tune
 
     settings = TuneSettings(

@@ -12,7 +12,8 @@ import json
 from kgen.audit.result import TARGETS
 from kgen.dtypes import KV_DTYPES
 from kgen.features import FEATURES, normalize_features
-from kgen.space import AXES, iter_variants, prune_reason, space_size, target_prune_reason
+from kgen.space import (AXES, iter_variants, prune_reason, space_size, target_cc,
+                        target_prune_reason)
 from kgen.variant import parse_split_k
 
 # axis -> (option, help)
@@ -107,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
     prune = not args.all
     target = args.target
     if target is not None:
-        from kgen.space import target_cc
-
         target = f"sm_{target_cc(target)}"
     if args.count:
         total = space_size(prune=False, **filters)

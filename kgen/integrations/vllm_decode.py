@@ -10,8 +10,9 @@ What a layer needs is read once per layer (:func:`layer_plan`): the KV cache dty
 attention features (sliding window, logit soft-cap, ALiBi, sinks). kgen's kernels get a layer
 only when every need is in :data:`PASSED_KV_DTYPES` / :data:`PASSED_FEATURES` (what this adapter
 forwards to the kernel) and :meth:`kgen.dispatch.Dispatcher.why_unsupported` has no objection.
-Turning a feature on once kgen's kernels take it is adding its name to those sets:
-:func:`feature_kwargs` already builds the kernel arguments for all of them.
+Every KV dtype and feature of kgen's kernels is passed (:func:`feature_kwargs` builds the
+arguments); what still falls back is named by :func:`layer_needs` (other cache dtypes, non-decoder
+attention, ALiBi-sqrt, chunked attention) and by the backend (e.g. vLLM-CPU's AMX cache packing).
 
 Logging goes to the logger ``vllm.kgen``, under vLLM's ``vllm`` logger so that vLLM's handler
 and ``VLLM_LOGGING_LEVEL`` apply: one INFO line ``kgen decode: <variant key>`` the first time a
@@ -31,14 +32,20 @@ from kgen.integrations.kv_views import nhd_views
 
 logger = logging.getLogger("vllm.kgen")
 
-# Cache dtypes / attention features this adapter forwards to kgen's kernels. The kernel features
-# (kgen issue 9: fp8 KV with k_scale/v_scale, sliding_window, logits_soft_cap, alibi_slopes,
-# sinks) are not in kgen's kernels yet, so a layer needing one stays on the stock backend.
-PASSED_KV_DTYPES = frozenset({"auto"})
-PASSED_FEATURES: frozenset[str] = frozenset()
+# Cache dtypes / attention features this adapter forwards to kgen's kernels (all of kgen issue 9's).
+# Conventions, checked against vLLM 0.32's CPU and Triton backends:
+# - fp8: vLLM stores fp8(k / k_scale) (``layer._k_scale``, fp32) and reads stored * k_scale: kgen's
+#   k_scale / v_scale are the same numbers. vLLM-CPU keeps an fp8 cache as uint8; it is read as
+#   the fp8 dtype in place (:func:`_as_fp8`).
+# - sliding window W: the query at position p sees keys p - W + 1 .. p (:func:`window_of`).
+# - soft-cap before ALiBi: s = c * tanh(scale * q.k / c) + slope * (j - p); sinks: one extra
+#   unscaled logit per query head in the softmax denominator, as in kgen.
+PASSED_KV_DTYPES = frozenset({"auto", "fp8_e4m3", "fp8_e5m2"})
+PASSED_FEATURES = frozenset({"sliding_window", "soft_cap", "alibi", "sinks"})
 FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")  # kgen's names, in kgen's order
 # vLLM's --kv-cache-dtype -> kgen's kv_dtype name (the same element type as the model is "auto")
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+_FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _SAME_AS_MODEL = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # Counters for tests and benchmarks: kgen kernel calls, and forward calls handed to the stock
@@ -142,12 +149,12 @@ def layer_plan(impl, *, dtype: torch.dtype, block_size: int, extra_problem: str 
         plan.reason = extra_problem or problem
         return plan
     if plan.kv_dtype not in PASSED_KV_DTYPES:
-        plan.reason = f"kv_cache_dtype={plan.kv_dtype} (the adapter does not pass FP8 scales to kgen yet)"
+        plan.reason = f"kv_cache_dtype={plan.kv_dtype} (not passed to kgen's kernels)"
         return plan
     missing = [name for name in plan.features if name not in PASSED_FEATURES]
     if missing:
         shown = ", ".join(f"{name}={_short(plan.features[name])}" for name in missing)
-        plan.reason = f"{shown} (not passed to kgen's kernels yet)"
+        plan.reason = f"{shown} (not passed to kgen's kernels)"
         return plan
     dispatcher = dispatcher or dispatch.get_dispatcher()
     plan.reason = dispatcher.why_unsupported(**_shape(plan))
@@ -189,6 +196,12 @@ def feature_kwargs(plan: LayerPlan, layer, device) -> dict:
     if "sinks" in feats:
         kwargs["sinks"] = feats["sinks"].to(device=device, dtype=torch.float32)
     return kwargs
+
+
+def _as_fp8(cache: torch.Tensor, kv_dtype: str) -> torch.Tensor:
+    """An fp8 cache view in kgen's fp8 dtype (vLLM allocates fp8 caches as uint8): no copy."""
+    want = _FP8_TORCH[kv_dtype]
+    return cache.view(want) if cache.dtype == torch.uint8 else cache
 
 
 def is_pure_decode(meta) -> bool:
@@ -240,6 +253,8 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
     n = meta.num_actual_tokens
     key, value = nhd_views(kv_cache, layout, num_kv_heads=impl.num_kv_heads,
                            head_dim=plan.head_dim, block_size=plan.block_size)
+    if plan.kv_dtype != "auto":
+        key, value = _as_fp8(key, plan.kv_dtype), _as_fp8(value, plan.kv_dtype)
     kernel = dispatch.get_dispatcher().kernel_for(**_shape(plan), num_seqs=n,
                                                   max_context=int(meta.max_seq_len))
     _say_once(f"kgen decode: {kernel.__globals__.get('VARIANT_KEY', kernel.__module__)}")
