@@ -39,6 +39,28 @@ static inline __attribute__((always_inline)) const float *load_row(const void *r
     return buf;
 }
 
+/* Walks a sequence's slots position by position, block by block (no division per position). */
+typedef struct {
+    const int32_t *table;
+    int64_t block_size, blk, off, slot;
+} SlotCursor;
+
+static inline SlotCursor cursor_at(const int32_t *table, int64_t block_size, int64_t pos) {
+    SlotCursor c = {table, block_size, pos / block_size, pos % block_size, 0};
+    c.slot = (int64_t)table[c.blk] * block_size + c.off;
+    return c;
+}
+
+/* The slot of the cursor's position, then one position on. */
+static inline int64_t cursor_next(SlotCursor *c) {
+    if (c->off == c->block_size) {
+        c->off = 0;
+        c->slot = (int64_t)c->table[++c->blk] * c->block_size;
+    }
+    c->off++;
+    return c->slot++;
+}
+
 /* One sequence (all its heads). `d` is a compile-time constant in the specialized callers
  * below, so that the row loops unroll into whole vector registers. */
 static inline __attribute__((always_inline)) void decode_seq(
@@ -50,15 +72,10 @@ static inline __attribute__((always_inline)) void decode_seq(
     float mx[MAX_HEADS], sum[MAX_HEADS], buf[MAX_DIM];
     for (int64_t i = 0; i < heads; i++)
         mx[i] = -FLT_MAX;  /* scores are finite: no infinities under -ffast-math */
-    /* scores: all KV heads of a slot (contiguous) at once, slots walked block by block (no
-     * division per position); K read once */
-    int64_t blk = start / block_size, off = start % block_size;
-    int64_t slot = (int64_t)table[blk] * block_size + off;
+    /* scores: all KV heads of a slot (contiguous) at once; K read once */
+    SlotCursor cur = cursor_at(table, block_size, start);
     for (int64_t t = 0; t < n; t++) {
-        if (off == block_size) {
-            off = 0;
-            slot = (int64_t)table[++blk] * block_size;
-        }
+        const int64_t slot = cursor_next(&cur);
         for (int64_t h = 0; h < kv_heads; h++) {
             const float *restrict k = load_row(k_cache, lut, slot * kv_heads + h, d, buf);
             for (int64_t i = h * group; i < (h + 1) * group; i++) {
@@ -74,8 +91,6 @@ static inline __attribute__((always_inline)) void decode_seq(
                 mx[i] = acc > mx[i] ? acc : mx[i];
             }
         }
-        slot++;
-        off++;
     }
     for (int64_t i = 0; i < heads; i++) {  /* softmax numerators and their sums */
         float *restrict w = work + i * n;
@@ -97,20 +112,13 @@ static inline __attribute__((always_inline)) void decode_seq(
 #pragma omp simd
             for (int64_t j = 0; j < d; j++)
                 acc[j] = 0.0f;
-            int64_t blk = start / block_size, off = start % block_size;
-            int64_t slot = (int64_t)table[blk] * block_size + off;
+            SlotCursor vcur = cursor_at(table, block_size, start);
             for (int64_t t = 0; t < n; t++) {
-                if (off == block_size) {
-                    off = 0;
-                    slot = (int64_t)table[++blk] * block_size;
-                }
-                const float *restrict v = load_row(v_cache, lut, slot * kv_heads + h, d, buf);
+                const float *restrict v = load_row(v_cache, lut, cursor_next(&vcur) * kv_heads + h, d, buf);
                 const float pr = p[t];
 #pragma omp simd
                 for (int64_t j = 0; j < d; j++)
                     acc[j] += pr * v[j];
-                slot++;
-                off++;
             }
 #pragma omp simd
             for (int64_t j = 0; j < d; j++)
