@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.attention import AttentionMetadata, PrefillSpan, make_decode_backend
+from runtime.attention import make_decode_backend
+from runtime.batch import build_batch
 from runtime.beam import BeamSearch
 from runtime.cuda_graphs import DecodeGraphs, scratch_blocks
 from runtime.kv_cache import parse_kv_cache_dtype
-from runtime.kv_layout import NULL_BLOCK, window_start
 from runtime.kv_manager import KVCacheManager
 from runtime.loader import LoadedModel
 from runtime.sampling import SamplingParams, check_seed, make_generator, sample
@@ -181,61 +181,20 @@ class Engine:
         """One forward over allocated sequences: ``prefill`` over ``token_ids[num_cached_tokens:]``,
         ``decode`` one token each (their slots made by ``append_slot``). Returns float32 logits
         ``[len(prefill) + len(decode), vocab]``: each sequence's next-token logits, in that order."""
-        dev, kv = self.device, self.kv
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []         # cache slots of the rows written
-        write_rows: list[int] = []
-        skipped = False
-        spans: list[PrefillSpan] = []
-        last_rows: list[int] = []
-        for seq in prefill:
-            start, n = seq.num_cached_tokens, len(seq)
-            # a sliding window's prefill stores only the positions in blocks the manager kept
-            first = start
-            while seq.block_table[first // self.block_size] == NULL_BLOCK:
-                first = (first // self.block_size + 1) * self.block_size
-            skipped |= first > start
-            write_rows.extend(range(len(ids) + first - start, len(ids) + n - start))
-            slots.extend(kv.slots(seq, first, n))
-            ids.extend(seq.token_ids[start:])
-            pos.extend(range(start, n))
-            span = PrefillSpan(len(ids) - (n - start), len(ids), start, n)
-            if start:
-                span.read_start = window_start(start, kv.sliding_window)
-                span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), device=dev)
-            spans.append(span)
-            last_rows.append(len(ids) - 1)
-        npf = len(ids)
-        meta = AttentionMetadata(slot_mapping=None, prefills=spans, num_prefill_tokens=npf)
+        dev = self.device
+        batch = build_batch(self.kv, prefill, decode, dev)
+        self.num_forward_tokens += len(batch.ids)
+        if decode and not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
+            logits = self.graphs.replay(batch.ids, batch.positions, batch.slots, batch.tables, batch.lens)
+            if logits is not None:
+                return logits
         if decode:
-            lens = [len(s) for s in decode]
-            width = max(len(s.block_table) for s in decode)
-            # freed (out-of-window) entries and padding may hold anything; 0 is a valid block id
-            tables = [([max(b, 0) for b in s.block_table] if kv.sliding_window else s.block_table)
-                      + [0] * (width - len(s.block_table)) for s in decode]
-            write_rows.extend(range(npf, npf + len(decode)))
-            ids.extend(s.token_ids[-1] for s in decode)
-            pos.extend(n - 1 for n in lens)
-            slots.extend(kv.slot(s, n - 1) for s, n in zip(decode, lens))
-            last_rows.extend(range(npf, npf + len(decode)))
-            if not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
-                logits = self.graphs.replay(ids, pos, slots, tables, lens)
-                if logits is not None:
-                    self.num_forward_tokens += len(ids)
-                    return logits
-            meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=dev)
-            meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-            meta.max_seq_len = max(lens)
-            self.backend.prepare(meta)
-        meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=dev)
-        if skipped:
-            meta.write_rows = torch.tensor(write_rows, dtype=torch.int64, device=dev)
-        self.num_forward_tokens += len(ids)
+            self.backend.prepare(batch.meta)
         calibrate, self.calibrate_kv = self.calibrate_kv, False  # the first step's K/V set fp8 scales
-        return self.model.forward(torch.tensor(ids, dtype=torch.int64, device=dev),
-                                  torch.tensor(pos, dtype=torch.int64, device=dev), self.kv_cache, meta,
-                                  self.backend, torch.tensor(last_rows, dtype=torch.int64, device=dev),
+        return self.model.forward(torch.tensor(batch.ids, dtype=torch.int64, device=dev),
+                                  torch.tensor(batch.positions, dtype=torch.int64, device=dev), self.kv_cache,
+                                  batch.meta, self.backend,
+                                  torch.tensor(batch.last_rows, dtype=torch.int64, device=dev),
                                   calibrate_kv=calibrate)
 
     # ------------------------------------------------------------------ sampling and updates
