@@ -168,7 +168,8 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     max_num_seqs, max_num_batched_tokens : int, optional
         Scheduler limits per step.
     backend : str
-        ``auto`` (triton on CUDA, torch on the CPU), ``torch`` or ``triton``.
+        ``auto`` (triton on CUDA, the native C kernel on the CPU for fp32 models, else torch),
+        ``native``, ``torch`` or ``triton`` (:mod:`runtime.attention`).
     dtype, device : optional
         Compute dtype (fp32, fp16, bf16) and device when ``model`` is a folder.
     enable_prefix_caching : bool

@@ -65,7 +65,7 @@ class Engine:
     max_num_seqs, max_num_batched_tokens : int
         Scheduler limits per step.
     backend : str
-        Decode attention backend: ``auto``, ``torch`` or ``triton``.
+        Decode attention backend: ``auto``, ``native``, ``torch`` or ``triton``.
     enable_prefix_caching : bool
         Reuse cached prompt blocks across requests.
     seed : int or None
