@@ -19,6 +19,8 @@ Standard library only (the variant space, workloads and dispatch import it).
 
 from __future__ import annotations
 
+from kgen.dtypes import KV_KEY_TAGS
+
 FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")
 KEY_TAGS = {"sliding_window": "swa", "soft_cap": "cap", "alibi": "alibi", "sinks": "sinks"}
 # The launcher's keyword argument that each feature needs.
@@ -84,6 +86,22 @@ def key_suffix(kv_tag: str | None, features: tuple[str, ...]) -> str:
     """``-kvfp8e4m3-swa-cap`` style suffix ('' for the plain case)."""
     tags = ([kv_tag] if kv_tag else []) + [KEY_TAGS[f] for f in features]
     return "".join(f"-{tag}" for tag in tags)
+
+
+# The suffix as a regex fragment for key parsers (variant and workload keys end with it): named
+# groups ``kv_dtype`` (the KV tag or None) and ``features`` (``-swa-cap`` or '').
+SUFFIX_PATTERN = (r"(?:-(?P<kv_dtype>" + "|".join(KV_KEY_TAGS.values()) + r"))?"
+                  r"(?P<features>(?:-(?:" + "|".join(KEY_TAGS.values()) + r"))*)")
+_KV_OF_TAG = {tag: kv for kv, tag in KV_KEY_TAGS.items()}
+_FEATURE_OF_TAG = {tag: name for name, tag in KEY_TAGS.items()}
+
+
+def parse_suffix(groups: dict) -> dict:
+    """Pop :data:`SUFFIX_PATTERN`'s groups from a match's ``groupdict()``; returns the
+    ``kv_dtype`` / ``features`` keyword arguments they spell (the inverse of :func:`key_suffix`)."""
+    kv_tag, feature_tags = groups.pop("kv_dtype"), groups.pop("features")
+    return {"kv_dtype": _KV_OF_TAG[kv_tag] if kv_tag else "auto",
+            "features": [_FEATURE_OF_TAG[t] for t in feature_tags.split("-") if t]}
 
 
 def features_text(features: tuple[str, ...]) -> str:

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from kgen.dtypes import (DTYPES, KV_DTYPES, KV_KEY_TAGS, kv_torch_dtype,  # noqa: F401 - re-exported
                          normalize_dtype, normalize_kv_dtype, torch_dtype)
-from kgen.features import FEATURES, KEY_TAGS, drop_default_axes, key_suffix, normalize_features
+from kgen.features import (FEATURES, KEY_TAGS, SUFFIX_PATTERN, drop_default_axes, key_suffix,
+                           normalize_features, parse_suffix)
 
 HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
 BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
@@ -49,11 +50,8 @@ _KEY_RE = re.compile(
     r"^paged_decode-d(?P<head_dim>\d+)-b(?P<block_size>\d+)-g(?P<group_size>\d+)"
     r"-s(?P<split_k>\d+|auto)-t(?P<tile_tokens>\d+)-w(?P<num_warps>\d+)-st(?P<num_stages>\d+)"
     r"-(?P<dtype>fp16|bf16|fp32)"
-    r"(?:-(?P<kv_dtype>" + "|".join(KV_KEY_TAGS.values()) + r"))?"
-    r"(?P<features>(?:-(?:" + "|".join(KEY_TAGS.values()) + r"))*)$"
+    + SUFFIX_PATTERN + "$"
 )
-_KV_OF_TAG = {tag: kv for kv, tag in KV_KEY_TAGS.items()}
-_FEATURE_OF_TAG = {tag: name for name, tag in KEY_TAGS.items()}
 
 
 def parse_split_k(value) -> int:
@@ -142,10 +140,9 @@ class VariantConfig:
             raise ValueError(f"variant key {key!r} is malformed; expected e.g. "
                              f"'paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16'")
         fields = match.groupdict()
-        kv_tag, feature_tags = fields.pop("kv_dtype"), fields.pop("features")
+        suffix = parse_suffix(fields)
         config = cls(**{k: (v if k in ("dtype", "split_k") else int(v)) for k, v in fields.items()},
-                     kv_dtype=_KV_OF_TAG[kv_tag] if kv_tag else "auto",
-                     features=[_FEATURE_OF_TAG[t] for t in feature_tags.split("-") if t])
+                     **suffix)
         if config.key != key.strip():
             raise ValueError(f"variant key {key!r} is not canonical (feature suffixes once each, "
                              f"in the order {', '.join(KEY_TAGS[f] for f in FEATURES)}); "

@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from kgen.dtypes import KV_KEY_TAGS, normalize_kv_dtype
-from kgen.features import KEY_TAGS, drop_default_axes, key_suffix, normalize_features
+from kgen.features import SUFFIX_PATTERN, drop_default_axes, key_suffix, normalize_features, parse_suffix
 from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_dtype
 
 DEFAULT_BATCHES = tuple(2 ** i for i in range(0, 9))  # 1 .. 256
@@ -26,11 +26,8 @@ DEFAULT_CONTEXTS = tuple(2 ** i for i in range(9, 16))  # 512 .. 32768
 _KEY_RE = re.compile(
     r"^(?P<gpu>[a-z0-9][a-z0-9-]*)-(?P<dtype>fp16|bf16|fp32)-d(?P<head_dim>\d+)-b(?P<block_size>\d+)"
     r"-g(?P<group_size>\d+)-n(?P<batch>\d+)-c(?P<context>\d+)"
-    r"(?:-(?P<kv_dtype>" + "|".join(KV_KEY_TAGS.values()) + r"))?"
-    r"(?P<features>(?:-(?:" + "|".join(KEY_TAGS.values()) + r"))*)$"
+    + SUFFIX_PATTERN + "$"
 )
-_KV_OF_TAG = {tag: kv for kv, tag in KV_KEY_TAGS.items()}
-_FEATURE_OF_TAG = {tag: name for name, tag in KEY_TAGS.items()}
 # Sliding-window workloads are tuned (and audited) with a window of this fraction of the context
 # bucket: the window's length, not the context's, sets the work (see tuning_window).
 TUNING_WINDOW_FRACTION = 0.5
@@ -176,10 +173,9 @@ class Workload:
             raise ValueError(f"workload key {key!r} is malformed; expected e.g. "
                              f"'h100-fp16-d128-b16-g4-n32-c4096' (optionally '-kvfp8e4m3-swa')")
         fields = match.groupdict()
-        kv_tag, feature_tags = fields.pop("kv_dtype"), fields.pop("features")
+        suffix = parse_suffix(fields)
         workload = cls(**{k: (v if k in ("gpu", "dtype") else int(v)) for k, v in fields.items()},
-                       kv_dtype=_KV_OF_TAG[kv_tag] if kv_tag else "auto",
-                       features=[_FEATURE_OF_TAG[t] for t in feature_tags.split("-") if t])
+                       **suffix)
         if workload.key != str(key).strip():
             raise ValueError(f"workload key {key!r} is not canonical; did you mean {workload.key!r}?")
         return workload
