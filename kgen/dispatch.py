@@ -27,14 +27,15 @@ from typing import Callable
 from kgen.build import load_kernel
 from kgen.db.lookup import DbReader, LookupResult
 from kgen.device import default_gpu_name, family_of, normalize_gpu_name
-from kgen.dtypes import DTYPES, KV_DTYPES, normalize_dtype, normalize_kv_dtype, torch_dtype
+from kgen.dtypes import DTYPES, KV_DTYPES, kv_torch_dtype, normalize_dtype, normalize_kv_dtype, torch_dtype
 from kgen.features import FEATURES, normalize_features
 from kgen.paths import default_db_dir
 from kgen.space import FP8_E4M3_MIN_CC
 from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS
 from kgen.workload import Workload, bucket
 
-__all__ = ["Dispatcher", "get_dispatcher", "normalize_dtype", "torch_dtype", "DTYPES",
+__all__ = ["Dispatcher", "get_dispatcher", "normalize_dtype", "torch_dtype", "kv_torch_dtype",
+           "normalize_kv_dtype", "DTYPES",
            "HEAD_DIMS", "BLOCK_SIZES", "GROUP_SIZES", "KV_DTYPES", "FEATURES"]
 
 

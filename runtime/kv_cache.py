@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
-                   "fp8_e5m2": torch.float8_e5m2}
-"""``kv_cache_dtype`` names (vLLM's): ``auto`` is the model's dtype; ``fp8`` means ``fp8_e4m3``."""
+from kgen.dispatch import kv_torch_dtype, normalize_kv_dtype
+
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+"""``kv_cache_dtype`` spellings (vLLM's): ``auto`` is the model's dtype; ``fp8`` means ``fp8_e4m3``.
+The element types themselves are kgen's (:mod:`kgen.dtypes`, through the dispatch door)."""
 
 
 def parse_kv_cache_dtype(name) -> str:
@@ -26,12 +28,12 @@ def parse_kv_cache_dtype(name) -> str:
     if not isinstance(name, str) or name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype={name!r} is not supported; use one of "
                          f"{', '.join(repr(k) for k in KV_CACHE_DTYPES)}")
-    return "fp8_e4m3" if name == "fp8" else name
+    return normalize_kv_dtype(name, name="kv_cache_dtype")
 
 
 def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     """The torch dtype the cache is stored in."""
-    return KV_CACHE_DTYPES[parse_kv_cache_dtype(kv_cache_dtype)] or model_dtype
+    return kv_torch_dtype(parse_kv_cache_dtype(kv_cache_dtype), model_dtype)
 
 
 @dataclass(frozen=True)
