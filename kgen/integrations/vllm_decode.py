@@ -8,8 +8,7 @@ returns False.
 
 What a layer needs is read once per layer (:func:`layer_plan`): the KV cache dtype and the
 attention features (sliding window, logit soft-cap, ALiBi, sinks). kgen's kernels get a layer
-only when every need is in :data:`PASSED_KV_DTYPES` / :data:`PASSED_FEATURES` (what this adapter
-forwards to the kernel) and :meth:`kgen.dispatch.Dispatcher.why_unsupported` has no objection.
+when :meth:`kgen.dispatch.Dispatcher.why_unsupported` has no objection (the one gate).
 Every KV dtype and feature of kgen's kernels is passed (:func:`feature_kwargs` builds the
 arguments); what still falls back is named by :func:`layer_needs` (other cache dtypes, non-decoder
 attention, ALiBi-sqrt, chunked attention) and by the backend (e.g. vLLM-CPU's AMX cache packing).
@@ -40,9 +39,6 @@ logger = logging.getLogger("vllm.kgen")
 # - sliding window W: the query at position p sees keys p - W + 1 .. p (:func:`window_of`).
 # - soft-cap before ALiBi: s = c * tanh(scale * q.k / c) + slope * (j - p); sinks: one extra
 #   unscaled logit per query head in the softmax denominator, as in kgen.
-PASSED_KV_DTYPES = frozenset({"auto", "fp8_e4m3", "fp8_e5m2"})
-PASSED_FEATURES = frozenset({"sliding_window", "soft_cap", "alibi", "sinks"})
-FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")  # kgen's names, in kgen's order
 # vLLM's --kv-cache-dtype -> kgen's kv_dtype name (the same element type as the model is "auto")
 _KV_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 _FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -148,21 +144,9 @@ def layer_plan(impl, *, dtype: torch.dtype, block_size: int, extra_problem: str 
     if extra_problem or problem:
         plan.reason = extra_problem or problem
         return plan
-    if plan.kv_dtype not in PASSED_KV_DTYPES:
-        plan.reason = f"kv_cache_dtype={plan.kv_dtype} (not passed to kgen's kernels)"
-        return plan
-    missing = [name for name in plan.features if name not in PASSED_FEATURES]
-    if missing:
-        shown = ", ".join(f"{name}={_short(plan.features[name])}" for name in missing)
-        plan.reason = f"{shown} (not passed to kgen's kernels)"
-        return plan
     dispatcher = dispatcher or dispatch.get_dispatcher()
     plan.reason = dispatcher.why_unsupported(**_shape(plan))
     return plan
-
-
-def _short(value) -> str:
-    return f"tensor{list(value.shape)}" if isinstance(value, torch.Tensor) else str(value)
 
 
 def _shape(plan: LayerPlan) -> dict:
@@ -172,7 +156,7 @@ def _shape(plan: LayerPlan) -> dict:
     if plan.kv_dtype != "auto":
         shape["kv_dtype"] = plan.kv_dtype
     if plan.features:
-        shape["features"] = tuple(name for name in FEATURES if name in plan.features)
+        shape["features"] = tuple(name for name in dispatch.FEATURES if name in plan.features)
     return shape
 
 
