@@ -11,8 +11,11 @@ V row once, straight from its block: on one layer of the mixed benchmark's 64-se
 Inputs are those of the other backends: the layer's NHD caches (fp32, or fp8 codes decoded
 through a 256-entry table), int32 block tables and sequence lengths; a layer's soft-cap is
 applied to its scores. Only positions ``[max(0, len - window), len)`` are read (all with no
-window), so freed (out-of-window) table entries are never touched; a block id outside the pool raises an error naming the sequence. The
-sequences are split into ``torch.get_num_threads()`` chunks of about equal work, run on Python
+window), so freed (out-of-window) table entries are never touched; a block id outside the pool
+raises an error naming the sequence. Threads: ``torch.get_num_threads()``. A build with OpenMP (the
+usual one) hands the sequences out one at a time to torch's own OpenMP threads (the library binds
+to the ``libgomp`` torch loaded), so the threads that just ran a matmul, still spinning, pick up
+the attention; without OpenMP the sequences are cut into chunks of about equal work run on Python
 threads (ctypes releases the GIL while the C code runs).
 """
 
@@ -42,6 +45,8 @@ def native_lacks(dtype: torch.dtype, num_heads: int, head_dim: int, device: torc
         return f"dtype={dtype}: the native decode kernel computes in float32 only (use backend='torch')"
     if num_heads > 256 or head_dim > 1024:
         return f"num_heads={num_heads}, head_dim={head_dim}: the native kernel takes at most 256 heads of 1024"
+    if head_dim % 16:
+        return f"head_dim={head_dim}: the native kernel needs a multiple of 16 (it works in 16-float vectors)"
     if load_paged_decode() is None:
         return why_unavailable()
     return None
@@ -86,21 +91,28 @@ class NativeDecode:
         self._pool: ThreadPoolExecutor | None = None
 
     def prepare(self, meta) -> None:
-        """Per window: int32 starts, the thread split and one scratch buffer per thread."""
+        """Per window: int32 starts, the thread split and the scratch buffers."""
         lens = meta.seq_lens.to(torch.int32).contiguous()
         threads = max(1, min(torch.get_num_threads(), meta.num_decodes))
         meta.extra["native_tables"] = meta.block_tables.to(torch.int32).contiguous()
         meta.extra["native_threads"] = threads
-        if threads > 1 and (self._pool is None or self._pool._max_workers != threads):
+        if threads > 1 and not self.fn.openmp and (self._pool is None or self._pool._max_workers != threads):
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kgen-decode")
         for window in self.windows:
             self._plan(meta, lens, window)
 
     def _plan(self, meta, lens: torch.Tensor, window: int | None) -> tuple:
+        """(starts, lens, chunks, work): with an OpenMP build one chunk of every sequence and one
+        scratch area per thread; else one chunk of about equal work, and its scratch, per thread."""
         starts = (lens - window).clamp_(min=0) if window is not None else torch.zeros_like(lens)
         counts = (lens - starts).tolist()
-        chunks = split_work(counts, meta.extra["native_threads"])
-        work = [torch.empty(self.num_heads * max(counts[b:e]), dtype=torch.float32) for b, e in chunks]
+        threads = meta.extra["native_threads"]
+        if self.fn.openmp:
+            chunks = [(0, len(counts))]
+            work = [torch.empty(threads, self.num_heads * max(counts))]
+        else:
+            chunks = split_work(counts, threads)
+            work = [torch.empty(1, self.num_heads * max(counts[b:e])) for b, e in chunks]
         plan = meta.extra[("native_decode", window)] = (starts.contiguous(), lens, chunks, work)
         return plan
 
@@ -119,10 +131,12 @@ class NativeDecode:
                 starts.data_ptr(), lens.data_ptr())
         tail = (self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, self.num_blocks,
                 scale * layer.k_scale, logits_soft_cap or 0.0, layer.v_scale, out.data_ptr())
-        if len(chunks) == 1:
-            codes = [self.fn(*args, 0, chunks[0][1], *tail, work[0].data_ptr())]
+        if len(chunks) == 1:  # one chunk: all sequences, on OpenMP threads or this one
+            threads = meta.extra["native_threads"] if self.fn.openmp else 1
+            codes = [self.fn(*args, 0, chunks[0][1], *tail, work[0].data_ptr(), work[0].shape[1], threads)]
         else:
-            futures = [self._pool.submit(self.fn, *args, b, e, *tail, w.data_ptr()) for (b, e), w in zip(chunks, work)]
+            futures = [self._pool.submit(self.fn, *args, b, e, *tail, w.data_ptr(), w.shape[1], 1)
+                       for (b, e), w in zip(chunks, work)]
             codes = [f.result() for f in futures]
         for rc in codes:
             if rc:

@@ -1,8 +1,9 @@
 """Build and load the CPU decode kernel (``runtime/native/paged_decode.c``) on first use.
 
 The C file needs no torch or Python headers, so it builds in about a second with the system C
-compiler (``$CC``, else ``cc``): ``-O3 -march=native -ffast-math`` (vectorized ``expf`` from glibc's
-libmvec), linked without ``-ffast-math`` so that the process's floating-point mode is never
+compiler (``$CC``, else ``cc``): ``-O3 -march=native -ffast-math -fopenmp`` (vectorized ``expf``
+from glibc's libmvec; OpenMP threads from the ``libgomp.so.1`` torch has already loaded), then the
+same without OpenMP, then without libmvec, whichever first builds and loads; linked without ``-ffast-math`` so that the process's floating-point mode is never
 changed (GCC 12 would otherwise link ``crtfastmath.o``, which turns on flush-to-zero for the
 whole process). The library lands in ``$KGEN_CACHE_DIR/native`` (default
 ``~/.cache/kgen/native``) under a name hashed from the source, the flags, the compiler and the
@@ -23,12 +24,13 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "native" / "paged_decode.c"
-FLAG_SETS = (  # tried in order: vectorized expf, then plain libm
+FLAG_SETS = (  # tried in order: OpenMP threads and vectorized expf, then without OpenMP, then plain libm
+    (["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"], ["-fopenmp", "-lmvec", "-lm"]),
     (["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"], ["-lmvec", "-lm"]),
     (["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC"], ["-lm"]),
 )
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _F, _P, _P]
+ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _F, _P, _P, _I, _I]
 
 _loaded: dict = {}
 
@@ -53,45 +55,53 @@ def _compiler() -> tuple[str, str]:
     return cc, version
 
 
-def _build(cc: str, version: str) -> Path:
+def _build(cc: str, version: str, cflags: list[str], libs: list[str]) -> Path:
     source = SOURCE.read_text()
-    errors = []
-    for cflags, libs in FLAG_SETS:
-        key = hashlib.sha256("\0".join([source, " ".join(cflags + libs), version, _cpu_signature(),
-                                        platform.machine()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"paged_decode-{key}.so"
-        if target.is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-            compile_ = subprocess.run([cc, *cflags, "-c", str(SOURCE), "-o", str(obj)],
-                                      capture_output=True, text=True, timeout=300)
-            link = compile_.returncode == 0 and subprocess.run(
-                [cc, "-shared", str(obj), "-o", str(lib), *libs], capture_output=True, text=True, timeout=300)
-            if compile_.returncode == 0 and link.returncode == 0:
-                os.replace(lib, target)
-                return target
-            errors.append((compile_.stderr if compile_.returncode else link.stderr).strip()[-400:])
-    raise RuntimeError("the C compiler failed: " + " | ".join(errors))
+    key = hashlib.sha256("\0".join([source, " ".join(cflags + libs), version, _cpu_signature(),
+                                    platform.machine()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"paged_decode-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        compile_ = subprocess.run([cc, *cflags, "-c", str(SOURCE), "-o", str(obj)],
+                                  capture_output=True, text=True, timeout=300)
+        link = compile_.returncode == 0 and subprocess.run(
+            [cc, "-shared", str(obj), "-o", str(lib), *libs], capture_output=True, text=True, timeout=300)
+        if compile_.returncode or link.returncode:
+            raise RuntimeError((compile_.stderr if compile_.returncode else link.stderr).strip()[-400:])
+        os.replace(lib, target)
+    return target
 
 
 def load_paged_decode():
-    """The ctypes function ``kgen_paged_decode`` (see the C file), or None when it cannot be built."""
+    """The ctypes function ``kgen_paged_decode`` (see the C file), or None when it cannot be built.
+    Each of ``FLAG_SETS`` is tried in turn until one builds and loads; the function's ``openmp``
+    attribute says whether that build threads over sequences itself."""
     if "fn" in _loaded:
         return _loaded["fn"]
-    fn = None
+    fn, errors = None, []
     if os.environ.get("KGEN_NATIVE", "1") == "0":
         _loaded["why"] = "KGEN_NATIVE=0 is set"
     else:
         try:
             cc, version = _compiler()
-            fn = ctypes.CDLL(str(_build(cc, version))).kgen_paged_decode
+        except (OSError, subprocess.SubprocessError) as err:
+            cc, errors = None, [str(err)]
+        for cflags, libs in FLAG_SETS if cc else ():
+            try:
+                lib = ctypes.CDLL(str(_build(cc, version, cflags, libs)))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                errors.append(str(err))
+                continue
+            fn = lib.kgen_paged_decode
             fn.argtypes = ARGTYPES
             fn.restype = ctypes.c_int
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _loaded["why"] = f"the CPU decode kernel could not be built ({err})"
-            fn = None
+            fn.openmp = bool(lib.kgen_paged_decode_openmp())
+            break
+        if fn is None:
+            _loaded["why"] = "the CPU decode kernel could not be built (" + " | ".join(errors) + ")"
     _loaded["fn"] = fn
     return fn
 

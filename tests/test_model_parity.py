@@ -16,9 +16,10 @@ from runtime.kv_cache import LayerKV
 from runtime.loader import load_model
 
 
-def reference_decode(q, key_cache, value_cache, tables, lens, scale, window=None, k_scale=1.0, v_scale=1.0):
+def reference_decode(q, key_cache, value_cache, tables, lens, scale, window=None, k_scale=1.0, v_scale=1.0,
+                     cap=None):
     """float64 paged decode, one sequence at a time, over the last ``window`` positions when given
-    (reading only those blocks). q: [B, H, D] -> [B, H, D] float64."""
+    (reading only those blocks), scores soft-capped at ``cap``. q: [B, H, D] -> [B, H, D] float64."""
     bs, kvh = key_cache.shape[1], key_cache.shape[2]
     group = q.shape[1] // kvh
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -28,7 +29,8 @@ def reference_decode(q, key_cache, value_cache, tables, lens, scale, window=None
         lo, hi = start % bs, start % bs + n - start
         k = key_cache[blocks].reshape(-1, kvh, q.shape[2])[lo:hi].double().repeat_interleave(group, dim=1) * k_scale
         v = value_cache[blocks].reshape(-1, kvh, q.shape[2])[lo:hi].double().repeat_interleave(group, dim=1) * v_scale
-        p = torch.softmax(torch.einsum("hd,thd->ht", q[i].double(), k) * scale, dim=-1)
+        s = torch.einsum("hd,thd->ht", q[i].double(), k) * scale
+        p = torch.softmax(cap * torch.tanh(s / cap) if cap else s, dim=-1)
         out[i] = torch.einsum("ht,thd->hd", p, v)
     return out
 
@@ -67,6 +69,16 @@ def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, **kw):
     return NativeDecode(bs, kvh, heads, d, num_blocks, layers=layers)
 
 
+def prepare_on_threads(backend, meta, threads):
+    """``backend.prepare(meta)`` planned for ``threads`` torch threads (the count restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend.prepare(meta)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["torch", "native"])
 @pytest.mark.parametrize("bs,group", [(1, 1), (16, 4), (32, 3)])
 def test_cpu_decode_matches_float64(name, bs, group):
@@ -102,13 +114,11 @@ def test_cpu_decode_windows_never_read_freed_blocks(window, group_tokens):
                              seq_lens=seq_lens, max_seq_len=max(lens))
     if group_tokens == "native":
         backend = cpu_backend("native", bs, 2, 6, 16, kc.shape[0], window=window)
-        before = torch.get_num_threads()
-        torch.set_num_threads(2)
-        try:
-            backend.prepare(meta)
-        finally:
-            torch.set_num_threads(before)
-        assert len(meta.extra[("native_decode", window)][2]) == 2  # two threads' chunks
+        prepare_on_threads(backend, meta, 2)
+        chunks, work = meta.extra[("native_decode", window)][2:]
+        assert meta.extra["native_threads"] == 2
+        # OpenMP build: one chunk, a scratch area per thread; else one chunk per Python thread
+        assert (len(chunks), work[0].shape[0]) == ((1, 2) if backend.fn.openmp else (2, 1))
     else:
         backend = cpu_backend("torch", bs, 2, 6, 16, kc.shape[0], window=window, group_tokens=group_tokens)
         backend.prepare(meta)
@@ -139,6 +149,63 @@ def test_cpu_decode_reads_fp8_with_scales(name, fmt):
     ref = reference_decode(q, kq.double(), vq.double(), tables, seq_lens, 32 ** -0.5, k_scale=k_scale,
                            v_scale=v_scale)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [64, 80, 128])
+@pytest.mark.parametrize("group", [1, 2, 5, 8])
+def test_native_decode_head_tiles_match_float64(d, group):
+    """The native kernel's register tiles: 4, 2 and 1 query heads per KV head, 64-float chunks and
+    a 16-float remainder (d=80), K rows prefetched across block jumps (contexts past AHEAD=8), a
+    soft-cap, and an fp8 cache."""
+    bs = 16
+    lens = [1, 15, 16, 17, 33, 70]
+    q, kc, vc, tables, seq_lens = random_paged_case(bs, 2, group, d, lens, seed=d + group)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=max(lens))
+    backend = cpu_backend("native", bs, 2, 2 * group, d, kc.shape[0])
+    backend.prepare(meta)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=d ** -0.5, logits_soft_cap=3.0)
+    torch.testing.assert_close(out.double(), reference_decode(q, kc, vc, tables, seq_lens, d ** -0.5, cap=3.0),
+                               rtol=1e-4, atol=1e-4)
+    kq, vq = kc.clamp(-400, 400).to(torch.float8_e4m3fn), vc.clamp(-400, 400).to(torch.float8_e4m3fn)
+    out = backend.decode(q, LayerKV(kq, vq, 0.5, 2.0, torch.float32), meta, scale=d ** -0.5)
+    ref = reference_decode(q, kq.double(), vq.double(), tables, seq_lens, d ** -0.5, k_scale=0.5, v_scale=2.0)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_without_openmp_splits_over_python_threads():
+    """The build without OpenMP (a compiler lacking it): chunks of about equal work on Python
+    threads, each with its own scratch, equal the float64 reference."""
+    import ctypes
+
+    from runtime import native_build
+
+    if NATIVE:
+        pytest.skip(NATIVE)
+    cc, version = native_build._compiler()
+    lib = ctypes.CDLL(str(native_build._build(cc, version, *native_build.FLAG_SETS[1])))
+    assert lib.kgen_paged_decode_openmp() == 0
+    fn = lib.kgen_paged_decode
+    fn.argtypes, fn.restype, fn.openmp = native_build.ARGTYPES, ctypes.c_int, False
+    lens = [70, 1, 33, 16, 17, 5, 64]
+    q, kc, vc, tables, seq_lens = random_paged_case(16, 2, 4, 64, lens, seed=11)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
+                             seq_lens=seq_lens, max_seq_len=max(lens))
+    backend = cpu_backend("native", 16, 2, 8, 64, kc.shape[0])
+    backend.fn = fn
+    prepare_on_threads(backend, meta, 2)
+    assert len(meta.extra[("native_decode", None)][2]) == 2
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.125)
+    torch.testing.assert_close(out.double(), reference_decode(q, kc, vc, tables, seq_lens, 0.125),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_native_decode_refuses_head_dims_off_its_vector_width():
+    if NATIVE:
+        pytest.skip(NATIVE)
+    assert "head_dim=40" in native_lacks(torch.float32, 8, 40, torch.device("cpu"))
+    with pytest.raises(ValueError, match="head_dim=40: the native kernel needs a multiple of 16"):
+        NativeDecode(16, 2, 8, 40, 64)
 
 
 def test_native_decode_refuses_a_block_outside_the_pool():
