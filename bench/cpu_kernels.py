@@ -6,7 +6,10 @@
 2. ``decode``: one layer's paged decode for a 64-sequence batch with contexts 16-768 (block 16,
    2 KV heads x 64, 8 query heads, fp32): the torch backend (grouped gather + SDPA; one group, the
    old path, and the default grouping) against the native C kernel, at 1 and 2 threads.
-3. ``threads``: a short generate() run (16 of the e2e mixed requests) in fresh processes with 1
+3. ``layer_ops``: the decoder's elementwise steps of one layer on the e2e model's shapes (residual
+   add + RMSNorm over 512, SiLU(gate) * up over 1376, RoPE on 10 heads of 64) for 1-2048 rows:
+   torch's ops (the fallback) against the C ops of ``runtime/model/native_ops.py``.
+4. ``threads``: a short generate() run (16 of the e2e mixed requests) in fresh processes with 1
    thread, 2 threads under ``OMP_WAIT_POLICY=PASSIVE`` and 2 threads spinning (``ACTIVE``).
 
 Each case reports the best of its repeats, with the load average, since the machine is shared.
@@ -116,6 +119,38 @@ def bench_decode(threads_list, repeats) -> list[dict]:
     return out
 
 
+def bench_layer_ops(rows_list, threads_list, repeats) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from runtime.model.native_ops import NativeOps
+    from runtime.model.ops import rotate_half
+
+    ops = NativeOps.for_model(torch.float32, torch.device("cpu"))
+    if ops is None:
+        return []
+    out = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for rows in rows_list:
+            x, delta, w = torch.randn(rows, 512), torch.randn(rows, 512), torch.randn(512)
+            gate_up, qk = torch.randn(rows, 2752), torch.randn(rows, 10, 64)
+            cos, sin = torch.randn(rows, 1, 64), torch.randn(rows, 1, 64)
+            inner = 3 if rows >= 1024 else 20
+            cases = {
+                "add_norm": (lambda: F.rms_norm(x + delta, (512,), w, 1e-5), lambda: ops.add_rms_norm(x, delta, w, 1e-5)),
+                "silu_mul": (lambda: F.silu(gate_up[:, :1376]) * gate_up[:, 1376:], lambda: ops.silu_mul(gate_up)),
+                "rope": (lambda: qk * cos + rotate_half(qk) * sin, lambda: ops.rope_(qk, cos, sin)),
+            }
+            row = {"threads": threads, "rows": rows}
+            for name, (ref, fast) in cases.items():
+                row[f"{name}_torch_ms"] = best_ms(ref, repeats, inner)
+                row[f"{name}_native_ms"] = best_ms(fast, repeats, inner)
+            row["loadavg"] = os.getloadavg()[0]
+            out.append(row)
+    return out
+
+
 CHILD = r"""
 import sys, time, json
 sys.path.insert(0, {repo!r})
@@ -165,6 +200,16 @@ def table(results: dict) -> str:
         gain = "" if nat is None else f"{r['torch_grouped_ms'] / nat:.2f}x"
         lines.append(f"| {r['threads']} | {r['torch_one_group_ms']:.2f} | {r['torch_grouped_ms']:.2f} | "
                      f"{native} | {gain} |")
+    if any("native_ms" in r for r in results["decode"]):
+        lines += ["", "The native kernel reads " + ", ".join(
+            f"{r['kv_bytes'] / r['native_ms'] / 1e6:.1f} GB/s of K/V on {r['threads']} thread(s)"
+            for r in results["decode"] if "native_ms" in r) + "."]
+    if results.get("layer_ops"):
+        lines += ["", "Elementwise steps of one layer, torch ops / C ops (best-of ms):", "",
+                  "| threads | rows | add + RMSNorm | SiLU x up | RoPE |", "|---|---|---|---|---|"]
+        for r in results["layer_ops"]:
+            cells = [f"{r[f'{k}_torch_ms']:.3f} / {r[f'{k}_native_ms']:.3f}" for k in ("add_norm", "silu_mul", "rope")]
+            lines.append(f"| {r['threads']} | {r['rows']} | " + " | ".join(cells) + " |")
     if results.get("threads"):
         lines += ["", f"generate() on {results['thread_requests']} mixed requests, fresh processes (tok/s, best):", "",
                   "| threads | OpenMP wait policy | tok/s | load average before runs |", "|---|---|---|---|"]
@@ -186,6 +231,8 @@ def main(argv=None) -> int:
     results["linear"] = [] if args.threads_only else bench_linear(
         [16, 64] if args.quick else [1, 16, 64, 256, 2048], [1] if args.quick else [1, 2], repeats)
     results["decode"] = [] if args.threads_only else bench_decode([1] if args.quick else [1, 2], repeats)
+    results["layer_ops"] = [] if args.threads_only else bench_layer_ops(
+        [64] if args.quick else [1, 64, 2048], [1] if args.quick else [1, 2], repeats)
     if not args.quick:
         results["thread_requests"] = 16
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,16 +1,18 @@
-"""Build and load the CPU decode kernel (``runtime/native/paged_decode.c``) on first use.
+"""Build and load the CPU kernels (``runtime/native/paged_decode.c``, ``layer_ops.c``) on first use.
 
-The C file needs no torch or Python headers, so it builds in about a second with the system C
-compiler (``$CC``, else ``cc``): ``-O3 -march=native -ffast-math -fopenmp`` (vectorized ``expf``
-from glibc's libmvec; OpenMP threads from the ``libgomp.so.1`` torch has already loaded), then the
-same without OpenMP, then without libmvec, whichever first builds and loads; linked without ``-ffast-math`` so that the process's floating-point mode is never
-changed (GCC 12 would otherwise link ``crtfastmath.o``, which turns on flush-to-zero for the
-whole process). The library lands in ``$KGEN_CACHE_DIR/native`` (default
-``~/.cache/kgen/native``) under a name hashed from the source, the flags, the compiler and the
-CPU, written to a temporary file and renamed, so concurrent builds never see half a file.
+The C files need no torch or Python headers, so they build in about a second into one library
+with the system C compiler (``$CC``, else ``cc``): ``-O3 -march=native -ffast-math -fopenmp``
+(vectorized ``expf`` from glibc's libmvec; OpenMP threads from the ``libgomp.so.1`` torch has
+already loaded), else the same without OpenMP, else without libmvec, whichever first builds and
+loads; linked without ``-ffast-math`` so that the process's floating-point mode is never changed
+(GCC 12 would otherwise link ``crtfastmath.o``, which turns on flush-to-zero for the whole
+process). The library lands in ``$KGEN_CACHE_DIR/native`` (default ``~/.cache/kgen/native``)
+under a name hashed from the sources, the flags, the compiler and the CPU, written to a temporary
+file and renamed, so concurrent builds never see half a file.
 
-``KGEN_NATIVE=0`` in the environment turns the kernel off (the ``auto`` backend then uses torch).
-When no compiler works, :func:`load_paged_decode` returns None and :func:`why_unavailable` says why.
+``KGEN_NATIVE=0`` in the environment turns the kernels off (the ``auto`` backend then uses torch
+and the decoder torch's elementwise ops). When no compiler works, :func:`load_native` returns
+None and :func:`why_unavailable` says why.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "native" / "paged_decode.c"
+SOURCES = tuple(Path(__file__).resolve().parent / "native" / name for name in ("paged_decode.c", "layer_ops.c"))
 FLAG_SETS = (  # tried in order: OpenMP threads and vectorized expf, then without OpenMP, then plain libm
     (["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"], ["-fopenmp", "-lmvec", "-lm"]),
     (["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"], ["-lmvec", "-lm"]),
@@ -56,32 +58,37 @@ def _compiler() -> tuple[str, str]:
 
 
 def _build(cc: str, version: str, cflags: list[str], libs: list[str]) -> Path:
-    source = SOURCE.read_text()
-    key = hashlib.sha256("\0".join([source, " ".join(cflags + libs), version, _cpu_signature(),
+    """The library of every file of ``SOURCES`` built with these flags (cached by content)."""
+    sources = [p.read_text() for p in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, " ".join(cflags + libs), version, _cpu_signature(),
                                     platform.machine()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    target = cache_dir() / f"kgen_cpu-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        compile_ = subprocess.run([cc, *cflags, "-c", str(SOURCE), "-o", str(obj)],
-                                  capture_output=True, text=True, timeout=300)
-        link = compile_.returncode == 0 and subprocess.run(
-            [cc, "-shared", str(obj), "-o", str(lib), *libs], capture_output=True, text=True, timeout=300)
-        if compile_.returncode or link.returncode:
-            raise RuntimeError((compile_.stderr if compile_.returncode else link.stderr).strip()[-400:])
+        objs = [Path(tmp) / f"{p.stem}.o" for p in SOURCES]
+        for src, obj in zip(SOURCES, objs):
+            done = subprocess.run([cc, *cflags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True,
+                                  timeout=300)
+            if done.returncode:
+                raise RuntimeError(f"{src.name}: {done.stderr.strip()[-400:]}")
+        lib = Path(tmp) / "k.so"
+        done = subprocess.run([cc, "-shared", *map(str, objs), "-o", str(lib), *libs], capture_output=True,
+                              text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"link: {done.stderr.strip()[-400:]}")
         os.replace(lib, target)
     return target
 
 
-def load_paged_decode():
-    """The ctypes function ``kgen_paged_decode`` (see the C file), or None when it cannot be built.
-    Each of ``FLAG_SETS`` is tried in turn until one builds and loads; the function's ``openmp``
-    attribute says whether that build threads over sequences itself."""
-    if "fn" in _loaded:
-        return _loaded["fn"]
-    fn, errors = None, []
+def load_native():
+    """The built library (a ``ctypes.CDLL``, its ``openmp`` attribute saying whether it threads
+    over rows and sequences itself), or None when it cannot be built (:func:`why_unavailable`).
+    Each of ``FLAG_SETS`` is tried in turn until one builds and loads."""
+    if "lib" in _loaded:
+        return _loaded["lib"]
+    lib, errors = None, []
     if os.environ.get("KGEN_NATIVE", "1") == "0":
         _loaded["why"] = "KGEN_NATIVE=0 is set"
     else:
@@ -95,15 +102,26 @@ def load_paged_decode():
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 errors.append(str(err))
                 continue
+            lib.openmp = bool(lib.kgen_paged_decode_openmp())
+            break
+        if lib is None:
+            _loaded["why"] = "the CPU kernels could not be built (" + " | ".join(errors) + ")"
+    _loaded["lib"] = lib
+    return lib
+
+
+def load_paged_decode():
+    """The ctypes function ``kgen_paged_decode`` (see the C file), or None when it cannot be built;
+    its ``openmp`` attribute says whether it threads over sequences itself."""
+    if "fn" not in _loaded:
+        lib, fn = load_native(), None
+        if lib is not None:
             fn = lib.kgen_paged_decode
             fn.argtypes = ARGTYPES
             fn.restype = ctypes.c_int
-            fn.openmp = bool(lib.kgen_paged_decode_openmp())
-            break
-        if fn is None:
-            _loaded["why"] = "the CPU decode kernel could not be built (" + " | ".join(errors) + ")"
-    _loaded["fn"] = fn
-    return fn
+            fn.openmp = lib.openmp
+        _loaded["fn"] = fn
+    return _loaded["fn"]
 
 
 def why_unavailable() -> str | None:

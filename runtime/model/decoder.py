@@ -21,6 +21,7 @@ from runtime.attention import AttentionMetadata, prefill_attention
 from runtime.config import ModelConfig
 from runtime.kv_cache import LayerKV, PagedKVCache, storage_dtype
 from runtime.model.linear import Linear
+from runtime.model.native_ops import NativeOps
 from runtime.model.ops import ACTIVATIONS, RMSNorm, rotate_half
 from runtime.model.weights import LayerWeights, pack_layers
 from runtime.sdpa import soft_cap
@@ -59,6 +60,7 @@ class DecoderModel:
         self.layers: list[LayerWeights] = pack_layers(config, w, opt)
         self.attention = [config.layer_attention(i) for i in range(config.num_hidden_layers)]
         self.act = ACTIVATIONS[config.hidden_act]
+        self.native_ops = NativeOps.for_model(dtype, self.device)          # fp32 CPU fast paths, or None
         self.inv_freq = config.inv_freq().to(self.device)                 # float32 [head_dim // 2]
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -117,12 +119,13 @@ class DecoderModel:
         x = self.embed.index_select(0, input_ids)                          # [T, hidden]
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        x, h = self._add_norm(x, None, self.layers[0].attn_norm)          # h: the normed input
         for li, layer in enumerate(self.layers):
-            qkv = layer.qkv(layer.attn_norm(x))
+            qkv = layer.qkv(h)
             qk = qkv[:, : (heads + kvh) * d].view(num_tokens, heads + kvh, d)
             if layer.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k before RoPE
                 qk = torch.cat((layer.q_norm(qk[:, :heads]), layer.k_norm(qk[:, heads:])), dim=1)
-            qk = qk * cos + rotate_half(qk) * sin                              # RoPE on q and k at once
+            qk = self._rope(qk, cos, sin)                                      # RoPE on q and k at once
             q, k = qk[:, :heads], qk[:, heads:]                                # [T, heads, D], [T, kvh, D]
             v = qkv[:, (heads + kvh) * d:].view(num_tokens, kvh, d)
             if calibrate_kv:
@@ -134,14 +137,37 @@ class DecoderModel:
                                meta.slot_mapping)
             attn = self._attention(q, k, v, kv_cache.layer(li), meta, decode_backend, li)
             out = layer.o_proj(attn.reshape(num_tokens, heads * d))
-            x = x + (out if layer.attn_out_norm is None else layer.attn_out_norm(out))
-            gate, up = layer.gate_up(layer.mlp_norm(x)).chunk(2, dim=-1)
-            out = layer.down(self.act(gate) * up)
-            x = x + (out if layer.mlp_out_norm is None else layer.mlp_out_norm(out))
+            x, h = self._add_norm(x, out if layer.attn_out_norm is None else layer.attn_out_norm(out), layer.mlp_norm)
+            gate_up = layer.gate_up(h)                                         # [T, 2 * intermediate]
+            if self.native_ops is not None and self.act is ACTIVATIONS["silu"]:
+                act = self.native_ops.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = self.act(gate) * up
+            out = layer.down(act)
+            nxt = self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else None
+            x, h = self._add_norm(x, out if layer.mlp_out_norm is None else layer.mlp_out_norm(out), nxt)
         logits = self.lm_head(self.final_norm(x.index_select(0, logits_indices)))
         if c.final_logit_softcapping is not None:
             logits = soft_cap(logits, c.final_logit_softcapping)
         return logits.float()
+
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm | None):
+        """(x + delta, norm(x + delta)): the residual stream and the next block's normed input
+        (None without ``norm``). With the native ops x is updated in place (it is this forward's
+        own tensor) and both steps are one pass."""
+        ops = self.native_ops
+        if ops is not None:
+            return x, ops.add_rms_norm(x, delta, None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
+        x = x if delta is None else x + delta
+        return x, (None if norm is None else norm(x))
+
+    def _rope(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE of qk ``[T, heads + kv_heads, D]``: in place with the native ops, else
+        a new tensor."""
+        if self.native_ops is not None:
+            return self.native_ops.rope_(qk, cos, sin)
+        return qk * cos + rotate_half(qk) * sin
 
     def _attention(self, q, k, v, layer_kv: LayerKV, meta: AttentionMetadata, decode_backend,
                    li: int) -> torch.Tensor:
