@@ -33,7 +33,7 @@ from runtime.sdpa import attend
 
 GROUP_TOKENS = 4096
 """Most ``sequences x padded length`` rows one group gathers: 2k-8k were alike on the 2-core EPYC;
-one group for the whole 64-sequence mixed batch (the old path) is 6.3x slower on one thread
+one group for the whole 64-sequence mixed batch (the old path) is 2.1x slower on one thread
 (``bench/results/cpu_kernels.md``)."""
 
 

@@ -6,15 +6,16 @@ process happened to hold.
 
 Default: ``OMP_NUM_THREADS`` when the environment sets it (the operator's choice), else the
 number of CPUs this process may run on (``os.sched_getaffinity``, which honours ``taskset`` and
-cpusets): on a quiet machine every core helps (``bench/results/cpu_kernels.md``: 1 thread 487
-tok/s, 2 threads 645 on 16 of the mixed requests; ``bench/results/e2e_throughput.md``: 706 and
-931 on all 64). The previous count is restored when generate() returns.
+cpusets): on a quiet machine every core helps (``bench/results/cpu_kernels.md``: 1 thread 542
+tok/s, 2 threads 772 on 16 of the mixed requests; ``bench/results/e2e_throughput.md``: 829 and
+1252 on all 64). The previous count is restored when generate() returns. The native decode
+kernel and elementwise ops run on the same OpenMP threads (:mod:`runtime.native_build`).
 
 The hazard is OpenMP's default of spinning while it waits, on cores that other processes also
 use: a partner thread that is switched out stalls every barrier the others spin at. On the
 shared 2-core machine, runs with 2 threads took several times longer than with 1 while another
 test suite was running. Starting Python with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep instead
-of spinning) avoids that collapse but costs speed on a quiet machine (513 tok/s instead of 645 in
+of spinning) avoids that collapse but costs speed on a quiet machine (620 tok/s instead of 772 in
 the same file), and ``num_threads=1`` avoids it too. The policy can only be chosen before torch
 loads OpenMP, so it is left to the environment; :func:`wait_policy` reports it.
 """

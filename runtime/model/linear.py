@@ -3,8 +3,8 @@
 torch's ``F.linear`` on the CPU calls MKL's sgemm, which on AMD processors takes its AVX2 path;
 oneDNN (also inside torch) picks AVX-512 where the CPU has it and reads a weight reordered once
 into its blocked layout. Measured on the 2-core EPYC (``bench/results/cpu_kernels.md``, the e2e
-model's five projection shapes): 1.10-1.46x faster than ``F.linear`` for 1-2048 rows on one
-thread, 1.09-1.85x on two. The results equal ``F.linear`` up to fp32 rounding (a different
+model's five projection shapes): 1.13-1.46x faster than ``F.linear`` for 1-2048 rows on one
+thread, 1.14-1.99x on two. The results equal ``F.linear`` up to fp32 rounding (a different
 summation order; every HF-parity test passes with it).
 
 Everything else (a GPU, fp16/bf16, a torch without oneDNN, or ``KGEN_CPU_LINEAR=aten`` in the
