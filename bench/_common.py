@@ -76,6 +76,18 @@ def kernel_key(fn) -> str | None:
     return getattr(fn, "__globals__", {}).get("VARIANT_KEY")
 
 
+def add_output_args(ap) -> None:
+    """The ``--json`` / ``--md`` options every script writes its results to."""
+    ap.add_argument("--json", type=Path, help="write the results as JSON here")
+    ap.add_argument("--md", type=Path, help="write the table as Markdown here")
+
+
+def publish(result: dict, table_text: str, args) -> None:
+    """Print the table, then write the JSON and Markdown where ``args.json`` / ``args.md`` ask."""
+    print(table_text)
+    write_outputs(result, table_text, json_path=args.json, md_path=args.md)
+
+
 def write_outputs(result: dict, table_text: str, *, json_path=None, md_path=None,
                   quiet: bool = False) -> None:
     """Write the JSON result and the Markdown table where asked (folders created)."""

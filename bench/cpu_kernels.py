@@ -223,8 +223,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no thread runs")
     ap.add_argument("--threads-only", action="store_true", help="only the generate() thread runs (3)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--md", type=Path)
+    _common.add_output_args(ap)
     args = ap.parse_args(argv)
     results = {"machine": _common.machine_info(), "loadavg_start": os.getloadavg()}
     repeats = 2 if args.quick else 7
@@ -242,8 +241,7 @@ def main(argv=None) -> int:
             results["threads"] = bench_threads(Path(tmp), 16, 3)
     results["loadavg_end"] = os.getloadavg()
     text = table(results)
-    print(text)
-    _common.write_outputs(results, text, json_path=args.json, md_path=args.md)
+    _common.publish(results, text, args)
     return 0
 
 

@@ -139,8 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="decode steps before timing")
     ap.add_argument("--steps", type=int, default=None, help="timed decode steps")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    ap.add_argument("--json", type=Path, help="write the results as JSON here")
-    ap.add_argument("--md", type=Path, help="write the table as Markdown here")
+    _common.add_output_args(ap)
     args = ap.parse_args(argv)
     _common.use_interpreter_without_gpu(force=args.cpu)
     import torch
@@ -177,8 +176,7 @@ def main(argv=None) -> int:
                  if cuda else ""), flush=True)
         _common.write_outputs(result, table(result), json_path=args.json, md_path=args.md, quiet=True)
     text = table(result)
-    print(text)
-    _common.write_outputs(result, text, json_path=args.json, md_path=args.md)
+    _common.publish(result, text, args)
     return 0
 
 

@@ -150,8 +150,7 @@ def parse_variants(specs: list[str]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 2-layer model and 6 short requests (smoke test)")
-    ap.add_argument("--json", type=Path, help="write the results as JSON here")
-    ap.add_argument("--md", type=Path, help="write a markdown table here")
+    _common.add_output_args(ap)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     ap.add_argument("--threads", type=int, default=None,
@@ -232,8 +231,7 @@ def main(argv=None) -> int:
     results["ratios"] = {f"ours_over_{k}": ours / r["tokens_per_s"] for k, r in results["engines"].items()
                          if k != "ours"}
     text = table(results)
-    print(text)
-    _common.write_outputs(results, text, json_path=args.json, md_path=args.md)
+    _common.publish(results, text, args)
     return 0
 
 

@@ -98,8 +98,7 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 2-layer model and few tokens (smoke test)")
-    ap.add_argument("--json", type=Path, help="write the results as JSON here")
-    ap.add_argument("--md", type=Path, help="write a markdown table here")
+    _common.add_output_args(ap)
     args = ap.parse_args(argv)
     model = QUICK_MODEL if args.quick else MODEL
     sizes = dict(num_prompts=4, prompt_len=24, new_tokens=8) if args.quick else \
@@ -109,8 +108,7 @@ def main(argv=None) -> int:
         formats = measure(Path(tmp), **sizes)
     results = {"machine": _common.machine_info(), "model": model, **sizes, "formats": formats}
     text = table(results)
-    print(text)
-    _common.write_outputs(results, text, json_path=args.json, md_path=args.md)
+    _common.publish(results, text, args)
     return 0
 
 

@@ -294,8 +294,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="small sweep: head dim 128, block 16 (tiny shapes without a GPU)")
-    parser.add_argument("--json", type=Path, help="write the results as JSON here")
-    parser.add_argument("--md", type=Path, help="write the table as Markdown here")
+    _common.add_output_args(parser)
     parser.add_argument("--dtypes", default="fp16,bf16")
     parser.add_argument("--head-dims", default="128,64,256")
     parser.add_argument("--block-sizes", default="16,32")
@@ -349,8 +348,7 @@ def main(argv=None) -> int:
 
     result = run(args, on_row=save)
     text = with_targets(result, baseline)
-    print(text)
-    _common.write_outputs(result, text, json_path=args.json, md_path=args.md)
+    _common.publish(result, text, args)
     return 0
 
 

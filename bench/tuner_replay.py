@@ -90,8 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tol", type=float, default=0.03, help="tolerance (default 0.03)")
     parser.add_argument("--trials-log", default=None, help="a trials.jsonl of a real GPU run")
     parser.add_argument("--note", default="", help="a line about the table, added to the output")
-    parser.add_argument("--json", default=None, metavar="PATH")
-    parser.add_argument("--md", default=None, metavar="PATH")
+    _common.add_output_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.budget = min(args.seeds, 3), min(args.budget, 150)
@@ -112,11 +111,9 @@ def main(argv=None) -> int:
             "seeds": args.seeds, "budget": args.budget, "tol": args.tol,
             "optuna": optuna.__version__, "date": machine["date"],
             "seconds": round(time.time() - start, 1), "note": args.note}
-    text = markdown(rows, meta)
-    print(text)
     result = {"meta": meta, "machine": machine, "summary": rows,
               "runs": [s.__dict__ for s in scores]}
-    _common.write_outputs(result, text, json_path=args.json, md_path=args.md)
+    _common.publish(result, markdown(rows, meta), args)
     return 0
 
 
