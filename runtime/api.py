@@ -124,7 +124,7 @@ def _pool(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_byt
     else:  # every request at its peak at once, capped by the default cache bytes
         cap = DEFAULT_KV_CACHE_BYTES.get(loaded.device.type, 1 << 30) // per_block
         blocks = max(1, min(sum(peaks) + 8, cap))
-    usable = blocks - int(WATERMARK * blocks)  # what admission may hand out
+    usable = blocks - kv_layout.watermark_blocks(blocks, WATERMARK)  # what admission may hand out
     for i, (t, p, peak) in enumerate(zip(ids, params, peaks)):
         if len(t) >= max_pos:
             raise ValueError(f"prompts[{i}] has {len(t)} tokens; the model's context "

@@ -38,12 +38,12 @@ import torch.nn.functional as F
 
 from kgen.dispatch import get_dispatcher, normalize_dtype
 from runtime.config import kernel_features
-from runtime.decode_native import NativeDecode, native_lacks
+from runtime.decode_native import NativeDecode
 from runtime.decode_torch import TorchDecode
 from runtime.kv_cache import LayerKV
-from runtime.sdpa import attend, soft_cap
+from runtime.sdpa import attend
 
-__all__ = ["AttentionMetadata", "PrefillSpan", "prefill_attention", "soft_cap", "TorchDecode", "NativeDecode",
+__all__ = ["AttentionMetadata", "PrefillSpan", "prefill_attention", "TorchDecode", "NativeDecode",
            "TritonDecode", "make_decode_backend", "default_block_size", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "native", "triton")
@@ -243,22 +243,14 @@ def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv
     serve the model.
     """
     name = resolve_backend(backend, device)
-    if backend == "auto" and name == "triton" and get_dispatcher().why_unsupported(
-            dtype=dtype, head_dim=head_dim, block_size=block_size,
-            group_size=num_heads // num_kv_heads, kv_dtype=kv_cache_dtype):
-        name = "torch"
-    if backend == "auto" and name == "native" and native_lacks(dtype, num_heads, head_dim, device):
-        name = "torch"
-    if name == "triton":
-        try:
+    try:  # each backend refuses what it cannot serve with a ValueError naming it
+        if name == "triton":
             return TritonDecode(block_size, num_kv_heads, num_heads, head_dim, dtype, device, layers=layers,
                                 kv_cache_dtype=kv_cache_dtype)
-        except ValueError:
-            if backend != "auto":
-                raise
-    if name == "native":
-        missing = native_lacks(dtype, num_heads, head_dim, device)
-        if missing:
-            raise ValueError(f"backend='native': {missing}")
-        return NativeDecode(block_size, num_kv_heads, num_heads, head_dim, num_blocks, layers=layers)
+        if name == "native":
+            return NativeDecode(block_size, num_kv_heads, num_heads, head_dim, num_blocks, layers=layers,
+                                dtype=dtype, device=device)
+    except ValueError:
+        if backend != "auto":
+            raise
     return TorchDecode(block_size, num_kv_heads, head_dim, dtype, layers=layers)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime import kv_layout
 from runtime.attention import AttentionMetadata
 
 DEFAULT_MAX_BATCH = 64  # past this a decode step is compute-bound: launches no longer dominate
@@ -192,7 +193,7 @@ class DecodeGraphs:
     @classmethod
     def for_engine(cls, engine, scratch_block: int, max_batch: int = DEFAULT_MAX_BATCH):
         """The runner of an :class:`runtime.engine.Engine` (its model, cache, backend, limits)."""
-        max_blocks = -(-engine.max_len // engine.block_size)
+        max_blocks = kv_layout.blocks_for_tokens(engine.max_len, engine.block_size)
         return cls(engine.model, engine.kv_cache, engine.backend, block_size=engine.block_size,
                    max_blocks=max_blocks, scratch_block=scratch_block,
                    max_batch=min(max_batch, engine.scheduler.max_num_seqs))

@@ -75,15 +75,17 @@ class NativeDecode:
         Blocks in the pool (the kernel refuses ids outside it).
     layers : sequence of LayerAttention
         Each layer's settings; the starts are built once per distinct window.
+    dtype, device
+        The model's; what the kernel cannot serve is a ValueError naming it (:func:`native_lacks`).
     """
 
     name = "native"
 
     def __init__(self, block_size: int, num_kv_heads: int, num_heads: int, head_dim: int, num_blocks: int,
-                 layers=()) -> None:
-        missing = native_lacks(torch.float32, num_heads, head_dim, torch.device("cpu"))
+                 layers=(), dtype: torch.dtype = torch.float32, device=torch.device("cpu")) -> None:
+        missing = native_lacks(dtype, num_heads, head_dim, torch.device(device))
         if missing:
-            raise ValueError(missing)
+            raise ValueError(f"backend='native': {missing}")
         self.fn = load_paged_decode()
         self.block_size, self.num_kv_heads, self.num_heads = block_size, num_kv_heads, num_heads
         self.head_dim, self.num_blocks = head_dim, num_blocks

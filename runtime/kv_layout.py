@@ -16,6 +16,11 @@ NULL_BLOCK = -1
 """A block-table entry whose block was never allocated or has been freed (out of the window)."""
 
 
+def watermark_blocks(num_blocks: int, watermark: float) -> int:
+    """Blocks of a ``num_blocks`` pool that admission keeps free for running sequences to grow."""
+    return int(watermark * num_blocks)
+
+
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold ``num_tokens`` tokens: ``ceil(num_tokens / block_size)``."""
     return -(-num_tokens // block_size)

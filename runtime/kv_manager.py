@@ -76,7 +76,7 @@ class KVCacheManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.sliding_window = sliding_window
-        self.watermark_blocks = int(watermark * num_blocks)
+        self.watermark_blocks = kv_layout.watermark_blocks(num_blocks, watermark)
         self.prefix_cache = PrefixCache(self.pool) if enable_prefix_caching else None
         self._seqs: dict[int, Sequence] = {}            # seq_id -> sequence holding blocks
         self._hashes: dict[int, list[BlockHash]] = {}    # seq_id -> chain keys of its full blocks
@@ -109,12 +109,6 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return kv_layout.blocks_for_tokens(num_tokens, self.block_size)
-
-    def request_peak_blocks(self, prompt_len: int, max_new_tokens: int, *, num_seqs: int = 1,
-                            max_len: int | None = None) -> int:
-        """:func:`runtime.kv_layout.request_peak_blocks` for this pool's block size and window."""
-        return kv_layout.request_peak_blocks(prompt_len, max_new_tokens, self.block_size, num_seqs=num_seqs,
-                                             max_len=max_len, window=self.sliding_window)
 
     def is_tracked(self, seq: Sequence) -> bool:
         """Whether ``seq`` currently holds blocks of this manager."""

@@ -44,8 +44,7 @@ def teacher_forced_logits(engine, prompts: list[list[int]], continuations: list[
         copies = []
         for i in live:
             seqs[i].append_token(continuations[i][step - 1])
-            engine.kv.release_out_of_window(seqs[i])
-            copies += engine.kv.append_slot(seqs[i])
+            copies += engine.kv.append_slot(seqs[i])  # frees what slid out of the window first
         if copies:
             engine.kv_cache.copy_blocks([a for a, _ in copies], [b for _, b in copies])
         logits = engine.run_forward([], [seqs[i] for i in live])

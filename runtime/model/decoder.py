@@ -61,15 +61,11 @@ class DecoderModel:
         self.attention = [config.layer_attention(i) for i in range(config.num_hidden_layers)]
         self.act = ACTIVATIONS[config.hidden_act]
         self.native_ops = NativeOps.for_model(dtype, self.device)          # fp32 CPU fast paths, or None
+        self.native_silu = self.native_ops is not None and config.hidden_act == "silu"
         self.inv_freq = config.inv_freq().to(self.device)                 # float32 [head_dim // 2]
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-        """``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``."""
-        c = self.config
-        return (c.num_hidden_layers, 2, num_blocks, block_size, c.num_key_value_heads, c.head_dim)
-
     def make_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> PagedKVCache:
-        """A zeroed cache of :meth:`kv_cache_shape` in the model's dtype or fp8."""
+        """A zeroed :class:`runtime.kv_cache.PagedKVCache` in the model's dtype or fp8."""
         c = self.config
         return PagedKVCache(c.num_hidden_layers, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
                             dtype=self.dtype, kv_cache_dtype=kv_cache_dtype, device=self.device)
@@ -139,7 +135,7 @@ class DecoderModel:
             out = layer.o_proj(attn.reshape(num_tokens, heads * d))
             x, h = self._add_norm(x, out if layer.attn_out_norm is None else layer.attn_out_norm(out), layer.mlp_norm)
             gate_up = layer.gate_up(h)                                         # [T, 2 * intermediate]
-            if self.native_ops is not None and self.act is ACTIVATIONS["silu"]:
+            if self.native_silu:
                 act = self.native_ops.silu_mul(gate_up)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
