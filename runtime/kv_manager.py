@@ -29,7 +29,7 @@ wholly below :func:`runtime.kv_layout.window_start` of the next query position a
 entries, and writes no K/V into them.
 
 Allocation failures raise :class:`runtime.block_pool.NoFreeBlocksError`; the scheduler checks
-``can_allocate_all`` / ``can_append`` first, so it never sees one.
+``plan_admission`` / ``can_append`` first, so it never sees one.
 """
 
 from __future__ import annotations
@@ -128,16 +128,13 @@ class KVCacheManager:
         """Blocks ``seqs`` need in an empty pool with an empty prefix cache (in-group sharing only)."""
         return self._plan(seqs, use_cache=False).num_taken
 
-    def can_ever_allocate(self, seqs) -> bool:
-        """Whether ``seqs`` would fit in an otherwise empty pool (above the watermark)."""
-        return self.blocks_to_admit(seqs) <= self.usable_blocks
-
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether :meth:`allocate` of ``seq`` fits now and leaves the watermark free."""
         return self.can_allocate_all([seq])
 
-    def _fitting_plan(self, seqs) -> GroupPlan | None:
-        """The first plan that fits above the watermark, else None. In order: with prefix-cache
+    def plan_admission(self, seqs) -> GroupPlan | None:
+        """The first plan that fits above the watermark, else None (hand it to :meth:`allocate_all`
+        before anything else allocates or frees, or it no longer describes the pool). In order: with prefix-cache
         hits; with a window, first storing every prompt position (so that the prompt's full
         blocks enter the prefix cache, as vLLM does; the out-of-window ones are freed after the
         step) and then only what the window keeps; finally without cache hits (a windowed
@@ -154,14 +151,15 @@ class KVCacheManager:
 
     def can_allocate_all(self, seqs) -> bool:
         """Whether allocating every sequence of ``seqs`` fits now and leaves the watermark free."""
-        return self._fitting_plan(seqs) is not None
+        return self.plan_admission(seqs) is not None
 
     def allocate(self, seq: Sequence) -> None:
         """:meth:`allocate_all` of one sequence."""
         self.allocate_all([seq])
 
-    def allocate_all(self, seqs) -> None:
-        """Give each of ``seqs`` blocks for all its ``len(seq)`` tokens (see the module docstring).
+    def allocate_all(self, seqs, plan: GroupPlan | None = None) -> None:
+        """Give each of ``seqs`` blocks for all its ``len(seq)`` tokens (see the module docstring),
+        following ``plan`` (from :meth:`plan_admission` just before) or one made now.
 
         Sets ``seq.block_table``, ``seq.num_cached_tokens`` and ``seq.num_computed_tokens`` (both
         the reused prefix length, a multiple of ``block_size`` below ``len(seq)``).
@@ -169,7 +167,7 @@ class KVCacheManager:
         for seq in seqs:
             if seq.block_table or seq.seq_id in self._seqs:
                 raise ValueError(f"seq_id={seq.seq_id} already has blocks {seq.block_table}; free it first")
-        plan = self._fitting_plan(seqs)
+        plan = plan or self.plan_admission(seqs)
         if plan is None:
             need = self._plan(seqs).num_taken
             raise NoFreeBlocksError(f"seq_ids={[s.seq_id for s in seqs]} need {need} blocks, "

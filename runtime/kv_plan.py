@@ -4,7 +4,7 @@ A plan for a group of sequences (one request) says, per sequence, which table en
 the prefix cache, which are shared with an earlier sequence of the same group that computes them
 in the same step, which are new, and which stay :data:`~runtime.kv_layout.NULL_BLOCK` (wholly
 outside a sliding window). :class:`runtime.kv_manager.KVCacheManager` checks a plan against the
-free blocks (``can_allocate_all``) and carries it out (``allocate_all``), so both always agree.
+free blocks (``plan_admission``) and carries out that same plan (``allocate_all``), so both agree.
 
 In-group sharing matters when a preempted ``n > 1`` or beam-search request is recomputed: its
 sequences agree on their prompt (and beams on more), so they share those blocks again instead

@@ -173,19 +173,21 @@ class Scheduler:
                 self.waiting.popleft()
                 self._request_ids.discard(group.request_id)
                 continue
-            if not self.kv.can_ever_allocate(seqs):
+            need = self.kv.blocks_to_admit(seqs)
+            if need > self.kv.usable_blocks:  # it would not fit in an empty pool either
                 self.waiting.popleft()
-                self._abort(group, out, self.kv.blocks_to_admit(seqs), "to be admitted")
+                self._abort(group, out, need, "to be admitted")
                 continue
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
             new_tokens = sum(len(s) for s in seqs)
             if tokens + new_tokens > self.max_num_batched_tokens and (tokens or admitted):
                 break
-            if not self.kv.can_allocate_all(seqs):
+            plan = self.kv.plan_admission(seqs)
+            if plan is None:
                 break
             self.waiting.popleft()
-            self.kv.allocate_all(seqs)
+            self.kv.allocate_all(seqs, plan)
             for s in seqs:
                 s.status = SequenceStatus.RUNNING
                 out.prefill_seqs.append(s)
