@@ -47,8 +47,7 @@ def test_cpu_decode_window_and_soft_cap(name, window, cap):
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=seq_lens, max_seq_len=max(lens))
     layers = [LayerAttention(0.25, window, cap), LayerAttention(0.25)]
-    backend = cpu_backend(name, bs, kvh, kvh * group, d, kc.shape[0])
-    backend.windows = sorted({la.sliding_window for la in layers}, key=lambda w: w or 0)
+    backend = cpu_backend(name, bs, kvh, kvh * group, d, kc.shape[0], layers=layers)
     backend.prepare(meta)
     tag = "torch_decode" if name == "torch" else "native_decode"
     assert {key[1] for key in meta.extra if key[0] == tag} == {window, None}  # one plan per distinct window

@@ -134,12 +134,12 @@ def test_fp8_logits_stay_within_the_measured_bound(tmp_path):
 def test_every_backend_decodes_the_same_fp8_cache(tmp_path, fmt):
     """torch, native and kgen's fp8 kernel (triton, under the interpreter on a CPU) read one fp8
     cache the same way: the same greedy tokens and log probabilities within 1e-3."""
-    from runtime.decode_native import native_lacks
+    from helpers_native import native_missing
 
     make_llama(tmp_path, hidden=128, heads=4, kv_heads=2, head_dim=64, layers=1, vocab=128, seed=4)
     prompts = random_prompts([5, 17], 128, seed=4)
     params = SamplingParams(max_tokens=5, ignore_eos=True)
-    backends = ["torch", "triton"] + ([] if native_lacks(torch.float32, 4, 64, torch.device("cpu")) else ["native"])
+    backends = ["torch", "triton"] + ([] if native_missing(4, 64) else ["native"])
     runs = {b: runtime.generate(tmp_path, prompts, params, block_size=16, backend=b, kv_cache_dtype=fmt,
                                 calculate_kv_scales=True) for b in backends}
     ref = runs["torch"]

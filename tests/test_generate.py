@@ -8,7 +8,7 @@ import torch
 import runtime
 from helpers_checkpoint import hf_greedy, make_llama, random_prompts
 from runtime import SamplingParams
-from runtime.decode_native import native_lacks
+from helpers_native import native_missing
 
 LENGTHS = [1, 7, 16, 17, 33]
 NEW = 12
@@ -30,7 +30,7 @@ def ckpt(request, tmp_path_factory):
     return path, hf, prompts, [hf_greedy(hf, p, NEW, eos_token_id=eos) for p in prompts]
 
 
-NATIVE = native_lacks(torch.float32, 4, 16, torch.device("cpu"))
+NATIVE = native_missing(4, 16)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -62,7 +62,9 @@ def test_cached_prefix_longer_than_the_window(family):
     prompts = [shared + [5, 6, 7], shared + [9, 10]]
     outs = runtime.generate(path, prompts, SamplingParams(max_tokens=12), block_size=4, max_num_seqs=1,
                             backend="torch")
-    assert outs.stats["prefill_tokens_skipped"] >= 20 and outs.stats["prefix_cache_hit_blocks"] >= 2
+    assert outs.stats["prefill_tokens_skipped"] >= 20
+    # all 5 shared blocks hit; with one window on every layer (Mistral) only the 2 it still sees
+    assert outs.stats["prefix_cache_hit_blocks"] == (2 if outs.stats["sliding_window"] else 5)
     _assert_same(outs, [hf_greedy(hf, p, 12) for p in prompts])
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from helpers_checkpoint import make_llama
+from helpers_native import native_missing
 from runtime.attention import AttentionMetadata, PrefillSpan, TritonDecode
-from runtime.decode_native import NativeDecode, native_lacks
+from runtime.decode_native import NativeDecode
 from runtime.decode_torch import TorchDecode
 from runtime.config import LayerAttention
 from runtime.kv_cache import LayerKV
@@ -56,12 +57,13 @@ def random_paged_case(bs, kvh, group, d, lens, seed=0, dtype=torch.float32):
     return q, key_cache, value_cache, tables, torch.tensor(lens, dtype=torch.int32)
 
 
-NATIVE = native_lacks(torch.float32, 8, 64, torch.device("cpu"))
+NATIVE = native_missing(8, 64)
 
 
-def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, **kw):
-    """The torch or the native (C) decode backend; the native one is skipped without a C compiler."""
-    layers = [LayerAttention(scale=1.0, sliding_window=window)]
+def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, layers=None, **kw):
+    """The torch or the native (C) decode backend over ``layers`` (default: one layer with
+    ``window``); the native one is skipped without a C compiler."""
+    layers = layers or [LayerAttention(scale=1.0, sliding_window=window)]
     if name == "torch":
         return TorchDecode(bs, kvh, d, layers=layers, **kw)
     if NATIVE:
