@@ -56,6 +56,12 @@ class LayerAttention:
         return kernel_features(self.sliding_window, self.logits_soft_cap)
 
 
+def layer_windows(layers) -> list:
+    """The distinct sliding windows of ``layers`` (LayerAttention), None (no window) first; [None]
+    when there are no layers. Decode backends plan once per window."""
+    return sorted({la.sliding_window for la in layers} or {None}, key=lambda w: w or 0)
+
+
 def kernel_features(sliding_window: int | None, logits_soft_cap: float | None) -> tuple[str, ...]:
     """kgen's attention feature flags for these settings, in kgen's order."""
     return (("sliding_window",) if sliding_window is not None else ()) + \

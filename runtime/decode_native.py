@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from runtime.config import layer_windows
 from runtime.native_build import load_paged_decode, why_unavailable
 
 _LUTS: dict = {}
@@ -89,7 +90,7 @@ class NativeDecode:
         self.fn = load_paged_decode()
         self.block_size, self.num_kv_heads, self.num_heads = block_size, num_kv_heads, num_heads
         self.head_dim, self.num_blocks = head_dim, num_blocks
-        self.windows = sorted({la.sliding_window for la in layers} or {None}, key=lambda w: w or 0)
+        self.windows = layer_windows(layers)
         self._pool: ThreadPoolExecutor | None = None
 
     def prepare(self, meta) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.config import layer_windows
 from runtime.sdpa import attend
 
 GROUP_TOKENS = 4096
@@ -80,7 +81,7 @@ class TorchDecode:
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.dtype = dtype
         self.group_tokens = group_tokens
-        self.windows = sorted({la.sliding_window for la in layers} or {None}, key=lambda w: w or 0)
+        self.windows = layer_windows(layers)
 
     def prepare(self, meta) -> None:
         """Build the groups' gather indices and masks once per step, per window the layers use."""

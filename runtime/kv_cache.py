@@ -12,7 +12,7 @@ magnitude seen maps to the format's largest value). Readers multiply by the scal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,9 +80,7 @@ class PagedKVCache:
         self.fp8_max = torch.finfo(self.storage_dtype).max if self.quantized else None
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
         self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
-        self.k_scales = [1.0] * num_layers
-        self.v_scales = [1.0] * num_layers
-        self._layers = self._views()
+        self._layers = [LayerKV(self.data[li, 0], self.data[li, 1], 1.0, 1.0, dtype) for li in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -98,9 +96,15 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
-    def _views(self) -> list[LayerKV]:
-        return [LayerKV(self.data[li, 0], self.data[li, 1], self.k_scales[li], self.v_scales[li], self.dtype)
-                for li in range(self.data.shape[0])]
+    @property
+    def k_scales(self) -> list[float]:
+        """Every layer's K dequantization scale (held by its :class:`LayerKV`)."""
+        return [layer.k_scale for layer in self._layers]
+
+    @property
+    def v_scales(self) -> list[float]:
+        """Every layer's V dequantization scale."""
+        return [layer.v_scale for layer in self._layers]
 
     def layer(self, li: int) -> LayerKV:
         return self._layers[li]
@@ -110,9 +114,7 @@ class PagedKVCache:
         for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive finite number")
-        self.k_scales[li], self.v_scales[li] = float(k_scale), float(v_scale)
-        self._layers[li] = LayerKV(self.data[li, 0], self.data[li, 1], self.k_scales[li], self.v_scales[li],
-                                   self.dtype)
+        self._layers[li] = replace(self._layers[li], k_scale=float(k_scale), v_scale=float(v_scale))
 
     def calibrate(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Set layer ``li``'s scales to ``amax(|x|) / fp8 max`` of these K and V (1.0 if all zero)."""
