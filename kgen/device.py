@@ -82,6 +82,14 @@ def family_of(name: str, compute_capability: tuple[int, int] | None = None) -> s
     return None
 
 
+def family_or_none(name: str) -> str | None:
+    """:func:`family_of` for a name that may not be a device name: None instead of ValueError."""
+    try:
+        return family_of(name)
+    except ValueError:
+        return None
+
+
 def audit_target(name: str, compute_capability: tuple[int, int] | None = None) -> str | None:
     """The ``sm_80``/``sm_90`` target of a device for the static audit, or None (not audited)."""
     return AUDIT_TARGETS.get(family_of(name, compute_capability) or "")

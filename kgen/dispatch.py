@@ -26,7 +26,7 @@ from typing import Callable
 
 from kgen.build import load_kernel
 from kgen.db.lookup import DbReader, LookupResult
-from kgen.device import default_gpu_name, family_of, normalize_gpu_name
+from kgen.device import default_gpu_name, family_or_none, normalize_gpu_name
 from kgen.dtypes import DTYPES, KV_DTYPES, kv_torch_dtype, normalize_dtype, normalize_kv_dtype, torch_dtype
 from kgen.features import FEATURES, normalize_features
 from kgen.paths import default_db_dir
@@ -41,13 +41,6 @@ __all__ = ["Dispatcher", "get_dispatcher", "normalize_dtype", "torch_dtype", "kv
 
 # GPU families older than sm_89, where Triton has no e4m3 (fp8e4nv) conversion.
 PRE_SM89_FAMILIES = ("volta", "turing", "ampere")
-
-
-def _family(gpu: str) -> str | None:
-    try:
-        return family_of(gpu)
-    except ValueError:
-        return None
 
 
 def _support_problem(*, dtype, head_dim: int, block_size: int, group_size: int,
@@ -112,8 +105,8 @@ class Dispatcher:
                                    group_size=group_size, kv_dtype=kv_dtype, features=features)
         if problem or normalize_kv_dtype(kv_dtype) != "fp8_e4m3":
             return problem
-        if _family(self.gpu) in PRE_SM89_FAMILIES:
-            return (f"kv_dtype=fp8_e4m3 is not supported on {self.gpu} ({_family(self.gpu)}): "
+        if family_or_none(self.gpu) in PRE_SM89_FAMILIES:
+            return (f"kv_dtype=fp8_e4m3 is not supported on {self.gpu} ({family_or_none(self.gpu)}): "
                     f"Triton converts e4m3 only on sm_{FP8_E4M3_MIN_CC}+; use fp8_e5m2")
         return None
 

@@ -63,8 +63,12 @@ def feature_params(config: VariantConfig) -> tuple[str, ...]:
 
 
 def slots(config: VariantConfig, *, generated_at: str | None = None,
-          command_line: str | None = None) -> dict:
-    """Every value the templates print, computed from ``config``."""
+          command_line: str | None = None, template_digest: str | None = None) -> dict:
+    """Every value the templates print, computed from ``config``.
+
+    ``template_digest`` is :func:`kgen.paths.template_hash` when the caller has it already
+    (None: compute it).
+    """
     if not isinstance(config, VariantConfig):
         raise ValueError(f"config={config!r} is not a VariantConfig")
     d_pad = padded_head_dim(config.head_dim)
@@ -77,7 +81,7 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "config_dict": repr(config.to_dict()),
         "kernels": repr(kernel_names(config)),
         "kgen_version": __version__,
-        "template_hash": template_hash(),
+        "template_hash": template_hash() if template_digest is None else template_digest,
         "generated_at": generated_at,
         "command_line": command_line,
         "head_dim": config.head_dim,
@@ -132,10 +136,14 @@ def template_parts(config: VariantConfig) -> tuple[str, ...]:
 
 
 def render_source(config: VariantConfig, *, generated_at: str | None = None,
-                  command_line: str | None = None) -> str:
-    """The Python source of the variant's module (kernels + launcher), as text."""
+                  command_line: str | None = None, template_digest: str | None = None) -> str:
+    """The Python source of the variant's module (kernels + launcher), as text.
+
+    ``template_digest``: as in :func:`slots` (None: compute it).
+    """
     env = _environment(str(templates_dir()))
-    values = slots(config, generated_at=generated_at, command_line=command_line)
+    values = slots(config, generated_at=generated_at, command_line=command_line,
+                   template_digest=template_digest)
     return "".join(env.get_template(name).render(**values) for name in template_parts(config))
 
 
@@ -167,8 +175,10 @@ def write_source(config: VariantConfig, directory=None) -> Path:
     file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on the
     source) stay put across runs.
     """
-    folder = Path(directory) if directory is not None else cache_dir() / template_hash()
-    return _write_if_changed(folder / f"{config.key}.py", render_source(config))
+    digest = template_hash()  # once: names the default folder and is printed in the header
+    folder = Path(directory) if directory is not None else cache_dir() / digest
+    return _write_if_changed(folder / f"{config.key}.py",
+                             render_source(config, template_digest=digest))
 
 
 def _check_output_path(path: Path) -> None:

@@ -10,10 +10,11 @@ from kgen.device import resolve_gpu
 from kgen.dtypes import normalize_dtype, normalize_kv_dtype
 from kgen.features import normalize_features
 from kgen.paths import default_db_dir
-from kgen.space import default_config, target_prune_reason
+from kgen.space import target_prune_reason
 from kgen.tune.measure import SyntheticMeasurer
 from kgen.tune import DEFAULT_HEARTBEAT_S, interrupts
 from kgen.tune.measure_kernel import GpuMeasurer, InterpreterMeasurer
+from kgen.tune.search import default_variant
 from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
 
 
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     cc = device.compute_capability
     target = f"sm_{cc[0]}{cc[1]}" if cc else (None if device.is_pseudo else device.audit_target)
     for workload in workloads if target else ():
-        reason = target_prune_reason(default_config(**workload.variant_fields()), target)
+        reason = target_prune_reason(default_variant(workload), target)
         if reason:
             raise ValueError(f"cannot tune {workload.key} on {device.name} ({target}): {reason}")
     # kgen.tune.tuner imports optuna: only when tuning

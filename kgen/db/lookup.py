@@ -29,7 +29,7 @@ from kgen.db.schema import _package_version
 from kgen.db.store import BEST_FILE
 from kgen.db.tables import LayeredTables, _logged, log_once  # noqa: F401 (re-exported)
 from kgen.workload import Workload, head_key, log2_distance
-from kgen.device import family_of, normalize_gpu_name
+from kgen.device import family_or_none, normalize_gpu_name
 from kgen.space import default_config
 from kgen.variant import VariantConfig
 
@@ -89,13 +89,11 @@ class DbReader:
         return int(rec["block_size"]) if rec else None
 
     def family_gpus(self, gpu: str) -> list[str]:
-        try:
-            family = family_of(gpu)
-        except ValueError:
-            return []
+        family = family_or_none(gpu)
         if family is None:
             return []
-        return [name for name in self.tables.gpus() if name != gpu and _family(name) == family]
+        return [name for name in self.tables.gpus()
+                if name != gpu and family_or_none(name) == family]
 
     # ---- the lookup -----------------------------------------------------------------------
     def lookup(self, gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
@@ -187,13 +185,6 @@ class DbReader:
             log_once(level, f"kgen.db lookup fallback ({source}): {reason}")
         return LookupResult(config=config, source=source, reason=reason, workload=asked,
                             entry_key=key, path=path, entry=entry)
-
-
-def _family(name: str) -> str | None:
-    try:
-        return family_of(name)
-    except ValueError:
-        return None
 
 
 def _matching(table, shape: tuple) -> list[tuple[str, dict]]:

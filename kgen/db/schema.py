@@ -193,9 +193,7 @@ def check_trial_line(record, where: str) -> None:
 
 def default_key_for(workload) -> str:
     """The key of the heuristic default variant of ``workload``'s shape (what tuning beats)."""
-    return default_config(head_dim=workload.head_dim, block_size=workload.block_size,
-                          group_size=workload.group_size, dtype=workload.dtype,
-                          kv_dtype=workload.kv_dtype, features=workload.features).key
+    return default_config(**workload.variant_fields()).key
 
 
 def make_entry(workload, config, *, time_ms: float, default_time_ms: float | None,

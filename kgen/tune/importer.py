@@ -52,9 +52,11 @@ def _study_names(storage, gpu: str) -> list[str]:
     return sorted(names)
 
 
-def _worker_provenance(study, trial, fallback: dict | None) -> dict | None:
+def _worker_provenance(workers: dict, trial, fallback: dict | None) -> dict | None:
+    """The provenance the trial's worker registered; ``workers`` is :func:`st.workers` of the
+    study (read once per study: one round trip on a database)."""
     info = st.trial_info(trial)
-    registered = st.workers(study).get((info.get("host"), info.get("pid")), {})
+    registered = workers.get((info.get("host"), info.get("pid")), {})
     return registered.get("provenance") or fallback
 
 
@@ -63,10 +65,15 @@ def _already_logged(store: TuningStore) -> set:
             for r in store.read_trials() if r.get("type") == "trial"}
 
 
-def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport) -> None:
+def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport,
+                 logged: set | None = None) -> None:
+    """Import one study. ``logged`` is :func:`_already_logged` of the GPU's ``trials.jsonl``
+    (None: read it here); the trials written are added to it."""
     study = optuna.load_study(study_name=name, storage=storage.optuna)
     workload = Workload.from_key(name)
     measured = st.budget_trials(study)
+    # read after the trials: a worker registers before it creates any trial
+    workers = st.workers(study)
     open_count = len(study.get_trials(deepcopy=False, states=(st.TrialState.RUNNING,
                                                                 st.TrialState.WAITING)))
     if open_count:
@@ -74,13 +81,14 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport) -> 
                             f"import again when the study is done")
     provs = {}
     for trial in measured:
-        prov = _worker_provenance(study, trial, None)
+        prov = _worker_provenance(workers, trial, None)
         if prov is None:
             report.notes.append(f"{name}: trial {trial.number} has no registered worker "
                                 f"provenance; skipped")
             continue
         provs.setdefault(provenance_id(prov), (prov, []))[1].append(trial)
-    logged = _already_logged(TuningStore(db_dir, gpu))
+    if logged is None:
+        logged = _already_logged(TuningStore(db_dir, gpu))
     for pid, (prov, trials) in provs.items():
         lines = []
         for trial in trials:
@@ -96,11 +104,14 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport) -> 
         if lines:
             TuningStore(db_dir, gpu, prov).append_trials(lines)
             report.trial_lines += len(lines)
+            logged.update((name, line["trial"], pid) for line in lines)
     best = st.best_complete(study)
     if best is None:
         report.notes.append(f"{name}: no valid candidate measured; no entry written")
         return
-    best_prov = _worker_provenance(study, best, None)
+    # the best trial is read later: a worker that joined a live study since needs a fresh read
+    best_prov = (_worker_provenance(workers, best, None)
+                 or _worker_provenance(st.workers(study), best, None))
     if best_prov is None:
         report.notes.append(f"{name}: the best trial has no registered provenance; no entry")
         return
@@ -113,10 +124,7 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport) -> 
             "triton_versions": sorted({str(p.get("triton")) for p in every}),
             "driver_versions": sorted({str(p.get("driver_version")) for p in every}),
             "imported_from": describe(storage.location)}
-    counts = {"ok": 0, "pruned": 0, "failed": 0}
-    for trial in st.done_trials(study):
-        status = st.trial_outcome(trial)["status"]
-        counts[status] = counts.get(status, 0) + 1
+    counts = st.status_counts(st.done_trials(study))
     config = VariantConfig.from_key(st.trial_info(best)["config_key"])
     entry = make_entry(workload, config, time_ms=best.value, default_time_ms=default_ms,
                        provenance=prov, trials=len(measured), study_best_ms=best.value,
@@ -134,6 +142,7 @@ def import_storage(location: str, gpu: str, db_dir) -> ImportReport:
         raise LookupError(f"no study of gpu={gpu!r} in {describe(location)} (study names are "
                           f"workload keys such as {gpu}-fp16-d128-b16-g1-n1-c4096)")
     report = ImportReport()
+    logged = _already_logged(TuningStore(db_dir, gpu))  # read once for every study
     for name in names:
-        import_study(storage, name, gpu, db_dir, report)
+        import_study(storage, name, gpu, db_dir, report, logged)
     return report

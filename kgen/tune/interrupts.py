@@ -58,11 +58,6 @@ def uninstall(previous: tuple) -> None:
     signal.signal(signal.SIGTERM, previous[1])
 
 
-def pending() -> str | None:
-    """The name of the signal that interrupted the run, if one did."""
-    return _state.pending
-
-
 def checkpoint() -> None:
     """Raise KeyboardInterrupt here if a signal arrived and has not been raised yet."""
     if _state.pending is not None and not _state.raised:

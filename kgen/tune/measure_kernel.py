@@ -59,8 +59,10 @@ class KernelMeasurer(Measurer):
         """Why the static audit rejects ``config`` for this target (cached), or None."""
         if self.audit_target is None:
             return None
-        if config.key not in self._audits and target_prune_reason(config, self.audit_target):
-            self._audits[config.key] = target_prune_reason(config, self.audit_target)
+        if config.key not in self._audits:
+            static = target_prune_reason(config, self.audit_target)
+            if static:
+                self._audits[config.key] = static
         if config.key not in self._audits:
             try:
                 result = audit.audit_variant(config, self.audit_target)

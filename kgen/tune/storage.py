@@ -28,10 +28,10 @@ from pathlib import Path
 import optuna
 
 from kgen.tune import DEFAULT_HEARTBEAT_S
-from kgen.tune.claims import NullClaims, RdbClaims
+from kgen.tune.claims import RdbClaims
 from kgen.tune.journal import clear_stale_journal_lock, open_journal
 
-__all__ = ["StorageError", "TuneStorage", "open_storage", "in_memory", "describe", "is_url",
+__all__ = ["StorageError", "TuneStorage", "open_storage", "describe", "is_url",
            "clear_stale_journal_lock", "DEFAULT_HEARTBEAT_S"]
 _SCHEMA_LOCK_ID = 0x6B67656E  # "kgen": the advisory lock serializing table creation
 
@@ -71,10 +71,6 @@ class TuneStorage:
     claims: object
     location: str
     grace_s: float | None = None
-
-    @property
-    def shared_across_hosts(self) -> bool:
-        return self.grace_s is not None
 
 
 # ---- relational database -----------------------------------------------------------------------
@@ -224,8 +220,3 @@ def open_storage(location, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S,
             raise ValueError(f"heartbeat_s={heartbeat_s!r} must be a whole number of seconds >= 1")
         return _open_rdb(location, int(heartbeat_s), on_stale)
     return _open_journal(location)
-
-
-def in_memory() -> TuneStorage:
-    """An in-process storage (replays, tests): nothing shared, nothing to claim."""
-    return TuneStorage(optuna.storages.InMemoryStorage(), NullClaims(), ":memory:")

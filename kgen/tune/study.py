@@ -36,12 +36,12 @@ from kgen.tune.objective import Objective
 from kgen.tune.recovery import fail_trial, recover_orphans, requeue
 from kgen.tune.search import grid_space, params_of
 from kgen.tune.trials import (HOST, TrialState, budget_trials, done_trials, register_worker,
-                              trial_info, trial_outcome, workers)
+                              status_counts, trial_info, trial_outcome, workers)
 from kgen.workload import Workload
 
 # the study's vocabulary, used through this module by the tuner and the importer
 __all__ = ["HOST", "TEMPLATE_ATTR", "TrialState", "Objective", "budget_trials", "done_trials",
-           "trial_info", "trial_outcome", "workers", "requeue", "recover_orphans",
+           "trial_info", "trial_outcome", "status_counts", "workers", "requeue", "recover_orphans",
            "make_sampler", "worker_seed", "open_study", "warm_start", "needs_work", "optimize",
            "best_complete"]
 SAMPLERS = ("tpe", "random", "grid")

@@ -34,6 +34,15 @@ def trial_outcome(trial) -> dict:
                                             "static": False})
 
 
+def status_counts(trials) -> dict[str, int]:
+    """How many of ``trials`` ended ok / pruned / failed (every key present, zero or not)."""
+    counts = {"ok": 0, "pruned": 0, "failed": 0}
+    for trial in trials:
+        status = trial_outcome(trial)["status"]
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
 def budget_trials(study: optuna.Study) -> list:
     """The done trials that count toward ``--trials``: candidates really built and measured (or
     failed / pruned by the audit), not free ones (static prune, repeats answered from the study)."""

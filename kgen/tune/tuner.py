@@ -171,10 +171,7 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
     """Re-measure the winner and the default, store both, merge the entry into the best table."""
     trials = st.done_trials(study)
     measured = len(st.budget_trials(study))
-    counts = {"ok": 0, "pruned": 0, "failed": 0}
-    for trial in trials:
-        status = st.trial_outcome(trial)["status"]
-        counts[status] = counts.get(status, 0) + 1
+    counts = st.status_counts(trials)
     best_trial = st.best_complete(study)
     if best_trial is None:
         return WorkloadResult(workload, None, None, None, measured, counts)
