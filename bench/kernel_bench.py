@@ -52,6 +52,7 @@ from kernel_targets import NUM_HEADS  # noqa: E402
 from kgen.build import load_kernel  # noqa: E402  (kernel modules, and triton, load per call)
 from kgen.db.lookup import lookup  # noqa: E402
 from kgen.dispatch import get_dispatcher  # noqa: E402
+from kgen.shape import AttentionShape  # noqa: E402
 from kgen.space import default_config  # noqa: E402
 
 GPU_SHAPES = list(kernel_targets.SUITE_SHAPES)
@@ -194,7 +195,7 @@ def run(args, on_row=None) -> dict:
         kernels = {"default": load_kernel(default_config(head_dim=d, block_size=bs, group_size=g,
                                                          dtype=dt, split_k=0)).paged_attention_decode}
         # what the runtime's dispatch would use: a tuned record, or a fallback it names
-        found = lookup(gpu_name, dtype=dt, head_dim=d, block_size=bs, group_size=g,
+        found = lookup(gpu_name, AttentionShape(dtype=dt, head_dim=d, group_size=g, block_size=bs),
                        num_seqs=batch, max_context=ctx)
         row["tuned_source"] = found.source
         kernels["tuned"] = load_kernel(found.config).paged_attention_decode
@@ -215,8 +216,8 @@ def run(args, on_row=None) -> dict:
               f"default {row['default_ms']:.4f} ms ({row['default_frac_copy']:.0%} of copy), "
               f"tuned {row['tuned_ms']:.4f} ms, sdpa ({mode}) {row['sdpa_ms']:.4f} ms", flush=True)
         for kv in args.kv_dtypes:
-            problem = get_dispatcher(gpu_name).why_unsupported(
-                dtype=dt, head_dim=d, block_size=bs, group_size=g, kv_dtype=kv)
+            problem = get_dispatcher(gpu_name).plan(AttentionShape(
+                dtype=dt, head_dim=d, block_size=bs, group_size=g, kv_dtype=kv)).problem
             if problem:  # e.g. e4m3 on an A100: say so once per row, measure nothing
                 print(f"    {kv}: skipped: {problem}", flush=True)
                 continue

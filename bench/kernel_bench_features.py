@@ -18,6 +18,7 @@ from kernel_targets import sdpa_fn
 from kgen.build import load_kernel
 from kgen.db.lookup import lookup
 from kgen.dtypes import kv_torch_dtype
+from kgen.shape import AttentionShape
 from kgen.space import default_config
 
 FP8_SCALE = 0.5  # k_scale = v_scale; the caches hold fp8(randn) so K/V ~ 0.5 * N(0, 1)
@@ -53,8 +54,8 @@ def fp8_row(torch, case, plain_row: dict, *, kv_dtype: str, timer, copy_gbs: flo
               + 2 * query.numel() * query.element_size())
     row = dict(dtype=dt, kv_dtype=kv_dtype, head_dim=d, block_size=bs, group_size=g, batch=batch,
                context=ctx, bytes=nbytes)
-    found = lookup(gpu_name, dtype=dt, head_dim=d, block_size=bs, group_size=g, num_seqs=batch,
-                   max_context=ctx, kv_dtype=kv_dtype)
+    found = lookup(gpu_name, AttentionShape(dtype=dt, head_dim=d, group_size=g, block_size=bs,
+                                            kv_dtype=kv_dtype), num_seqs=batch, max_context=ctx)
     kernels = {"default": default_config(head_dim=d, block_size=bs, group_size=g, dtype=dt,
                                          kv_dtype=kv_dtype), "tuned": found.config}
     row["tuned_source"] = found.source
@@ -99,8 +100,9 @@ def window_rows(torch, args, *, make_case, timer, copy_gbs: float, gpu_name: str
                 _, _, num_kv, _ = case["key_cache"].shape
                 nbytes = (2 * batch * span * num_kv * d * case["query"].element_size()
                           + 2 * case["query"].numel() * case["query"].element_size())
-                found = lookup(gpu_name, dtype=dt, head_dim=d, block_size=bs, group_size=g,
-                               num_seqs=batch, max_context=ctx, features=("sliding_window",))
+                found = lookup(gpu_name, AttentionShape(dtype=dt, head_dim=d, group_size=g,
+                                                        block_size=bs, features=("sliding_window",)),
+                               num_seqs=batch, max_context=ctx)
                 row = dict(dtype=dt, head_dim=d, block_size=bs, group_size=g, batch=batch,
                            context=ctx, window=window, bytes=nbytes, tuned_source=found.source)
                 swa = load_kernel(found.config).paged_attention_decode

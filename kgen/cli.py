@@ -32,14 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     subparsers.required = True
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"kgen.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"kgen.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.register(subparsers)
+    for name in COMMANDS:  # every command is part of kgen: a missing module is a broken install
+        importlib.import_module(f"kgen.commands.{name}").register(subparsers)
     return parser
 
 

@@ -46,6 +46,8 @@ _FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in nam
 _FAMILY_OF_CC = {(7, 0): "volta", (7, 5): "turing", (8, 0): "ampere", (8, 6): "ampere",
                  (8, 7): "ampere", (8, 9): "ada", (9, 0): "hopper", (10, 0): "blackwell",
                  (12, 0): "blackwell"}
+# family -> the lowest compute capability of its members (what a rule by capability must assume).
+FAMILY_CC = {"volta": 70, "turing": 75, "ampere": 80, "ada": 89, "hopper": 90, "blackwell": 100}
 # family -> the target the static audit compiles for (kgen.audit knows sm_80 and sm_90; Ada
 # (sm_89) runs the sm_80 ISA, so it is audited as sm_80). Other families are not audited.
 AUDIT_TARGETS = {"ampere": "sm_80", "ada": "sm_80", "hopper": "sm_90"}
@@ -88,6 +90,12 @@ def family_or_none(name: str) -> str | None:
         return family_of(name)
     except ValueError:
         return None
+
+
+def compute_capability_of(name: str) -> int | None:
+    """The compute capability (e.g. 80) kgen assumes for a device name, from its family (the
+    family's lowest); None for pseudo devices and unknown names."""
+    return FAMILY_CC.get(family_or_none(name) or "")
 
 
 def audit_target(name: str, compute_capability: tuple[int, int] | None = None) -> str | None:

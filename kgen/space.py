@@ -15,7 +15,7 @@ import itertools
 import re
 from typing import Callable, Iterator
 
-from kgen.dtypes import KV_ELEM_BYTES, normalize_kv_dtype
+from kgen.dtypes import KV_ELEM_BYTES, kv_dtype_target_problem, normalize_kv_dtype
 from kgen.features import all_feature_sets, normalize_features
 from kgen.variant import (BLOCK_SIZES, DTYPES, GROUP_SIZES, HEAD_DIMS, KV_DTYPES, NUM_STAGES,
                           NUM_WARPS, SPLIT_AUTO, TILE_TOKENS, VariantConfig, normalize_dtype,
@@ -48,9 +48,6 @@ MAX_TILE_ELEMS_ONE_WARP = 64  # one warp holds K, V, P and acc alone: it spills 
 MIN_TILE_ELEMS_PER_THREAD = 8  # fewer and one 16-byte vector load per thread is not possible
 VECTOR_BYTES = 16  # one 16-byte load per thread: fp8 tiles need 16 elements per thread
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-# Triton converts e4m3 (fp8e4nv) only on sm_89 and newer ("type fp8e4nv not supported in this
-# architecture" for sm_80, checked with triton 3.9); e5m2 converts everywhere.
-FP8_E4M3_MIN_CC = 89
 
 
 def kv_elem_bytes(config: VariantConfig) -> int:
@@ -153,12 +150,10 @@ def target_cc(target) -> int:
 
 
 def prune_fp8_target(config: VariantConfig, target) -> str | None:
-    """An e4m3 cache needs a target where Triton converts fp8e4nv (sm_89+)."""
+    """An e4m3 cache needs a target where Triton converts fp8e4nv (sm_89+): the one rule of
+    :func:`kgen.dtypes.kv_dtype_target_problem`."""
     cc = target_cc(target)
-    if config.kv_dtype == "fp8_e4m3" and cc < FP8_E4M3_MIN_CC:
-        return (f"kv_dtype=fp8_e4m3 is not supported on sm_{cc}: Triton converts e4m3 only on "
-                f"sm_{FP8_E4M3_MIN_CC}+ (fp8_e5m2 works everywhere)")
-    return None
+    return kv_dtype_target_problem(config.kv_dtype, cc, f"sm_{cc}")
 
 
 TARGET_RULES: tuple[Callable, ...] = (prune_fp8_target,)

@@ -33,17 +33,16 @@ from dataclasses import dataclass
 
 from kgen.dtypes import (DTYPES, KV_DTYPES, KV_KEY_TAGS, kv_torch_dtype,  # noqa: F401 - re-exported
                          normalize_dtype, normalize_kv_dtype, torch_dtype)
-from kgen.features import (FEATURES, KEY_TAGS, SUFFIX_PATTERN, drop_default_axes, key_suffix,
-                           normalize_features, parse_suffix)
+from kgen.features import FEATURES, KEY_TAGS, SUFFIX_PATTERN, drop_default_axes, key_suffix, parse_suffix
+from kgen.shape import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_fields  # noqa: F401 - re-exported
 
-HEAD_DIMS = (64, 80, 96, 112, 128, 192, 256)
-BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
-GROUP_SIZES = tuple(range(1, 17))
 TILE_TOKENS = (16, 32, 64, 128, 256)
 NUM_WARPS = (1, 2, 4, 8, 16)
 NUM_STAGES = (1, 2, 3, 4, 5)
 MAX_SPLIT_K = 256
 SPLIT_AUTO = 0  # split_k value meaning "pick the partition count at call time"
+_ALLOWED = {"head_dim": HEAD_DIMS, "block_size": BLOCK_SIZES, "group_size": GROUP_SIZES,
+            "tile_tokens": TILE_TOKENS, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 KEY_PREFIX = "paged_decode"
 _KEY_RE = re.compile(
@@ -106,18 +105,8 @@ class VariantConfig:
     features: tuple = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
-        object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
-        object.__setattr__(self, "features", normalize_features(self.features))
         object.__setattr__(self, "split_k", parse_split_k(self.split_k))
-        for name, allowed in (
-            ("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
-            ("tile_tokens", TILE_TOKENS), ("num_warps", NUM_WARPS), ("num_stages", NUM_STAGES),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-                shown = f"{allowed[0]}..{allowed[-1]}" if name == "group_size" else ", ".join(map(str, allowed))
-                raise ValueError(f"{name}={value!r} is not supported; allowed: {shown}")
+        normalize_fields(self, allowed=_ALLOWED)
         if not 0 <= self.split_k <= MAX_SPLIT_K:
             raise ValueError(f"split_k={self.split_k!r} must be 'auto' (0) or 1..{MAX_SPLIT_K}")
 

@@ -16,9 +16,9 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from kgen.dtypes import KV_KEY_TAGS, normalize_kv_dtype
-from kgen.features import SUFFIX_PATTERN, drop_default_axes, key_suffix, normalize_features, parse_suffix
-from kgen.variant import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, normalize_dtype
+from kgen.dtypes import KV_KEY_TAGS
+from kgen.features import SUFFIX_PATTERN, drop_default_axes, key_suffix, parse_suffix
+from kgen.shape import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, AttentionShape, normalize_fields
 
 DEFAULT_BATCHES = tuple(2 ** i for i in range(0, 9))  # 1 .. 256
 DEFAULT_CONTEXTS = tuple(2 ** i for i in range(9, 16))  # 512 .. 32768
@@ -38,12 +38,11 @@ def tuning_window(context: int) -> int:
     return max(1, int(context * TUNING_WINDOW_FRACTION))
 
 
-def head_key(dtype, head_dim: int, kv_dtype="auto", features=()) -> str:
+def head_key(shape: AttentionShape) -> str:
     """The block-size defaults' key: ``fp16-d128``, or ``bf16-d128-kvfp8e4m3-swa`` for a KV dtype
-    and features (any head dim: an unsupported one simply has no record)."""
-    kv = normalize_kv_dtype(kv_dtype)
-    return (f"{normalize_dtype(dtype)}-d{head_dim}"
-            f"{key_suffix(KV_KEY_TAGS.get(kv), normalize_features(features))}")
+    and features (group and block size left out: the preference is per head shape)."""
+    return (f"{shape.dtype}-d{shape.head_dim}"
+            f"{key_suffix(KV_KEY_TAGS.get(shape.kv_dtype), shape.features)}")
 
 
 def _is_pow2(value: int) -> bool:
@@ -119,17 +118,10 @@ class Workload:
     features: tuple = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
-        object.__setattr__(self, "kv_dtype", normalize_kv_dtype(self.kv_dtype))
-        object.__setattr__(self, "features", normalize_features(self.features))
+        normalize_fields(self, allowed={"head_dim": HEAD_DIMS, "block_size": BLOCK_SIZES,
+                                        "group_size": GROUP_SIZES})
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", str(self.gpu)):
             raise ValueError(f"gpu={self.gpu!r} is not a normalized device name")
-        for name, allowed in (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES),
-                              ("group_size", GROUP_SIZES)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; allowed: "
-                                 f"{', '.join(map(str, allowed))}")
         for name in ("batch", "context"):
             if not _is_pow2(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a power of two bucket")
@@ -151,20 +143,19 @@ class Workload:
     @property
     def head_key(self) -> str:
         """``fp16-d128`` (with the KV dtype / feature suffixes): the database's block-size key."""
-        return head_key(self.dtype, self.head_dim, self.kv_dtype, self.features)
+        return head_key(self.shape)
 
     @property
-    def shape(self) -> tuple:
+    def shape(self) -> AttentionShape:
         """What a record must share to serve this workload: everything but GPU and buckets."""
-        return (self.dtype, self.head_dim, self.block_size, self.group_size, self.kv_dtype,
-                self.features)
+        return AttentionShape(dtype=self.dtype, head_dim=self.head_dim, group_size=self.group_size,
+                              kv_dtype=self.kv_dtype, features=self.features,
+                              block_size=self.block_size)
 
     def variant_fields(self) -> dict:
         """The :class:`kgen.variant.VariantConfig` fields the workload fixes (the tuner searches
         the others)."""
-        return {"head_dim": self.head_dim, "block_size": self.block_size,
-                "group_size": self.group_size, "dtype": self.dtype, "kv_dtype": self.kv_dtype,
-                "features": self.features}
+        return self.shape.variant_fields()
 
     @classmethod
     def from_key(cls, key: str) -> "Workload":
@@ -181,13 +172,12 @@ class Workload:
         return workload
 
     @classmethod
-    def for_step(cls, *, gpu: str, dtype, head_dim: int, block_size: int, group_size: int,
-                 num_seqs: int, max_context: int, kv_dtype="auto", features=()) -> "Workload":
-        """The workload of one decode step: sizes are bucketed."""
-        return cls(gpu=gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
-                   group_size=group_size, batch=bucket(num_seqs, "num_seqs"),
-                   context=bucket(max_context, "max_context"), kv_dtype=kv_dtype,
-                   features=features)
+    def for_step(cls, gpu: str, shape: AttentionShape, *, num_seqs: int,
+                 max_context: int) -> "Workload":
+        """The workload of one decode step of a layer of ``shape`` (its block size set): the
+        batch and context are bucketed."""
+        return cls(gpu=gpu, **shape.variant_fields(), batch=bucket(num_seqs, "num_seqs"),
+                   context=bucket(max_context, "max_context"))
 
     def to_dict(self) -> dict:
         """Plain fields; ``kv_dtype`` / ``features`` only when not the default (as the variant's

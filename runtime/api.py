@@ -203,8 +203,8 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
         ids = _tokenize(prompts, loaded)
         params = _params_list(sampling_params, len(ids))
         if block_size is None:
-            block_size = default_block_size(backend, head_dim=loaded.config.head_dim,
-                                            dtype=loaded.dtype, device=loaded.device)
+            block_size = default_block_size(backend, config=loaded.config, dtype=loaded.dtype,
+                                            device=loaded.device, kv_cache_dtype=kv_cache_dtype)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} must be a positive int")
         blocks = _pool(loaded, ids, params, block_size, num_blocks, kv_cache_bytes, kv_cache_dtype)

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kgen.dispatch import get_dispatcher, normalize_dtype
+from kgen.dispatch import get_dispatcher
+from kgen.shape import AttentionShape
 from runtime.config import kernel_features
 from runtime.decode_native import NativeDecode
 from runtime.decode_torch import TorchDecode
@@ -44,7 +45,8 @@ from runtime.kv_cache import LayerKV
 from runtime.sdpa import attend
 
 __all__ = ["AttentionMetadata", "PrefillSpan", "prefill_attention", "TorchDecode", "NativeDecode",
-           "TritonDecode", "make_decode_backend", "default_block_size", "resolve_backend"]
+           "TritonDecode", "make_decode_backend", "default_block_size", "resolve_backend",
+           "layer_shapes"]
 
 BACKENDS = ("auto", "torch", "native", "triton")
 
@@ -145,13 +147,28 @@ def ensure_interpreter_on_cpu(device: torch.device) -> None:
                           "under the (slow) Triton interpreter", RuntimeWarning, stacklevel=3)
 
 
+def layer_shapes(layers, *, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
+                 kv_cache_dtype: str = "auto", block_size: int | None = None) -> dict:
+    """The kgen :class:`~kgen.shape.AttentionShape` of each kind of layer: features -> shape.
+
+    ``layers`` holds one :class:`runtime.config.LayerAttention` per layer (none: one plain kind).
+    """
+    kinds = sorted({la.features for la in layers} | ({()} if not layers else set()))
+    return {features: AttentionShape.from_heads(dtype=dtype, head_dim=head_dim, num_heads=num_heads,
+                                                num_kv_heads=num_kv_heads, kv_dtype=kv_cache_dtype,
+                                                features=features, block_size=block_size)
+            for features in kinds}
+
+
 class TritonDecode:
-    """kgen's paged decode kernel, looked up through ``kgen.dispatch`` once per step.
+    """kgen's paged decode kernel: one kgen plan per kind of layer, made here once, asked for the
+    kernel of each step.
 
     ``layers`` (one :class:`runtime.config.LayerAttention` per layer) says which attention
     features each layer needs and ``kv_cache_dtype`` the cache's format (``auto`` or fp8); what
-    kgen's kernels lack is refused here, naming the feature (or format) and the layer. Each distinct feature set gets its kernel in :meth:`prepare`, and
-    :meth:`decode` passes the layer's ``sliding_window`` / ``logits_soft_cap`` to it.
+    kgen's kernels lack (the plan's ``problem``) is refused here, naming the layer. :meth:`prepare`
+    asks each plan for the step's kernel and :meth:`decode` passes the layer's ``sliding_window``
+    / ``logits_soft_cap`` to it.
     """
 
     name = "triton"
@@ -160,38 +177,25 @@ class TritonDecode:
                  dtype: torch.dtype, device: torch.device, dispatcher=None, layers=(),
                  kv_cache_dtype: str = "auto") -> None:
         ensure_interpreter_on_cpu(device)
-        self.dispatcher = dispatcher or get_dispatcher()
-        self.block_size, self.head_dim = block_size, head_dim
-        self.group_size = num_heads // num_kv_heads
-        self.dtype = normalize_dtype(dtype)
-        self.kv_dtype = kv_cache_dtype
-        problem = self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=head_dim, block_size=block_size,
-                                                  group_size=self.group_size, kv_dtype=kv_cache_dtype)
-        if problem:
-            raise ValueError(f"backend='triton': {problem} (use backend='torch')")
-        for i, la in enumerate(layers):
-            why = self._lacks(la.features)
-            if why:
-                raise ValueError(f"backend='triton' cannot decode layer {i} (sliding_window="
-                                 f"{la.sliding_window}, logits_soft_cap={la.logits_soft_cap}): {why}; "
-                                 f"use backend='torch'")
-        self.feature_sets = sorted({la.features for la in layers} | ({()} if not layers else set()))
-
-    def _lacks(self, features: tuple[str, ...]) -> str | None:
-        """Why kgen's kernels cannot run ``features`` for this model (None: they can)."""
-        if not features:
-            return None
-        return self.dispatcher.why_unsupported(dtype=self.dtype, head_dim=self.head_dim,
-                                               block_size=self.block_size, group_size=self.group_size,
-                                               kv_dtype=self.kv_dtype, features=features)
+        dispatcher = dispatcher or get_dispatcher()
+        shapes = layer_shapes(layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                              block_size=block_size)
+        self.plans = {features: dispatcher.plan(shape) for features, shape in shapes.items()}
+        for features, plan in self.plans.items():
+            if plan.problem is None:
+                continue
+            which = [i for i, la in enumerate(layers) if la.features == features]
+            if features and which:
+                la = layers[which[0]]
+                raise ValueError(f"backend='triton' cannot decode layer {which[0]} (sliding_window="
+                                 f"{la.sliding_window}, logits_soft_cap={la.logits_soft_cap}): "
+                                 f"{plan.problem}; use backend='torch'")
+            raise ValueError(f"backend='triton': {plan.problem} (use backend='torch')")
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        for features in self.feature_sets:
-            extra = {"features": features} if features else {}
-            meta.extra[("kernel", features)] = self.dispatcher.kernel_for(
-                dtype=self.dtype, head_dim=self.head_dim, block_size=self.block_size,
-                group_size=self.group_size, num_seqs=meta.num_decodes, max_context=meta.max_seq_len,
-                kv_dtype=self.kv_dtype, **extra)
+        for features, plan in self.plans.items():
+            meta.extra[("kernel", features)] = plan.kernel(meta.num_decodes, meta.max_seq_len)
 
     def decode(self, q, layer: LayerKV, meta: AttentionMetadata, scale: float, *,
                sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:
@@ -220,17 +224,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def default_block_size(backend: str, *, head_dim: int, dtype: torch.dtype, device: torch.device,
-                       fallback: int = 16) -> int:
+def default_block_size(backend: str, *, config, dtype: torch.dtype, device: torch.device,
+                       kv_cache_dtype: str = "auto", fallback: int = 16) -> int:
     """The KV block size to use when the caller gives none.
 
-    When kgen's kernels decode (the ``triton`` backend), the block size the tuning database
-    recorded as fastest for this GPU, dtype and head dim; otherwise (or if none is recorded)
-    ``fallback``, the paper's and vLLM's default of 16.
+    When kgen's kernels decode (the ``triton`` backend), the block size of kgen's plan for the
+    model's most common kind of layer (the tuning database's fastest for this GPU, dtype, head
+    dim, KV dtype and features, else 16); otherwise ``fallback``, the paper's and vLLM's default.
     """
     if resolve_backend(backend, device) != "triton":
         return fallback
-    return get_dispatcher().preferred_block_size(dtype=dtype, head_dim=head_dim) or fallback
+    layers = [config.layer_attention(i) for i in range(config.num_hidden_layers)]
+    shapes = layer_shapes(layers, num_heads=config.num_attention_heads,
+                          num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                          dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    counts = {features: sum(la.features == features for la in layers) for features in shapes}
+    most = max(shapes, key=lambda features: (counts[features], -len(features)))
+    return get_dispatcher().plan(shapes[most]).block_size
 
 
 def make_decode_backend(backend: str, *, block_size: int, num_heads: int, num_kv_heads: int,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kgen.dispatch import torch_dtype
+from kgen.dtypes import torch_dtype
 from runtime.model.families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_for
 
 __all__ = ["ModelConfig", "LayerAttention", "kernel_features", "parse_dtype", "SUPPORTED_ARCHITECTURES"]
@@ -26,7 +26,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 def parse_dtype(dtype, *, name: str = "dtype") -> torch.dtype:
     """``torch.float16`` / ``"bf16"`` / ``"float32"`` ... -> a torch dtype (fp32, fp16 or bf16).
 
-    The one dtype vocabulary is kgen's (:mod:`kgen.dtypes`, re-exported by the dispatch door).
+    The one dtype vocabulary is kgen's (:mod:`kgen.dtypes`).
     """
     return torch_dtype(dtype, name=name)
 

@@ -62,7 +62,7 @@ def test_prompt_longer_than_the_pool(ckpt):
     ({"seed": "7"}, "seed='7' must be an int or None"),
     ({"seed": 1.5}, "seed=1.5 must be an int or None"),
     ({"device": "tpu"}, "device='tpu' is not a device torch knows"),
-    ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4' is not supported; use one of 'auto', 'fp8', 'fp8_e4m3'"),
+    ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4' is not supported; use one of auto, fp8, fp8_e4m3"),
     ({"num_threads": 0}, "num_threads=0 must be a positive int"),
 ])
 def test_bad_engine_options(ckpt, options, match):

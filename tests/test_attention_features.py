@@ -94,17 +94,24 @@ def test_triton_backend_routes_each_layer_to_its_feature_kernel():
 
     asked, called = [], []
 
-    class FeatureDispatcher:  # answers as a dispatcher with feature kernels will
-        def why_unsupported(self, *, dtype, head_dim, block_size, group_size, kv_dtype="auto", features=()):
-            return None
+    class FeaturePlan:  # answers as a plan of a dispatcher with feature kernels will
+        problem = None
 
-        def kernel_for(self, *, features=(), **shape):
-            asked.append(features)
+        def __init__(self, shape):
+            self.features = shape.features
+
+        def kernel(self, num_seqs, max_context):
+            asked.append(self.features)
+            features = self.features
 
             def kernel(q, kc, vc, bt, sl, *, scale, max_seq_len, **extra):
                 called.append((features, extra))
                 return torch.full_like(q, float(len(called)))
             return kernel
+
+    class FeatureDispatcher:
+        def plan(self, shape):
+            return FeaturePlan(shape)
 
     layers = [LayerAttention(0.2, 8, 0.5), LayerAttention(0.2, None, 0.5), LayerAttention(0.2, 8, 0.5)]
     backend = TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), FeatureDispatcher(), layers=layers)

@@ -13,8 +13,10 @@ from kgen.db.store import TuningStore
 from kgen.device import pseudo_device
 from kgen.variant import VariantConfig
 from kgen.workload import Workload
+from kgen.shape import AttentionShape
 
 SHAPE = dict(dtype="fp16", head_dim=128, block_size=16, group_size=4)
+LAYER = AttentionShape(**SHAPE)
 SHIPPED_ONLY = Workload("synthetic", batch=64, context=512, **SHAPE)
 BOTH = Workload("synthetic", batch=1, context=8192, **SHAPE)
 
@@ -58,15 +60,14 @@ def test_tune_writes_to_the_user_folder_and_lookup_layers_it_over_the_shipped(wh
     assert {p.name: p.read_bytes() for p in (wheel / "synthetic").iterdir()} == before
     mine = TuningStore(user, "synthetic").load_best()["entries"][BOTH.key]
     reader = DbReader()
-    upper = reader.lookup("synthetic", num_seqs=1, max_context=8192, **SHAPE)
+    upper = reader.lookup("synthetic", LAYER, num_seqs=1, max_context=8192)
     assert upper.source == "exact" and upper.config.key == mine["config_key"]
     assert upper.path == str(user / "synthetic" / "best.json")
-    lower = reader.lookup("synthetic", num_seqs=64, max_context=512, **SHAPE)
+    lower = reader.lookup("synthetic", LAYER, num_seqs=64, max_context=512)
     assert lower.source == "exact" and lower.config == _config(1)
     assert lower.path == str(wheel / "synthetic" / "best.json")
     # naming the default folder explicitly reads the same layers
-    assert DbReader(user).lookup("synthetic", num_seqs=64, max_context=512,
-                                 **SHAPE).config == _config(1)
+    assert DbReader(user).lookup("synthetic", LAYER, num_seqs=64, max_context=512).config == _config(1)
 
 
 def test_kgen_db_overrides_the_user_folder_and_is_layered_too(wheel, tmp_path, monkeypatch):
@@ -77,11 +78,10 @@ def test_kgen_db_overrides_the_user_folder_and_is_layered_too(wheel, tmp_path, m
                  "--context", "8192", "--group-size", "4"]) == 0
     assert (mine / "synthetic" / "best.json").is_file()
     assert not (tmp_path / "xdg").exists()
-    assert DbReader().lookup("synthetic", num_seqs=64, max_context=512,
-                             **SHAPE).config == _config(1)
+    assert DbReader().lookup("synthetic", LAYER, num_seqs=64, max_context=512).config == _config(1)
     # an explicit other folder is read alone
-    assert DbReader(tmp_path / "elsewhere").lookup("synthetic", num_seqs=64, max_context=512,
-                                                   **SHAPE).source == "heuristic"
+    assert DbReader(tmp_path / "elsewhere").lookup("synthetic", LAYER, num_seqs=64,
+                                                   max_context=512).source == "heuristic"
 
 
 def test_a_source_checkout_writes_its_committed_tuning_db(monkeypatch):

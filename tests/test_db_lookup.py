@@ -9,6 +9,7 @@ from kgen.db import lookup as lk
 from kgen.db.schema import make_entry, make_provenance
 from kgen.db.store import TuningStore
 from kgen.device import DeviceInfo
+from kgen.shape import AttentionShape
 from kgen.space import default_config
 from kgen.workload import Workload
 from kgen.variant import VariantConfig
@@ -45,7 +46,8 @@ def _fresh_log_once():
 
 
 def _lookup(root, gpu, batch, context, **shape):
-    return lk.DbReader(root).lookup(gpu, num_seqs=batch, max_context=context, **{**SHAPE, **shape})
+    return lk.DbReader(root).lookup(gpu, AttentionShape(**{**SHAPE, **shape}), num_seqs=batch,
+                                    max_context=context)
 
 
 def test_exact_and_nearest(tmp_path):
@@ -115,14 +117,16 @@ def test_corrupted_file_falls_back_with_a_warning(tmp_path, caplog, content):
     assert result.source == "heuristic"
 
 
-def test_best_config_for_and_preferred_block_size(tmp_path):
+def test_lookup_of_the_middle_and_preferred_block_size(tmp_path):
     _write(tmp_path, "interpreter", [(1, 512, 2), (4, 2048, 4), (16, 8192, 8)])
+    layer = AttentionShape(**SHAPE)
     # no batch/context: the middle of the tuned range
-    assert lk.best_config_for("interpreter", db_dir=tmp_path, **SHAPE) == _config(4)
-    assert lk.best_config_for("interpreter", db_dir=tmp_path, num_seqs=1, max_context=600,
-                              **SHAPE) == _config(2)
-    assert lk.preferred_block_size("interpreter", dtype="fp16", head_dim=128, db_dir=tmp_path) == 16
-    assert lk.preferred_block_size("interpreter", dtype="bf16", head_dim=128, db_dir=tmp_path) is None
+    assert lk.lookup("interpreter", layer, db_dir=tmp_path).config == _config(4)
+    assert lk.lookup("interpreter", layer, db_dir=tmp_path, num_seqs=1,
+                     max_context=600).config == _config(2)
+    reader = lk.DbReader(tmp_path)
+    assert reader.preferred_block_size("interpreter", AttentionShape("fp16", 128)) == 16
+    assert reader.preferred_block_size("interpreter", AttentionShape("bf16", 128)) is None
 
 
 def test_explain_cli(tmp_path, capsys):
@@ -186,8 +190,8 @@ def test_malformed_block_size_defaults_fall_back_with_a_warning(tmp_path):
     data["block_size_defaults"]["fp16-d128"] = 16  # not {"block_size": 16, ...}
     path.write_text(json.dumps(data))
     with pytest.warns(RuntimeWarning, match="block_size_defaults"):
-        assert lk.preferred_block_size("interpreter", dtype="fp16", head_dim=128,
-                                       db_dir=tmp_path) is None
+        assert lk.DbReader(tmp_path).preferred_block_size("interpreter",
+                                                          AttentionShape("fp16", 128)) is None
 
 
 def test_other_triton_fallback_never_hands_out_this_tritons_entries(tmp_path):

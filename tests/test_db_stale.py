@@ -19,8 +19,10 @@ from kgen.tune.measure import SyntheticMeasurer
 from kgen.tune.search import default_variant
 from kgen.variant import VariantConfig
 from kgen.workload import Workload
+from kgen.shape import AttentionShape
 
 SHAPE = dict(dtype="fp16", head_dim=128, block_size=16, group_size=4)
+LAYER = AttentionShape(**SHAPE)
 W1 = Workload("synthetic", batch=1, context=8192, **SHAPE)
 W2 = Workload("synthetic", batch=64, context=512, **SHAPE)
 
@@ -53,25 +55,24 @@ def test_a_record_of_other_templates_falls_back_to_the_default_logged_once(tmp_p
     reader = lk.DbReader(tmp_path)
     with caplog.at_level(logging.INFO, logger="kgen.db"):
         for _ in range(3):
-            result = reader.lookup("synthetic", num_seqs=1, max_context=8192, **SHAPE)
+            result = reader.lookup("synthetic", LAYER, num_seqs=1, max_context=8192)
     assert result.source == "heuristic" and result.config == default_config(**SHAPE)
     assert "measured against other kernel templates" in result.reason
     held = [r for r in caplog.records if "is not served" in r.getMessage()]
     assert len(held) == 1 and held[0].levelno == logging.WARNING
     assert "0ld0ld0ld0ld0ld0" in held[0].getMessage() and template_hash() in held[0].getMessage()
     # nor does it choose the block size, nor serve a neighbour bucket
-    assert reader.preferred_block_size("synthetic", dtype="fp16", head_dim=128) is None
-    assert Dispatcher("synthetic", tmp_path).lookup(num_seqs=1, max_context=6000,
-                                                    **SHAPE).source == "heuristic"
+    assert reader.preferred_block_size("synthetic", LAYER) is None
+    assert Dispatcher("synthetic", tmp_path).plan(LAYER).lookup(num_seqs=1,
+                                                                max_context=6000).source == "heuristic"
 
 
 def test_current_records_are_served_and_a_stale_neighbour_does_not_hide_them(tmp_path):
     _write(tmp_path, [(W1, _config(32))])
     _write(tmp_path, [(W2, _config(1))], template=template_hash())
     reader = lk.DbReader(tmp_path)
-    assert reader.lookup("synthetic", num_seqs=64, max_context=512, **SHAPE).config == _config(1)
-    assert reader.lookup("synthetic", num_seqs=1, max_context=8192,
-                         **SHAPE).source == "heuristic"
+    assert reader.lookup("synthetic", LAYER, num_seqs=64, max_context=512).config == _config(1)
+    assert reader.lookup("synthetic", LAYER, num_seqs=1, max_context=8192).source == "heuristic"
 
 
 def test_the_committed_h200_split_k_1_record_is_not_served(tmp_path):
@@ -81,8 +82,8 @@ def test_the_committed_h200_split_k_1_record_is_not_served(tmp_path):
     entry = json.loads(shipped.read_text())["entries"]["h200-bf16-d128-b16-g8-n4-c8192"]
     assert entry["config"]["split_k"] == 1
     shutil.copytree(shipped.parent, tmp_path / "h200")
-    result = lk.DbReader(tmp_path).lookup("h200", dtype="bf16", head_dim=128, block_size=16,
-                                          group_size=8, num_seqs=4, max_context=8192)
+    result = lk.DbReader(tmp_path).lookup("h200", AttentionShape("bf16", 128, 8, block_size=16),
+                                          num_seqs=4, max_context=8192)
     if entry["provenance"]["template_hash"] != template_hash():  # until re-measured on an H200
         assert result.source == "heuristic"
         assert result.config == default_config(dtype="bf16", head_dim=128, block_size=16,
@@ -103,13 +104,13 @@ def test_remeasure_serves_a_record_that_still_beats_the_default_and_not_one_that
     out = capsys.readouterr().out
     assert f"{W1.key}: {best.key}" in out and "served again" in out and "still held back" in out
     reader = lk.DbReader(tmp_path)
-    served = reader.lookup("synthetic", num_seqs=1, max_context=8192, **SHAPE)
+    served = reader.lookup("synthetic", LAYER, num_seqs=1, max_context=8192)
     assert served.source == "exact" and served.config == best
     block = served.entry["remeasure"]
     assert block["template_hash"] == template_hash() and block["beats_default"]
     assert block["time_ms"] == pytest.approx(model.cost(best, W1))
     assert block["default_time_ms"] == pytest.approx(model.cost(default_variant(W1), W1))
-    held = reader.lookup("synthetic", num_seqs=64, max_context=512, **SHAPE)
+    held = reader.lookup("synthetic", LAYER, num_seqs=64, max_context=512)
     assert held.source == "heuristic"
     assert "beats" in reader.table("synthetic").stale[W2.key]
     phases = [r["phase"] for r in TuningStore(tmp_path, "synthetic").read_trials()
@@ -139,8 +140,8 @@ def test_check_reports_stale_records_and_prune_drops_them(tmp_path, capsys):
     # a record of an older kgen but the same templates is still served (dispatch looks at the
     # templates); only check / prune call it stale
     _write(tmp_path, [(W2, _config(1))], template=template_hash(), kgen="0.0.1")
-    assert lk.DbReader(tmp_path).lookup("synthetic", num_seqs=64, max_context=512,
-                                        **SHAPE).source == "exact"
+    assert lk.DbReader(tmp_path).lookup("synthetic", LAYER, num_seqs=64,
+                                        max_context=512).source == "exact"
 
 
 def test_prune_needs_to_be_told_what(tmp_path, capsys):

@@ -18,6 +18,7 @@ from kgen.db.schema import DbFormatError, check_entry, make_entry, make_provenan
 from kgen.db.store import TuningStore
 from kgen.device import pseudo_device
 from kgen.dispatch import Dispatcher
+from kgen.shape import AttentionShape
 from kgen.reference import make_paged_inputs, paged_attention_reference, within_tolerance
 from kgen.variant import VariantConfig
 from kgen.workload import Workload, expand_workloads
@@ -71,16 +72,17 @@ def test_workload_keys_grow_suffixes_only_when_not_default():
 
 def test_lookup_serves_feature_records_only_to_their_feature_set(db):
     reader = lk.DbReader(db)
-    got = reader.lookup("interpreter", num_seqs=1, max_context=500, **SHAPE, **FP8_SWA)
+    got = reader.lookup("interpreter", AttentionShape(**SHAPE, **FP8_SWA), num_seqs=1, max_context=500)
     assert got.source == "exact" and got.config == FEATURED
-    got = reader.lookup("interpreter", num_seqs=1, max_context=500, **SHAPE)
+    got = reader.lookup("interpreter", AttentionShape(**SHAPE), num_seqs=1, max_context=500)
     assert got.source == "exact" and got.config == PLAIN
     # same shape, another feature set: the heuristic with that feature set, not a plain record
-    other = reader.lookup("interpreter", num_seqs=1, max_context=500, **SHAPE, features=("alibi",))
+    other = reader.lookup("interpreter", AttentionShape(**SHAPE, features=("alibi",)), num_seqs=1,
+                          max_context=500)
     assert other.source == "heuristic" and other.config.features == ("alibi",)
     assert other.config.kv_dtype == "auto" and other.workload.key.endswith("-c512-alibi")
-    fp8_only = reader.lookup("interpreter", num_seqs=1, max_context=500, **SHAPE,
-                             kv_dtype="fp8_e5m2")
+    fp8_only = reader.lookup("interpreter", AttentionShape(**SHAPE, kv_dtype="fp8_e5m2"),
+                             num_seqs=1, max_context=500)
     assert fp8_only.source == "heuristic" and fp8_only.config.kv_fp8 and not fp8_only.config.features
 
 
@@ -88,23 +90,28 @@ def test_check_and_block_size_defaults_keep_feature_records_apart(db):
     assert all(r.problem is None for r in check_db(db))
     table = TuningStore(db, "interpreter").load_best()
     assert set(table["block_size_defaults"]) == {"fp16-d64", "fp16-d64-kvfp8e5m2-swa-sinks"}
-    assert lk.DbReader(db).preferred_block_size("interpreter", dtype="fp16", head_dim=64) == 16
-    assert lk.DbReader(db).preferred_block_size("interpreter", dtype="fp16", head_dim=64,
-                                                features=("alibi",)) is None
+    assert lk.DbReader(db).preferred_block_size("interpreter", AttentionShape("fp16", 64)) == 16
+    assert lk.DbReader(db).preferred_block_size(
+        "interpreter", AttentionShape("fp16", 64, features=("alibi",))) is None
     key, entry = next((k, e) for k, e in table["entries"].items() if "kvfp8" in k)
     bad = {**entry, "config": PLAIN.to_dict(), "config_key": PLAIN.key}
     with pytest.raises(DbFormatError, match="config differs from the workload in kv_dtype, features"):
         check_entry(key, bad, "best.json")
 
 
-def test_dispatch_kernel_for_features(db):
+def _kernel(dispatcher, **shape):
+    return dispatcher.plan(AttentionShape(**SHAPE, **shape)).kernel(num_seqs=1, max_context=500)
+
+
+def test_dispatch_plans_for_features(db):
     dispatcher = Dispatcher(gpu="interpreter", db_dir=db)
-    kernel = dispatcher.kernel_for(num_seqs=1, max_context=500, **SHAPE,
-                                   kv_dtype="fp8_e5m2", features=["sinks", "sliding_window"])
+    kernel = _kernel(dispatcher, kv_dtype="fp8_e5m2", features=["sinks", "sliding_window"])
     assert kernel is load_kernel(FEATURED).paged_attention_decode
-    plain = dispatcher.kernel_for(num_seqs=1, max_context=500, **SHAPE)
+    # a comma string names the same feature set (and the same plan)
+    assert _kernel(dispatcher, kv_dtype="fp8_e5m2", features="sliding_window, sinks") is kernel
+    plain = _kernel(dispatcher)
     assert plain is load_kernel(PLAIN).paged_attention_decode
-    capped = dispatcher.kernel_for(num_seqs=1, max_context=500, **SHAPE, features=("soft_cap",))
+    capped = _kernel(dispatcher, features=("soft_cap",))
     assert capped.__module__.endswith("_fp16_cap")
     sources = {key: r.source for key, r in dispatcher.chosen().items()}
     assert sources == {"interpreter-fp16-d64-b16-g2-n1-c512-kvfp8e5m2-swa-sinks": "exact",
@@ -116,18 +123,24 @@ def test_dispatch_kernel_for_features(db):
     out = kernel(**inputs, max_seq_len=300)
     assert within_tolerance(out, paged_attention_reference(**inputs), "fp16")
     with pytest.raises(ValueError, match="'rope' is not a feature"):
-        dispatcher.kernel_for(num_seqs=1, max_context=500, **SHAPE, features=("rope",))
+        _kernel(dispatcher, features=("rope",))
 
 
-def test_why_unsupported_names_fp8_and_feature_problems(db):
+def test_plan_problems_name_fp8_and_feature_values(db):
     a100, h100 = Dispatcher(gpu="a100", db_dir=db), Dispatcher(gpu="h100", db_dir=db)
     shape = dict(dtype="bf16", head_dim=128, block_size=16, group_size=4)
-    assert "fp8_e4m3 is not supported on a100" in a100.why_unsupported(**shape, kv_dtype="fp8_e4m3")
-    assert a100.why_unsupported(**shape, kv_dtype=torch.float8_e5m2) is None
-    assert h100.why_unsupported(**shape, kv_dtype="fp8_e4m3",
-                                features=("sliding_window", "soft_cap", "alibi", "sinks")) is None
-    assert "kv_dtype='int8'" in h100.why_unsupported(**shape, kv_dtype="int8")
-    assert "'yarn' is not a feature" in h100.why_unsupported(**shape, features=["yarn"])
+
+    def problem(dispatcher, **more):
+        return dispatcher.plan(AttentionShape(**shape, **more)).problem
+
+    assert "fp8_e4m3 is not supported on a100" in problem(a100, kv_dtype="fp8_e4m3")
+    assert problem(a100, kv_dtype=torch.float8_e5m2) is None
+    assert problem(h100, kv_dtype="fp8_e4m3",
+                   features=("sliding_window", "soft_cap", "alibi", "sinks")) is None
+    with pytest.raises(ValueError, match="kv_dtype='int8'"):
+        AttentionShape(**shape, kv_dtype="int8")  # malformed, not merely unsupported
+    with pytest.raises(ValueError, match="'yarn' is not a feature"):
+        AttentionShape(**shape, features=["yarn"])
 
 
 def test_db_show_and_explain_print_kv_dtype_and_features(db, capsys):

@@ -17,6 +17,7 @@ import torch
 
 from kgen.build import load_kernel
 from kgen.dispatch import get_dispatcher
+from kgen.shape import AttentionShape
 from kgen.reference import (TOLERANCES, make_paged_inputs, max_abs_error,
                             paged_attention_reference, within_tolerance)
 from kgen.space import default_config
@@ -91,17 +92,15 @@ def test_dispatch_gives_a_correct_kernel_for_this_gpu():
     """The runtime's door on a real GPU: the GPU's name, a database lookup, a compiled kernel."""
     dispatcher = get_dispatcher()
     assert dispatcher.gpu not in ("interpreter", "synthetic")
-    assert dispatcher.why_unsupported(dtype="bf16", head_dim=128, block_size=16, group_size=8) is None
-    kernel = dispatcher.kernel_for(dtype="bf16", head_dim=128, block_size=16, group_size=8,
-                                   num_seqs=4, max_context=8192)
-    assert dispatcher.kernel_for(dtype="bf16", head_dim=128, block_size=16, group_size=8,
-                                 num_seqs=4, max_context=8192) is kernel  # cached step
+    plan = dispatcher.plan(AttentionShape("bf16", 128, 8, block_size=16))
+    assert plan.problem is None
+    kernel = plan.kernel(num_seqs=4, max_context=8192)
+    assert plan.kernel(num_seqs=4, max_context=8192) is kernel  # cached step
     inputs = make_paged_inputs(4, 16, 2, 128, 16, [8192, 5000, 17, 1], "bf16", seed=9,
                                device=DEVICE, poison_unused=True)
     out = torch.full_like(inputs["query"], float("nan"))
     kernel(**inputs, out=out, max_seq_len=8192)
     ref = paged_attention_reference(**inputs)
     assert within_tolerance(out, ref, "bf16"), f"max abs err {max_abs_error(out, ref):.3g}"
-    chosen = dispatcher.lookup(dtype="bf16", head_dim=128, block_size=16, group_size=8,
-                               num_seqs=4, max_context=8192)
+    chosen = plan.lookup(num_seqs=4, max_context=8192)
     assert kernel.__globals__["VARIANT_KEY"] == chosen.config.key, chosen.reason

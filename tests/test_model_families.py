@@ -115,13 +115,14 @@ class _NoFeatureDispatcher:
 
         self._real = get_dispatcher()
 
-    def why_unsupported(self, *, features=(), **shape):
-        if features:
-            return f"kgen's decode kernels lack the {features[0]!r} feature"
-        return self._real.why_unsupported(**shape)
+    def plan(self, shape):
+        import dataclasses
 
-    def kernel_for(self, **kw):
-        return self._real.kernel_for(**kw)
+        plan = self._real.plan(shape)
+        if shape.features:
+            return dataclasses.replace(
+                plan, problem=f"kgen's decode kernels lack the {shape.features[0]!r} feature")
+        return plan
 
 
 def test_triton_backend_refuses_a_feature_its_kernels_lack_by_name():
@@ -138,7 +139,7 @@ def test_triton_backend_refuses_a_feature_its_kernels_lack_by_name():
         TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers[::2],
                      dispatcher=_NoFeatureDispatcher())
     ok = TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers)
-    assert ok.feature_sets == [(), ("sliding_window",), ("soft_cap",)]
+    assert list(ok.plans) == [(), ("sliding_window",), ("soft_cap",)]
 
 
 @pytest.mark.parametrize("name,features,config", [

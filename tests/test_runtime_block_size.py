@@ -32,12 +32,25 @@ def _tune_table(root, times: dict[int, float]) -> None:
 def test_default_block_size_follows_the_database(tmp_path, monkeypatch):
     monkeypatch.setenv("KGEN_GPU", "interpreter")
     monkeypatch.setenv("KGEN_DB", str(tmp_path))
-    args = dict(head_dim=64, dtype=torch.float32, device=CPU)
+    args = dict(config=_config(64), dtype=torch.float32, device=CPU)
     assert default_block_size("triton", **args) == 16  # nothing tuned yet
     _tune_table(tmp_path, {16: 2.0, 32: 1.0, 8: 3.0})
     assert default_block_size("triton", **args) == 32
     assert default_block_size("torch", **args) == 16  # kgen's kernels do not decode
-    assert default_block_size("triton", head_dim=32, dtype=torch.float32, device=CPU) == 16
+    assert default_block_size("triton", **dict(args, config=_config(32))) == 16
+    # plain records never choose an fp8 or windowed model's block size: it has none of its own
+    assert default_block_size("triton", **args, kv_cache_dtype="fp8_e5m2") == 16
+    assert default_block_size("triton", **dict(args, config=_config(64, sliding_window=8))) == 16
+
+
+def _config(head_dim, **extra):
+    from runtime.config import ModelConfig
+
+    arch = "MistralForCausalLM" if "sliding_window" in extra else "LlamaForCausalLM"
+    return ModelConfig.from_dict({"architectures": [arch], "vocab_size": 128,
+                                  "hidden_size": 4 * head_dim, "intermediate_size": 64,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "head_dim": head_dim, **extra})
 
 
 def test_generate_uses_the_recorded_block_size(tmp_path, monkeypatch):

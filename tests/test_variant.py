@@ -74,7 +74,7 @@ def torch_name(name):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("kv_dtype", "fp4", "kv_dtype='fp4' is not supported; use one of auto, fp8_e4m3, fp8_e5m2"),
+    ("kv_dtype", "fp4", "kv_dtype='fp4' is not supported; use one of auto, fp8, fp8_e4m3, fp8_e5m2"),
     ("features", "sliding_window,rope", "'rope' is not a feature"),
     ("features", 7, "features=7 is not a feature name"),
     ("features", [None], "None is not a feature name"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kgen.integrations import vllm_decode
+from kgen.dispatch import get_dispatcher
 from kgen.integrations.vllm_decode import (decode, feature_kwargs, is_pure_decode, layer_plan,
                                            window_of)
 from kgen.reference import make_paged_inputs, paged_attention_reference, within_tolerance
@@ -40,7 +41,9 @@ def test_window_of_reads_both_backends_conventions(value, window):
 def test_a_plain_layer_is_decoded_by_kgen():
     plan = _plan(_impl())
     assert plan.reason is None
-    assert (plan.head_dim, plan.block_size, plan.group_size, plan.kv_dtype) == (D, BS, 2, "auto")
+    shape = plan.shape
+    assert (shape.head_dim, shape.block_size, shape.group_size, shape.kv_dtype) == (D, BS, 2, "auto")
+    assert plan.plan is get_dispatcher().plan(shape)  # the adapter's layer plan is kgen's plan
     # a cache dtype spelled like the model's is the plain cache
     assert _plan(_impl(kv_cache_dtype="float32")).reason is None
 
@@ -48,8 +51,8 @@ def test_a_plain_layer_is_decoded_by_kgen():
 @pytest.mark.parametrize("overrides,needle", [
     (dict(head_size=32), "head_dim=32"),
     (dict(num_heads=40, num_kv_heads=2), "group_size=20"),
-    (dict(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype=int8_per_token_head"),
-    (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype=bfloat16"),
+    (dict(kv_cache_dtype="int8_per_token_head"), "kv_cache_dtype='int8_per_token_head'"),
+    (dict(kv_cache_dtype="bfloat16"), "kv_cache_dtype='bfloat16' differs from the model's dtype"),
     (dict(attn_type="encoder_only"), "attn_type=encoder_only"),
     (dict(use_alibi_sqrt=True), "use_alibi_sqrt=True"),
     (dict(chunk_lookback=2), "chunk_lookback=2"),
@@ -68,9 +71,9 @@ def test_fp8_caches_and_every_feature_are_passed_to_kgen():
     asked = {}
 
     class Dispatcher:
-        def why_unsupported(self, **shape):
-            asked.update(shape)
-            return None
+        def plan(self, shape):
+            asked.update(kv_dtype=shape.kv_dtype, features=shape.features)
+            return get_dispatcher().plan(shape)
 
     slopes, sinks = torch.arange(H, dtype=torch.float64), torch.ones(H, dtype=torch.bfloat16)
     impl = _impl(kv_cache_dtype="fp8", sliding_window=(127, 0), logits_soft_cap=50.0,
@@ -185,6 +188,7 @@ def test_prefill_and_unsupported_layers_go_to_the_stock_backend(fresh_log, caplo
                               layout="bhnc", stock_name="TEST")
     assert torch.isnan(output).all()
     said = [r.getMessage() for r in caplog.records]
-    assert said == ["kgen: layers stay on TEST's kernels: kv_cache_dtype=int8_per_token_head "
-                    "(kgen has auto, fp8_e4m3, fp8_e5m2)"]
+    assert said == ["kgen: layers stay on TEST's kernels: kv_cache_dtype='int8_per_token_head' is "
+                    "not supported; use one of auto, fp8, fp8_e4m3, fp8_e5m2, torch.float8_e4m3fn, "
+                    "torch.float8_e5m2"]
     assert vllm_decode.STATS == {"decode_calls": 0, "stock_calls": 4}

@@ -54,21 +54,21 @@ def _counted(fn):
 def _wrong_kernels(factor: float):
     """Make kgen's dispatcher hand out kernels whose softmax scale is off by ``factor``.
 
-    Returns the dispatcher's own ``kernel_for``, to put back.
+    Returns the plans' own ``kernel``, to put back.
     """
-    from kgen import dispatch
+    from kgen import plan
 
-    plain = dispatch.Dispatcher.kernel_for
+    plain = plan.AttentionPlan.kernel
 
-    def kernel_for(self, **shape):
-        kernel = plain(self, **shape)
+    def kernel(self, *args, **kw):
+        chosen = plain(self, *args, **kw)
 
         def mis_scaled(*args, scale=None, **kwargs):
-            return kernel(*args, scale=scale * factor, **kwargs)
+            return chosen(*args, scale=scale * factor, **kwargs)
 
         return mis_scaled
 
-    dispatch.Dispatcher.kernel_for = kernel_for
+    plan.AttentionPlan.kernel = kernel
     return plain
 
 
@@ -182,8 +182,8 @@ def main() -> None:
     if args.wrong_scale is not None and llm is not None:
         plain = _wrong_kernels(args.wrong_scale)
         run(llm, bs, prompts, wrong=True)
-        from kgen import dispatch
-        dispatch.Dispatcher.kernel_for = plain
+        from kgen import plan
+        plan.AttentionPlan.kernel = plain
     llm = None  # one engine at a time: dropping one tears down vLLM's process-wide state
     if args.swa_model:
         swa_prompts = json.loads(args.swa_prompts)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 from kgen.commands.tune import make_measurer
 from kgen.db.check import check_db, prune_stale, stale_records
-from kgen.db.lookup import DbReader, preferred_block_size
+from kgen.db.lookup import DbReader
 from kgen.db.schema import DbFormatError, make_provenance
 from kgen.db.tables import LayeredTables
 from kgen.device import normalize_gpu_name, resolve_gpu
 from kgen.dtypes import normalize_kv_dtype
 from kgen.features import features_text, normalize_features
 from kgen.paths import default_db_dir
+from kgen.shape import AttentionShape
 from kgen.workload import bucket
 
 
@@ -140,11 +141,11 @@ def _ms(value) -> str:
 
 def explain(args) -> int:
     reader = DbReader(_db_dir(args))
-    result = reader.lookup(args.gpu, dtype=args.dtype, head_dim=args.head_dim,
-                           block_size=args.block_size, group_size=args.group_size,
-                           num_seqs=args.batch, max_context=args.context,
+    shape = AttentionShape(dtype=args.dtype, head_dim=args.head_dim, group_size=args.group_size,
+                           block_size=args.block_size,
                            kv_dtype=normalize_kv_dtype(args.kv_dtype, name="--kv-dtype"),
                            features=normalize_features(args.features, name="--features"))
+    result = reader.lookup(args.gpu, shape, num_seqs=args.batch, max_context=args.context)
     print(f"step: batch {args.batch} (bucket {bucket(args.batch, '--batch')}), context "
           f"{args.context} (bucket {bucket(args.context, '--context')})")
     print(f"workload: {result.workload.key} (kv dtype {result.workload.kv_dtype}, features "
@@ -253,18 +254,16 @@ def emit_config_from_db(args, given: dict):
                          f"drop {', '.join(clash)}")
     if "head_dim" not in given:
         raise ValueError("--head-dim is required with --gpu")
-    dtype = given.get("dtype", "fp16")
-    kv_dtype, features = given.get("kv_dtype", "auto"), given.get("features", ())
-    block_size = given.get("block_size") or preferred_block_size(
-        args.gpu, dtype=dtype, head_dim=given["head_dim"], db_dir=_db_dir(args),
-        kv_dtype=kv_dtype, features=features)
+    shape = AttentionShape(dtype=given.get("dtype", "fp16"), head_dim=given["head_dim"],
+                           group_size=given.get("group_size", 1),
+                           kv_dtype=given.get("kv_dtype", "auto"), features=given.get("features", ()))
+    reader = DbReader(_db_dir(args))
+    block_size = given.get("block_size") or reader.preferred_block_size(args.gpu, shape)
     if block_size is None:
         raise ValueError(f"--block-size is required: no fastest block size is recorded for "
-                         f"gpu={args.gpu!r}, {dtype}, head dim {given['head_dim']}")
-    result = DbReader(_db_dir(args)).lookup(
-        args.gpu, dtype=dtype, head_dim=given["head_dim"], block_size=block_size,
-        group_size=given.get("group_size", 1), num_seqs=args.batch, max_context=args.context,
-        kv_dtype=kv_dtype, features=features)
+                         f"gpu={args.gpu!r}, {shape.key.replace('-b?', '')}")
+    result = reader.lookup(args.gpu, shape.with_block_size(block_size), num_seqs=args.batch,
+                           max_context=args.context)
     sys.stderr.write(f"kgen emit: {result.source}: {result.reason}\n")
     return result.config
 

@@ -28,22 +28,16 @@ from dataclasses import dataclass
 from kgen.db.schema import _package_version
 from kgen.db.store import BEST_FILE
 from kgen.db.tables import LayeredTables, _logged, log_once  # noqa: F401 (re-exported)
-from kgen.workload import Workload, head_key, log2_distance
 from kgen.device import family_or_none, normalize_gpu_name
+from kgen.shape import AttentionShape
 from kgen.space import default_config
 from kgen.variant import VariantConfig
+from kgen.workload import Workload, head_key, log2_distance
 
 
 @functools.lru_cache(maxsize=1)
 def triton_version() -> str | None:
     return _package_version("triton")
-
-
-def heuristic_config(*, dtype, head_dim: int, block_size: int, group_size: int,
-                     kv_dtype="auto", features=()) -> VariantConfig:
-    """The generator's default variant for a shape (no tuning data)."""
-    return default_config(head_dim=head_dim, block_size=block_size, group_size=group_size,
-                          dtype=dtype, kv_dtype=kv_dtype, features=features)
 
 
 @dataclass(frozen=True)
@@ -78,14 +72,14 @@ class DbReader:
         """The GPU's merged table (:class:`kgen.db.tables.GpuTable`), or None if it has none."""
         return self.tables.get(gpu)
 
-    def preferred_block_size(self, gpu: str, *, dtype, head_dim: int, kv_dtype="auto",
-                             features=()) -> int | None:
-        """The block size recorded as fastest for (gpu, dtype, head dim[, KV dtype, features]) by
-        current entries, or None if not tuned."""
+    def preferred_block_size(self, gpu: str, shape: AttentionShape) -> int | None:
+        """The block size recorded as fastest by current entries for ``shape``'s dtype, head dim,
+        KV dtype and features on ``gpu`` (records of another KV dtype or feature set never
+        count), or None if not tuned."""
         table = self.table(normalize_gpu_name(gpu))
         if not table:
             return None
-        rec = table.block_size_defaults.get(head_key(dtype, head_dim, kv_dtype, features))
+        rec = table.block_size_defaults.get(head_key(shape))
         return int(rec["block_size"]) if rec else None
 
     def family_gpus(self, gpu: str) -> list[str]:
@@ -96,24 +90,19 @@ class DbReader:
                 if name != gpu and family_or_none(name) == family]
 
     # ---- the lookup -----------------------------------------------------------------------
-    def lookup(self, gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
-               num_seqs: int | None, max_context: int | None, kv_dtype="auto",
-               features=()) -> LookupResult:
-        """The config to use for one decode step shape on ``gpu`` (see the module docstring).
+    def lookup(self, gpu: str, shape: AttentionShape, *, num_seqs: int | None,
+               max_context: int | None) -> LookupResult:
+        """The config to use for one decode step of a layer of ``shape`` (its block size set) on
+        ``gpu`` (see the module docstring).
 
         ``num_seqs`` / ``max_context`` of None mean "the middle of the tuned range" (used by
-        ``kgen emit --gpu`` when no step size is given). ``kv_dtype`` / ``features`` select
-        records of that KV dtype and feature set only.
+        ``kgen emit --gpu`` when no step size is given). Only records of the shape's KV dtype and
+        feature set are used.
         """
         gpu = normalize_gpu_name(gpu)
         if num_seqs is None or max_context is None:
-            shape = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim,
-                                      block_size=block_size, group_size=group_size, num_seqs=1,
-                                      max_context=1, kv_dtype=kv_dtype, features=features).shape
             num_seqs, max_context = self._middle(gpu, shape, num_seqs, max_context)
-        asked = Workload.for_step(gpu=gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                  group_size=group_size, num_seqs=num_seqs,
-                                  max_context=max_context, kv_dtype=kv_dtype, features=features)
+        asked = Workload.for_step(gpu, shape, num_seqs=num_seqs, max_context=max_context)
         here = triton_version()
         table = self.table(gpu)
         candidates = _matching(table, asked.shape)
@@ -132,9 +121,7 @@ class DbReader:
             found = _choose(matching, asked)
             if found:
                 return self._result(found, asked, other, "family")
-        config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                  group_size=group_size, kv_dtype=asked.kv_dtype,
-                                  features=asked.features)
+        config = default_config(**shape.variant_fields())
         why = ("no database for this GPU" if table is None else
                f"no current tuned entry in range ({held} held back: measured against other "
                f"kernel templates or another default)" if held else "no tuned entry in range")
@@ -157,7 +144,7 @@ class DbReader:
                                   f"({table.paths[key]}) is not served: {table.stale[key]}")
         return key
 
-    def _middle(self, gpu: str, shape: tuple, num_seqs, max_context) -> tuple[int, int]:
+    def _middle(self, gpu: str, shape: AttentionShape, num_seqs, max_context) -> tuple[int, int]:
         """Fill a missing batch / context with the middle (log2) of the tuned buckets of the
         shape on this GPU or its family (1 and 4096 when nothing is tuned)."""
         entries = _matching(self.table(gpu), shape)
@@ -187,7 +174,7 @@ class DbReader:
                             entry_key=key, path=path, entry=entry)
 
 
-def _matching(table, shape: tuple) -> list[tuple[str, dict]]:
+def _matching(table, shape: AttentionShape) -> list[tuple[str, dict]]:
     """Served entries of ``table`` (a GpuTable) of this :attr:`Workload.shape` (dtype, head dim,
     block size, group size, KV dtype, features)."""
     if not table:
@@ -219,29 +206,14 @@ def _middle(values: list[int]) -> int:
     return 2 ** round((math.log2(min(values)) + math.log2(max(values))) / 2)
 
 
-# ---- module-level conveniences (one reader per database root) ---------------------------------
+# ---- module-level convenience (one reader per database root) ----------------------------------
 @functools.lru_cache(maxsize=8)
 def _reader(db_dir: str | None) -> DbReader:
     return DbReader(db_dir)
 
 
-def lookup(gpu: str, *, db_dir=None, **shape) -> LookupResult:
+def lookup(gpu: str, shape: AttentionShape, *, db_dir=None, num_seqs: int | None = None,
+           max_context: int | None = None) -> LookupResult:
     """:meth:`DbReader.lookup` through a cached reader of ``db_dir``."""
-    return _reader(None if db_dir is None else str(db_dir)).lookup(gpu, **shape)
-
-
-def best_config_for(gpu: str, *, dtype, head_dim: int, block_size: int, group_size: int,
-                    num_seqs: int | None = None, max_context: int | None = None,
-                    db_dir=None, kv_dtype="auto", features=()) -> VariantConfig:
-    """The recorded best variant for a shape on ``gpu`` (with the lookup's fallbacks)."""
-    return DbReader(db_dir).lookup(gpu, dtype=dtype, head_dim=head_dim, block_size=block_size,
-                                   group_size=group_size, num_seqs=num_seqs,
-                                   max_context=max_context, kv_dtype=kv_dtype,
-                                   features=features).config
-
-
-def preferred_block_size(gpu: str, *, dtype, head_dim: int, db_dir=None, kv_dtype="auto",
-                         features=()) -> int | None:
-    """The block size recorded as fastest for (gpu, dtype, head dim), or None if not tuned."""
-    return DbReader(db_dir).preferred_block_size(gpu, dtype=dtype, head_dim=head_dim,
-                                                 kv_dtype=kv_dtype, features=features)
+    return _reader(None if db_dir is None else str(db_dir)).lookup(
+        gpu, shape, num_seqs=num_seqs, max_context=max_context)

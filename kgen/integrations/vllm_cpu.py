@@ -20,7 +20,7 @@ import os
 from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from kgen.integrations.vllm_decode import decode
+from kgen.integrations.vllm_decode import KgenImplMixin
 
 # ISAs whose cache packing kgen reads by strides (K transposed per page, then V row-major).
 VIEWABLE_ISAS = ("vec", "vec16")
@@ -37,17 +37,14 @@ def _cpu_problem(layer) -> str | None:
     return None
 
 
-class KgenCPUAttentionImpl(CPUAttentionBackendImpl):
+class KgenCPUAttentionImpl(KgenImplMixin, CPUAttentionBackendImpl):
     """vLLM's CPU impl; pure-decode batches go to kgen's kernel."""
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if (output_scale is None and output_block_scale is None
-                and decode(self, layer, query, kv_cache, attn_metadata, output, layout="cpu",
-                           stock_name="CPU_ATTN", extra_problem=lambda: _cpu_problem(layer))):
-            return output
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                               output_scale, output_block_scale)
+    kgen_layout = "cpu"
+    kgen_stock_name = "CPU_ATTN"
+
+    def kgen_problem(self, layer) -> str | None:
+        return _cpu_problem(layer)
 
 
 class KgenCPUAttentionBackend(CPUAttentionBackend):

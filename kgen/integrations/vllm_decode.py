@@ -3,12 +3,14 @@
 This module holds the engine-facing logic of the vLLM adapter without importing vLLM: it reads
 only plain attributes of vLLM's impl, layer and metadata objects (named below), so it is tested
 with stand-ins as well as inside vLLM. The backend classes in
-:mod:`kgen.integrations.vllm_backends` call :func:`decode` first and run the stock backend when it
-returns False.
+:mod:`kgen.integrations.vllm_cpu` (vLLM-CPU) and :mod:`kgen.integrations.vllm_gpu` (a GPU) call
+:func:`decode` first and run the stock backend when it returns False.
 
 What a layer needs is read once per layer (:func:`layer_plan`): the KV cache dtype and the
-attention features (sliding window, logit soft-cap, ALiBi, sinks). kgen's kernels get a layer
-when :meth:`kgen.dispatch.Dispatcher.why_unsupported` has no objection (the one gate).
+attention features (sliding window, logit soft-cap, ALiBi, sinks) make its
+:class:`kgen.shape.AttentionShape`, and kgen's plan for that shape
+(:meth:`kgen.dispatch.Dispatcher.plan`) is the layer's plan: kgen's kernels get the layer when the
+plan has no ``problem`` (the one gate), and the plan gives the kernel of each step.
 Every KV dtype and feature of kgen's kernels is passed (:func:`feature_kwargs` builds the
 arguments); what still falls back is named by :func:`layer_needs` (other cache dtypes, non-decoder
 attention, ALiBi-sqrt, chunked attention) and by the backend (e.g. vLLM-CPU's AMX cache packing).
@@ -27,7 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kgen import dispatch
+from kgen.dtypes import kv_torch_dtype, normalize_kv_dtype
 from kgen.integrations.kv_views import nhd_views
+from kgen.plan import AttentionPlan
+from kgen.shape import AttentionShape
 
 logger = logging.getLogger("vllm.kgen")
 
@@ -39,10 +44,8 @@ logger = logging.getLogger("vllm.kgen")
 # - sliding window W: the query at position p sees keys p - W + 1 .. p (:func:`window_of`).
 # - soft-cap before ALiBi: s = c * tanh(scale * q.k / c) + slope * (j - p); sinks: one extra
 #   unscaled logit per query head in the softmax denominator, as in kgen.
-# vLLM's --kv-cache-dtype -> kgen's kv_dtype name (the same element type as the model is "auto")
-_KV_DTYPES = {"auto": "auto", "fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
-_FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-_SAME_AS_MODEL = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# vLLM's --kv-cache-dtype spellings are kgen's one vocabulary (kgen.dtypes): auto, fp8 (= e4m3),
+# fp8_e4m3, fp8_e5m2, and the model's own dtype name meaning auto.
 
 # Counters for tests and benchmarks: kgen kernel calls, and forward calls handed to the stock
 # backend (prefill / mixed batches, unsupported layers). Per process.
@@ -61,16 +64,24 @@ def _say_once(message: str) -> None:
 
 @dataclass
 class LayerPlan:
-    """What one attention layer needs, and whether kgen decodes it (``reason`` None)."""
+    """One vLLM attention layer as the adapter sees it: kgen's plan for its shape, and what the
+    adapter adds around it.
 
+    ``plan`` is kgen's :class:`kgen.plan.AttentionPlan` (None when the layer was refused before
+    kgen was asked: encoder attention, another cache dtype ...); ``reason`` says why the layer
+    stays on vLLM's kernels (None: kgen serves it); ``values`` maps kgen's feature names to the
+    layer's values from vLLM; ``kwargs`` are the kernel's feature arguments, built at the first
+    call.
+    """
+
+    plan: AttentionPlan | None
     reason: str | None
-    dtype: torch.dtype
-    head_dim: int
-    block_size: int
-    group_size: int
-    kv_dtype: str = "auto"
-    features: dict = field(default_factory=dict)  # feature name -> vLLM's value
-    kwargs: dict | None = None  # the kernel's feature arguments, built at the first decode
+    values: dict = field(default_factory=dict)
+    kwargs: dict | None = None
+
+    @property
+    def shape(self) -> AttentionShape:
+        return self.plan.shape
 
 
 def window_of(sliding_window) -> int | None:
@@ -102,10 +113,10 @@ def layer_needs(impl, model_dtype: torch.dtype) -> tuple[str | None, str, dict]:
     if getattr(impl, "chunk_lookback", -1) > -1:
         return f"chunk_lookback={impl.chunk_lookback} (chunked attention)", "auto", {}
     cache_dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
-    if _SAME_AS_MODEL.get(cache_dtype) == model_dtype:
-        cache_dtype = "auto"
-    if cache_dtype not in _KV_DTYPES:
-        return f"kv_cache_dtype={cache_dtype} (kgen has auto, fp8_e4m3, fp8_e5m2)", "auto", {}
+    try:
+        kv_dtype = normalize_kv_dtype(cache_dtype, name="kv_cache_dtype", model_dtype=model_dtype)
+    except ValueError as exc:
+        return str(exc), "auto", {}
     features = {}
     window = window_of(getattr(impl, "sliding_window", None))
     if window is not None:
@@ -117,7 +128,7 @@ def layer_needs(impl, model_dtype: torch.dtype) -> tuple[str | None, str, dict]:
         features["alibi"] = impl.alibi_slopes
     if getattr(impl, "sinks", None) is not None:
         features["sinks"] = impl.sinks
-    return None, _KV_DTYPES[cache_dtype], features
+    return None, kv_dtype, features
 
 
 def layer_plan(impl, *, dtype: torch.dtype, block_size: int, extra_problem: str | None = None,
@@ -138,39 +149,28 @@ def layer_plan(impl, *, dtype: torch.dtype, block_size: int, extra_problem: str 
     dispatcher : kgen.dispatch.Dispatcher, optional
         Defaults to :func:`kgen.dispatch.get_dispatcher`'s shared one.
     """
-    group = impl.num_heads // impl.num_kv_heads
-    plan = LayerPlan(None, dtype, int(impl.head_size), int(block_size), group)
-    problem, plan.kv_dtype, plan.features = layer_needs(impl, dtype)
+    problem, kv_dtype, values = layer_needs(impl, dtype)
     if extra_problem or problem:
-        plan.reason = extra_problem or problem
-        return plan
-    dispatcher = dispatcher or dispatch.get_dispatcher()
-    plan.reason = dispatcher.why_unsupported(**_shape(plan))
-    return plan
+        return LayerPlan(None, extra_problem or problem, values)
+    shape = AttentionShape.from_heads(dtype=dtype, head_dim=int(impl.head_size),
+                                      num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads,
+                                      kv_dtype=kv_dtype, features=tuple(values),
+                                      block_size=int(block_size))
+    plan = (dispatcher or dispatch.get_dispatcher()).plan(shape)
+    return LayerPlan(plan, plan.problem, values)
 
 
-def _shape(plan: LayerPlan) -> dict:
-    """The dispatcher's layer-shape arguments (kv_dtype / features only when not plain)."""
-    shape = dict(dtype=plan.dtype, head_dim=plan.head_dim, block_size=plan.block_size,
-                 group_size=plan.group_size)
-    if plan.kv_dtype != "auto":
-        shape["kv_dtype"] = plan.kv_dtype
-    if plan.features:
-        shape["features"] = tuple(name for name in dispatch.FEATURES if name in plan.features)
-    return shape
-
-
-def feature_kwargs(plan: LayerPlan, layer, device) -> dict:
+def feature_kwargs(layer_plan: LayerPlan, layer, device) -> dict:
     """The kernel's keyword arguments for the layer's KV dtype and features (kgen issue 9's call).
 
     FP8 scales come from ``layer._k_scale`` / ``layer._v_scale`` (fp32 tensors on the device: no
     host sync); ALiBi slopes and sinks are moved to the device as fp32 once per layer.
     """
     kwargs = {}
-    if plan.kv_dtype != "auto":
+    if layer_plan.shape.kv_fp8:
         kwargs["k_scale"] = layer._k_scale
         kwargs["v_scale"] = layer._v_scale
-    feats = plan.features
+    feats = layer_plan.values
     if "sliding_window" in feats:
         kwargs["sliding_window"] = int(feats["sliding_window"])
     if "soft_cap" in feats:
@@ -184,8 +184,7 @@ def feature_kwargs(plan: LayerPlan, layer, device) -> dict:
 
 def _as_fp8(cache: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     """An fp8 cache view in kgen's fp8 dtype (vLLM allocates fp8 caches as uint8): no copy."""
-    want = _FP8_TORCH[kv_dtype]
-    return cache.view(want) if cache.dtype == torch.uint8 else cache
+    return cache.view(kv_torch_dtype(kv_dtype, torch.float32)) if cache.dtype == torch.uint8 else cache
 
 
 def is_pure_decode(meta) -> bool:
@@ -235,12 +234,12 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
         STATS["stock_calls"] += 1
         return False
     n = meta.num_actual_tokens
+    shape = plan.shape
     key, value = nhd_views(kv_cache, layout, num_kv_heads=impl.num_kv_heads,
-                           head_dim=plan.head_dim, block_size=plan.block_size)
-    if plan.kv_dtype != "auto":
-        key, value = _as_fp8(key, plan.kv_dtype), _as_fp8(value, plan.kv_dtype)
-    kernel = dispatch.get_dispatcher().kernel_for(**_shape(plan), num_seqs=n,
-                                                  max_context=int(meta.max_seq_len))
+                           head_dim=shape.head_dim, block_size=shape.block_size)
+    if shape.kv_fp8:
+        key, value = _as_fp8(key, shape.kv_dtype), _as_fp8(value, shape.kv_dtype)
+    kernel = plan.plan.kernel(n, int(meta.max_seq_len))
     _say_once(f"kgen decode: {kernel.__globals__.get('VARIANT_KEY', kernel.__module__)}")
     block_table = meta.block_table[:n]
     if block_table.dtype != torch.int32:
@@ -251,3 +250,33 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
            out=output[:n], max_seq_len=int(meta.max_seq_len), **plan.kwargs)
     STATS["decode_calls"] += 1
     return True
+
+
+class KgenImplMixin:
+    """The ``forward`` of kgen's vLLM attention impls (CPU and GPU alike): kgen first, vLLM's own
+    ``forward`` (the next class in the MRO) when :func:`decode` declines.
+
+    A subclass sets ``kgen_layout`` (the cache layout, :mod:`kgen.integrations.kv_views`) and
+    ``kgen_stock_name`` (the stock backend's name for the log), and may override
+    :meth:`kgen_problem` (a backend-specific reason a layer stays on the stock kernels) and
+    :meth:`kgen_step_ok` (whether a step's metadata is one kgen may take at all).
+    """
+
+    kgen_layout: str = ""
+    kgen_stock_name: str = ""
+
+    def kgen_problem(self, layer) -> str | None:
+        return None
+
+    def kgen_step_ok(self, meta) -> bool:
+        return True
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if (output_scale is None and output_block_scale is None and self.kgen_step_ok(attn_metadata)
+                and decode(self, layer, query, kv_cache, attn_metadata, output,
+                           layout=self.kgen_layout, stock_name=self.kgen_stock_name,
+                           extra_problem=lambda: self.kgen_problem(layer))):
+            return output
+        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                               output_scale, output_block_scale)

@@ -20,7 +20,7 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
-from kgen.integrations.vllm_decode import decode, is_pure_decode
+from kgen.integrations.vllm_decode import KgenImplMixin, is_pure_decode
 
 
 def _gpu_problem(impl) -> str | None:
@@ -35,17 +35,17 @@ def _plain_step(meta) -> bool:
             and getattr(meta, "rswa_prefix_lens", None) is None and is_pure_decode(meta))
 
 
-class KgenAttentionImpl(TritonAttentionImpl):
+class KgenAttentionImpl(KgenImplMixin, TritonAttentionImpl):
     """vLLM's Triton impl; pure-decode batches go to kgen's kernel."""
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        if (output_scale is None and output_block_scale is None and _plain_step(attn_metadata)
-                and decode(self, layer, query, kv_cache, attn_metadata, output, layout="bhnc",
-                           stock_name="TRITON_ATTN", extra_problem=lambda: _gpu_problem(self))):
-            return output
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                               output_scale, output_block_scale)
+    kgen_layout = "bhnc"
+    kgen_stock_name = "TRITON_ATTN"
+
+    def kgen_problem(self, layer) -> str | None:
+        return _gpu_problem(self)
+
+    def kgen_step_ok(self, meta) -> bool:
+        return _plain_step(meta)
 
 
 class KgenAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
