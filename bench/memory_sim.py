@@ -107,7 +107,9 @@ def run_paged(reqs, block_size: int, budget: int = BUDGET) -> dict:
         meter.record([(len(s), len(s.block_table) * block_size, final[s.seq_id]) for s in seqs],
                      blocked=bool(sched.waiting))
         for s in seqs:
-            s.num_computed_tokens = len(s)
+            s.num_computed_tokens += s.num_scheduled_tokens
+            if s.num_computed_tokens < len(s):  # a prefill chunk short of the prompt's end
+                continue
             s.append_token(1)
             if len(s) - s.num_prompt_tokens >= out_len[s.seq_id]:
                 sched.finish_seq(s, "length")

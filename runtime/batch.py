@@ -1,7 +1,9 @@
 """One engine step's batch: token ids, positions, cache slots and attention metadata, built once.
 
-Rows are the prefill tokens of the newly admitted sequences (each over ``token_ids[
-num_cached_tokens:]``), then one token per decoding sequence (its last). Slots come from the
+Rows are the prefill chunks of the prefilling sequences (each over ``token_ids[
+num_computed_tokens : num_computed_tokens + num_scheduled_tokens]``), then one token per decoding
+sequence (its last). Only the sequences whose tokens are then all computed sample a token: a
+prefill chunk that does not reach the end of its sequence yields no logits. Slots come from the
 memory manager (:mod:`runtime.kv_layout`'s formula, never written out here). A sliding window's
 prefill may have no block for positions its window has already left: those rows are computed
 but not stored (``AttentionMetadata.write_rows``). Freed (out-of-window) table entries and the
@@ -26,7 +28,8 @@ class StepBatch:
     ids: list[int]
     positions: list[int]
     slots: list[int]              # cache slot of each written row
-    last_rows: list[int]          # the rows whose logits are sampled, one per sequence
+    last_rows: list[int]          # the rows whose logits are sampled, one per sampling sequence
+    sampled: list[Sequence]       # the sequences those rows belong to, in the same order
     tables: list[list[int]]       # decode block tables, padded to one width
     lens: list[int]               # decode sequence lengths
     meta: AttentionMetadata
@@ -36,25 +39,33 @@ def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device) -> 
     """The batch of one step over sequences the :class:`runtime.kv_manager.KVCacheManager` ``kv``
     has allocated (``prefill``) or appended a slot to (``decode``)."""
     bs = kv.block_size
-    ids, pos, slots, write_rows, last_rows = [], [], [], [], []
+    ids, pos, slots, write_rows, last_rows, sampled = [], [], [], [], [], []
     spans: list[PrefillSpan] = []
     skipped = False
     for seq in prefill:
-        start, n = seq.num_cached_tokens, len(seq)
+        start = seq.num_computed_tokens
+        end = start + seq.num_scheduled_tokens
+        if not start < end <= len(seq):
+            raise ValueError(f"seq_id={seq.seq_id}: scheduled positions {start}..{end - 1} are "
+                             f"not uncomputed tokens of its {len(seq)}")
         first = start  # a sliding window's prefill stores only the positions in blocks it kept
-        while seq.block_table[first // bs] == NULL_BLOCK:
+        while first < end and seq.block_table[first // bs] == NULL_BLOCK:
             first = (first // bs + 1) * bs
+        first = min(first, end)
         skipped |= first > start
-        write_rows.extend(range(len(ids) + first - start, len(ids) + n - start))
-        slots.extend(kv.slots(seq, first, n))
-        ids.extend(seq.token_ids[start:])
-        pos.extend(range(start, n))
-        span = PrefillSpan(len(ids) - (n - start), len(ids), start, n)
+        write_rows.extend(range(len(ids) + first - start, len(ids) + end - start))
+        slots.extend(kv.slots(seq, first, end))
+        ids.extend(seq.token_ids[start:end])
+        pos.extend(range(start, end))
+        span = PrefillSpan(len(ids) - (end - start), len(ids), start, end)
         if start:
             span.read_start = window_start(start, kv.sliding_window)
-            span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), device=device)
+            span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), dtype=torch.int64,
+                                             device=device)
         spans.append(span)
-        last_rows.append(len(ids) - 1)
+        if end == len(seq):
+            last_rows.append(len(ids) - 1)
+            sampled.append(seq)
     npf = len(ids)
     meta = AttentionMetadata(slot_mapping=None, prefills=spans, num_prefill_tokens=npf)
     tables, lens = [], []
@@ -68,10 +79,11 @@ def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device) -> 
         pos.extend(n - 1 for n in lens)
         slots.extend(kv.slot(s, n - 1) for s, n in zip(decode, lens))
         last_rows.extend(range(npf, npf + len(decode)))
+        sampled.extend(decode)
         meta.block_tables = torch.tensor(tables, dtype=torch.int32, device=device)
         meta.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
         meta.max_seq_len = max(lens)
     meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
     if skipped:
         meta.write_rows = torch.tensor(write_rows, dtype=torch.int64, device=device)
-    return StepBatch(ids, pos, slots, last_rows, tables, lens, meta)
+    return StepBatch(ids, pos, slots, last_rows, sampled, tables, lens, meta)

@@ -122,6 +122,7 @@ class Engine:
         self._finished: list[FinishedRequest] = []
         self.meter = StepMeter(block_size)
         self.num_forward_tokens = 0
+        self.num_partial_chunks = 0  # prefill chunks that stopped short of their prompt's end
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -165,37 +166,48 @@ class Engine:
             return len(out.aborted)
         if out.copies:
             self.kv_cache.copy_blocks([s for s, _ in out.copies], [d for _, d in out.copies])
-        seqs = out.prefill_seqs + out.decode_seqs
         self.meter.record(self.kv)
-        logits = self.run_forward(out.prefill_seqs, out.decode_seqs)
-        for seq in seqs:
-            seq.num_computed_tokens = len(seq)
+        self.num_partial_chunks += sum(s.num_scheduled_tokens < s.num_uncomputed_tokens
+                                       for s in out.prefill_seqs)
+        logits, sampled = self.run_forward(out.prefill_seqs, out.decode_seqs)
+        for seq in out.prefill_seqs + out.decode_seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
         rows: dict[int, list[tuple[Sequence, int]]] = {}
-        for row, seq in enumerate(seqs):
+        for row, seq in enumerate(sampled):  # a prefill chunk short of its end samples nothing
             rows.setdefault(self._seq_req[seq.seq_id], []).append((seq, row))
-        self._sample_all(rows, logits)
+        if rows:
+            self._sample_all(rows, logits)
         self.scheduler.free_finished()
         return len(self._finished) - finished_before
 
-    def run_forward(self, prefill: list[Sequence], decode: list[Sequence]) -> torch.Tensor:
-        """One forward over allocated sequences: ``prefill`` over ``token_ids[num_cached_tokens:]``,
-        ``decode`` one token each (their slots made by ``append_slot``). Returns float32 logits
-        ``[len(prefill) + len(decode), vocab]``: each sequence's next-token logits, in that order."""
+    def run_forward(self, prefill: list[Sequence], decode: list[Sequence]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One forward over allocated sequences: ``prefill`` over their scheduled chunk
+        (``num_scheduled_tokens`` tokens from ``num_computed_tokens``), ``decode`` one token each
+        (their slots made by ``append_slot``).
+
+        Returns
+        -------
+        (logits, sampled)
+            float32 logits ``[len(sampled), vocab]``: the next-token logits of each sequence in
+            ``sampled``, those whose tokens this forward completes (every decode, and each
+            prefill whose chunk reaches its last token), prefills first.
+        """
         dev = self.device
         batch = build_batch(self.kv, prefill, decode, dev)
         self.num_forward_tokens += len(batch.ids)
         if decode and not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
             logits = self.graphs.replay(batch.ids, batch.positions, batch.slots, batch.tables, batch.lens)
             if logits is not None:
-                return logits
+                return logits, batch.sampled
         if decode:
             self.backend.prepare(batch.meta)
         calibrate, self.calibrate_kv = self.calibrate_kv, False  # the first step's K/V set fp8 scales
-        return self.model.forward(torch.tensor(batch.ids, dtype=torch.int64, device=dev),
-                                  torch.tensor(batch.positions, dtype=torch.int64, device=dev), self.kv_cache,
-                                  batch.meta, self.backend,
-                                  torch.tensor(batch.last_rows, dtype=torch.int64, device=dev),
-                                  calibrate_kv=calibrate)
+        logits = self.model.forward(torch.tensor(batch.ids, dtype=torch.int64, device=dev),
+                                    torch.tensor(batch.positions, dtype=torch.int64, device=dev), self.kv_cache,
+                                    batch.meta, self.backend,
+                                    torch.tensor(batch.last_rows, dtype=torch.int64, device=dev),
+                                    calibrate_kv=calibrate)
+        return logits, batch.sampled
 
     # ------------------------------------------------------------------ sampling and updates
     def _sample_all(self, rows: dict[int, list[tuple[Sequence, int]]], logits: torch.Tensor) -> None:
@@ -310,6 +322,7 @@ class Engine:
         s.update(self.meter.summary(s["peak_blocks_in_use"]))
         s.update(kv_cache_bytes=self.kv_cache.nbytes, kv_cache_dtype=self.kv_cache.kv_cache_dtype,
                  k_scales=list(self.kv_cache.k_scales), v_scales=list(self.kv_cache.v_scales),
-                 forward_tokens=self.num_forward_tokens, backend=self.backend.name)
+                 forward_tokens=self.num_forward_tokens, backend=self.backend.name,
+                 partial_prefill_chunks=self.num_partial_chunks)
         return s
 

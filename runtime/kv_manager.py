@@ -124,23 +124,33 @@ class KVCacheManager:
         return plan_group(seqs, self.block_size, self.sliding_window, cache, self.pool.ref_count,
                           store_all=store_all)
 
-    def blocks_to_admit(self, seqs) -> int:
-        """Blocks ``seqs`` need in an empty pool with an empty prefix cache (in-group sharing only)."""
-        return self._plan(seqs, use_cache=False).num_taken
+    def blocks_to_admit(self, seqs, *, store_all: bool = False) -> int:
+        """Blocks ``seqs`` need in an empty pool with an empty prefix cache (in-group sharing
+        only); ``store_all``: with a window, every prompt position gets a block."""
+        return self._plan(seqs, use_cache=False, store_all=store_all).num_taken
 
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether :meth:`allocate` of ``seq`` fits now and leaves the watermark free."""
         return self.can_allocate_all([seq])
 
-    def plan_admission(self, seqs) -> GroupPlan | None:
+    def plan_admission(self, seqs, *, store_all: bool = False) -> GroupPlan | None:
         """The first plan that fits above the watermark, else None (hand it to :meth:`allocate_all`
         before anything else allocates or frees, or it no longer describes the pool). In order: with prefix-cache
         hits; with a window, first storing every prompt position (so that the prompt's full
         blocks enter the prefix cache, as vLLM does; the out-of-window ones are freed after the
         step) and then only what the window keeps; finally without cache hits (a windowed
-        prefill may hold cached blocks it will not keep)."""
+        prefill may hold cached blocks it will not keep).
+
+        ``store_all`` allows only plans that give every position being prefilled a block: needed
+        when the prefill is chunked over several steps, or when attention reads every key of the
+        prompt from the cache (kgen's kernels), since a later row reads the earlier rows' K/V."""
         caching = self.prefix_cache is not None
-        options = [(True, True), (True, False), (False, False)] if self.sliding_window else [(True, False), (False, False)]
+        if self.sliding_window and store_all:
+            options = [(True, True), (False, True)]
+        elif self.sliding_window:
+            options = [(True, True), (True, False), (False, False)]
+        else:
+            options = [(True, False), (False, False)]
         for use_cache, store_all in options:
             if use_cache and not caching:
                 continue

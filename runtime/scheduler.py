@@ -1,29 +1,39 @@
-"""Continuous batching with admission by free blocks and preemption by recompute (pure Python).
+"""Continuous batching with chunked prefill, admission by free blocks and preemption by recompute
+(pure Python).
 
-One :meth:`Scheduler.schedule` call plans one engine step:
+One :meth:`Scheduler.schedule` call plans one engine step within ``max_num_batched_tokens``
+tokens, as vLLM does:
 
 1. Decode: every running group (oldest arrival first) first releases the blocks that slid out of
-   a sliding window, then gets ``append_slot`` for each unfinished sequence. When blocks run out,
-   the newest running group is preempted: all its sequences' blocks are freed, their KV state is
-   reset, and the group goes back to the front of the waiting queue (counted in
-   ``stats()["preemptions"]``). If the group that needs blocks is the newest one left, it is
-   preempted itself; if it is the only group and still cannot grow, the pool is too small for it
-   and it is aborted.
-2. Admission (skipped in a step that preempted): waiting groups, first come first served, while
-   ``max_num_seqs``, ``max_num_batched_tokens`` and the free blocks above the watermark allow.
-   The unfinished sequences of an admitted group are allocated together (they share the blocks
-   they agree on) and prefilled. A re-admitted preempted sequence is prefilled over all its
-   tokens (prompt + generated so far) and then continues as if it had never been preempted. A
-   group that could not fit even in an empty pool is aborted.
+   a sliding window, then gets ``append_slot`` for each sequence that decodes (one new token).
+   When blocks run out, the newest running group is preempted: all its sequences' blocks are
+   freed, their KV state is reset, and the group goes back to the front of the waiting queue
+   (counted in ``stats()["preemptions"]``). If the group that needs blocks is the newest one
+   left, it is preempted itself; if it is the only group and still cannot grow, the pool is too
+   small for it and it is aborted. Decodes always run: a long prompt never stalls them.
+2. Prefill chunks: running sequences whose prefill is not finished (it did not fit one step's
+   budget) get the next chunk of their uncomputed tokens, oldest first, from the budget left.
+3. Admission (skipped in a step that preempted): waiting groups, first come first served, while
+   ``max_num_seqs``, the token budget and the free blocks above the watermark allow. The
+   unfinished sequences of an admitted group are allocated together (blocks for all their tokens;
+   they share the blocks they agree on) and prefilled, in chunks when the budget is short. A
+   re-admitted preempted sequence is prefilled over all its tokens (prompt + generated so far)
+   and then continues as if it had never been preempted. A group that could not fit even in an
+   empty pool is aborted.
+
+Each scheduled sequence's ``num_scheduled_tokens`` says how many tokens it runs this step, from
+position ``num_computed_tokens`` (1 for a decode). With a sliding window, a prefill that is
+chunked, or read back from the cache by the attention kernels (``store_whole_prompt``), stores
+every prompt position (the window's freeing then happens once the prefill is done).
 
 An aborted group's unfinished sequences finish with reason ``"abort"`` (never ``"length"``: the
 request did not reach its length limit) and ``group.error`` names the request and the blocks it
 needs; the group is listed in ``SchedulerOutput.aborted``.
 
-The engine then copies ``copies`` on its K/V caches, runs prefill for ``prefill_seqs`` (over
-``token_ids[num_cached_tokens:]``) and decode for ``decode_seqs``, appends the sampled tokens, sets
-``num_computed_tokens``, calls :meth:`Scheduler.finish_seq` on sequences that stop and finally
-:meth:`Scheduler.free_finished`.
+The engine then copies ``copies`` on its K/V caches, runs the scheduled tokens of
+``prefill_seqs`` and ``decode_seqs``, advances ``num_computed_tokens``, samples a token for every
+sequence whose tokens are now all computed, calls :meth:`Scheduler.finish_seq` on sequences that
+stop and finally :meth:`Scheduler.free_finished`.
 """
 
 from __future__ import annotations
@@ -42,7 +52,8 @@ class SchedulerOutput:
     Attributes
     ----------
     prefill_seqs : list[Sequence]
-        Newly admitted (or re-admitted) sequences; run over ``token_ids[num_cached_tokens:]``.
+        Sequences running a chunk of their prefill (newly admitted or continuing): tokens
+        ``num_computed_tokens .. num_computed_tokens + num_scheduled_tokens - 1``.
     decode_seqs : list[Sequence]
         Running sequences; one decode token each (position ``len(seq) - 1``).
     copies : list[tuple[int, int]]
@@ -62,8 +73,8 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        """Tokens the forward processes: uncached prefill tokens plus one per decode."""
-        return sum(len(s) - s.num_cached_tokens for s in self.prefill_seqs) + len(self.decode_seqs)
+        """Tokens the forward processes: the prefill chunks plus one per decode."""
+        return sum(s.num_scheduled_tokens for s in self.prefill_seqs) + len(self.decode_seqs)
 
     def is_empty(self) -> bool:
         return not (self.prefill_seqs or self.decode_seqs)
@@ -78,12 +89,15 @@ class Scheduler:
     max_num_seqs : int
         Most sequences running at once (> 0).
     max_num_batched_tokens : int
-        Token budget of one step's forward (>= ``max_num_seqs``); a single prompt longer than
-        the budget is still admitted when it would be alone in the step's batch.
+        Token budget of one step's forward (>= ``max_num_seqs``); longer prompts are prefilled
+        in chunks over several steps.
+    store_whole_prompt : bool
+        With a sliding window, give every prompt position a block even when the prefill runs in
+        one step (the attention reads the prompt's keys back from the cache).
     """
 
     def __init__(self, kv_manager: KVCacheManager, *, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192) -> None:
+                 max_num_batched_tokens: int = 8192, store_whole_prompt: bool = False) -> None:
         if not isinstance(max_num_seqs, int) or max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be a positive int, got {max_num_seqs!r}")
         if not isinstance(max_num_batched_tokens, int) or max_num_batched_tokens < max_num_seqs:
@@ -92,6 +106,7 @@ class Scheduler:
         self.kv = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.store_whole_prompt = store_whole_prompt
         self.waiting: collections.deque[SequenceGroup] = collections.deque()
         self.running: list[SequenceGroup] = []  # sorted by arrival, oldest first
         self._next_arrival = 0
@@ -125,9 +140,14 @@ class Scheduler:
         """Plan one step (see the module docstring)."""
         self.num_steps += 1
         out = SchedulerOutput()
+        for group in self.running:
+            for s in group.seqs:
+                s.num_scheduled_tokens = 0
         self._schedule_decodes(out)
+        budget = self.max_num_batched_tokens - len(out.decode_seqs)
+        budget = self._schedule_chunks(out, budget)
         if not out.preempted:
-            self._admit(out)
+            self._admit(out, budget)
         return out
 
     def _schedule_decodes(self, out: SchedulerOutput) -> None:
@@ -135,9 +155,9 @@ class Scheduler:
         kept: list[SequenceGroup] = []
         while queue:
             group = queue.popleft()
-            seqs = group.unfinished_seqs()
+            seqs = [s for s in group.unfinished_seqs() if s.num_uncomputed_tokens == 1]
             if not seqs:
-                kept.append(group)  # finished; free_finished() removes it
+                kept.append(group)  # finished, or still prefilling: see _schedule_chunks
                 continue
             for s in seqs:
                 self.kv.release_out_of_window(s)
@@ -157,44 +177,56 @@ class Scheduler:
             else:
                 for s in seqs:
                     s.status = SequenceStatus.RUNNING
+                    s.num_scheduled_tokens = 1
                     out.copies.extend(self.kv.append_slot(s))
                     out.decode_seqs.append(s)
                 kept.append(group)
         self.running = kept
 
-    def _admit(self, out: SchedulerOutput) -> None:
+    def _schedule_chunks(self, out: SchedulerOutput, budget: int) -> int:
+        """The next prefill chunk of every running sequence still prefilling; the budget left."""
+        for group in self.running:
+            for s in group.unfinished_seqs():
+                if s.num_uncomputed_tokens > 1 and s.num_scheduled_tokens == 0 and budget > 0:
+                    s.num_scheduled_tokens = min(s.num_uncomputed_tokens, budget)
+                    budget -= s.num_scheduled_tokens
+                    out.prefill_seqs.append(s)
+        return budget
+
+    def _needs_store_all(self, seqs, budget: int) -> bool:
+        """Whether the group's prefill must store every prompt position (see the module docstring)."""
+        return self.store_whole_prompt or sum(s.num_uncomputed_tokens for s in seqs) > budget
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
         num_seqs = self.num_running_seqs
-        tokens = len(out.decode_seqs)
-        admitted = False
-        while self.waiting:
+        while self.waiting and budget > 0:
             group = self.waiting[0]
             seqs = group.unfinished_seqs()
             if not seqs:
                 self.waiting.popleft()
                 self._request_ids.discard(group.request_id)
                 continue
-            need = self.kv.blocks_to_admit(seqs)
+            alone = self._needs_store_all(seqs, self.max_num_batched_tokens)
+            need = self.kv.blocks_to_admit(seqs, store_all=alone)
             if need > self.kv.usable_blocks:  # it would not fit in an empty pool either
                 self.waiting.popleft()
                 self._abort(group, out, need, "to be admitted")
                 continue
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
-            new_tokens = sum(len(s) for s in seqs)
-            if tokens + new_tokens > self.max_num_batched_tokens and (tokens or admitted):
-                break
-            plan = self.kv.plan_admission(seqs)
+            plan = self.kv.plan_admission(seqs, store_all=self._needs_store_all(seqs, budget))
             if plan is None:
                 break
             self.waiting.popleft()
             self.kv.allocate_all(seqs, plan)
             for s in seqs:
                 s.status = SequenceStatus.RUNNING
-                out.prefill_seqs.append(s)
-                tokens += len(s) - s.num_cached_tokens
+                s.num_scheduled_tokens = min(s.num_uncomputed_tokens, budget)
+                budget -= s.num_scheduled_tokens
+                if s.num_scheduled_tokens:
+                    out.prefill_seqs.append(s)
             num_seqs += len(seqs)
             self.running.append(group)
-            admitted = True
         self.running.sort(key=lambda g: g.arrival)
 
     def _preempt(self, group: SequenceGroup) -> None:

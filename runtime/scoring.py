@@ -35,7 +35,9 @@ def teacher_forced_logits(engine, prompts: list[list[int]], continuations: list[
     for s in seqs[1:]:
         engine.kv.allocate_all([s])
     rows: list[list[torch.Tensor]] = [[] for _ in seqs]
-    logits = engine.run_forward(seqs, [])
+    for s in seqs:
+        s.num_scheduled_tokens = s.num_uncomputed_tokens  # the whole prompt in one step
+    logits, _ = engine.run_forward(seqs, [])
     for i, s in enumerate(seqs):
         rows[i].append(logits[i])
         s.num_computed_tokens = len(s)
@@ -47,7 +49,7 @@ def teacher_forced_logits(engine, prompts: list[list[int]], continuations: list[
             copies += engine.kv.append_slot(seqs[i])  # frees what slid out of the window first
         if copies:
             engine.kv_cache.copy_blocks([a for a, _ in copies], [b for _, b in copies])
-        logits = engine.run_forward([], [seqs[i] for i in live])
+        logits, _ = engine.run_forward([], [seqs[i] for i in live])
         for row, i in enumerate(live):
             rows[i].append(logits[row])
             seqs[i].num_computed_tokens = len(seqs[i])

@@ -52,8 +52,11 @@ class Sequence:
         Prefix tokens whose KV was found in the prefix cache when the sequence was allocated;
         the prefill only needs to run over ``token_ids[num_cached_tokens:]``.
     num_computed_tokens : int
-        Tokens whose KV is in the cache; the engine sets it after each forward pass (after a
-        prefill or decode over all tokens but the newly sampled one: ``len(seq) - 1``).
+        Tokens whose KV is in the cache; the engine advances it after each forward pass by the
+        tokens it ran (``len(seq) - 1`` once a token has been sampled after them).
+    num_scheduled_tokens : int
+        Tokens the current step runs for this sequence, from position ``num_computed_tokens``:
+        1 for a decode, a chunk of the prefill otherwise (set by the scheduler).
     cumulative_logprob : float
         Sum of the log probabilities passed to :meth:`append_token`.
     status : SequenceStatus
@@ -73,6 +76,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0
         self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0
         self.cumulative_logprob = 0.0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -88,6 +92,12 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is not computed yet: 1 for a decoding sequence, more while its
+        prefill (possibly chunked over several steps) is under way."""
+        return len(self.token_ids) - self.num_computed_tokens
 
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
@@ -119,6 +129,7 @@ class Sequence:
         self.block_table = []
         self.num_cached_tokens = 0
         self.num_computed_tokens = 0
+        self.num_scheduled_tokens = 0
         self.status = SequenceStatus.WAITING
 
     def __repr__(self) -> str:

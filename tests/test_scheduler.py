@@ -30,6 +30,8 @@ class FakeEngine:
         self.max_tokens, self.n, self.salt = {}, {}, {}
         self.next_seq = 10_000
         self.outputs = []
+        self.chunks = []  # per step: (seq_id, tokens scheduled, tokens uncomputed) of each prefill
+        self.unfinished_decodes = []  # per step: decoding seq ids still unfinished after it
 
     def add(self, request_id, prompt, max_tokens, n=1):
         seq = Sequence(request_id, prompt)
@@ -48,24 +50,28 @@ class FakeEngine:
     def step(self):
         out = self.sched.schedule()
         self.outputs.append(out)
+        self.chunks.append([(s.seq_id, s.num_scheduled_tokens, s.num_uncomputed_tokens)
+                            for s in out.prefill_seqs])
         for g in out.preempted:  # back in the queue with no KV state, not re-admitted this step
             assert g in self.sched.waiting and not any(g is r for r in self.sched.running)
             assert all(s.status is SequenceStatus.WAITING and not s.block_table for s in g.unfinished_seqs())
         bs = self.kv.block_size
         for src, dst in out.copies:
             self.cache[dst * bs:(dst + 1) * bs] = self.cache[src * bs:(src + 1) * bs]
-        for s in out.prefill_seqs:
-            for p in range(s.num_cached_tokens, len(s)):
+        for s in out.prefill_seqs:  # this step's chunk of each prefill
+            for p in range(s.num_computed_tokens, s.num_computed_tokens + s.num_scheduled_tokens):
                 if s.block_table[p // bs] != NULL_BLOCK:  # a windowed prefill skips what it will not read
                     self.cache[self.kv.slot(s, p)] = s.token_ids[p]
         for s in out.decode_seqs:  # after this step's releases and appends
             self.max_held = max(self.max_held, self.kv.num_held_blocks(s))
         for s in out.decode_seqs:
             self.cache[self.kv.slot(s, len(s) - 1)] = s.token_ids[-1]
-        fresh = {s.seq_id: s.num_cached_tokens for s in out.prefill_seqs}
+        fresh = {s.seq_id: s.num_computed_tokens for s in out.prefill_seqs}
         for s in out.prefill_seqs + out.decode_seqs:
+            s.num_computed_tokens += s.num_scheduled_tokens
+            if s.num_computed_tokens < len(s):  # a chunk short of the prompt's end: no token yet
+                continue
             tok = self._next_token(s, fresh.get(s.seq_id, len(s)))
-            s.num_computed_tokens = len(s)
             s.append_token(tok)
             # n > 1: the first prefill's seq (seq_id == request_id) forks the other samples
             if self.n.get(s.seq_id, 1) > 1 and len(s.output_token_ids) == 1:
@@ -74,6 +80,7 @@ class FakeEngine:
             for s in g.unfinished_seqs():
                 if len(s.output_token_ids) >= self.max_tokens[g.request_id]:
                     self.sched.finish_seq(s, "length")
+        self.unfinished_decodes.append({s.seq_id for s in out.decode_seqs if not s.is_finished()})
         return out, self.sched.free_finished()
 
     def _fork_samples(self, parent):
@@ -141,6 +148,25 @@ def test_sliding_window_frees_blocks_and_keeps_outputs_under_preemption(caching,
     assert eng.kv.pool.num_free == eng.kv.num_blocks
 
 
+@pytest.mark.parametrize("window,num_blocks,preempts", [(None, 2000, False), (None, 40, True),
+                                                        (5, 2000, False), (5, 18, True)])
+def test_chunked_prefill_gives_the_same_outputs_and_never_stalls_decodes(window, num_blocks, preempts):
+    """A 6-token budget chunks prompts of up to 29 tokens over several steps: the outputs (read
+    back through the block tables) equal one-step prefills', with and without a window and under
+    preemption, and every running decode runs in every step while prompts are chunked."""
+    reqs = _requests(seed=5, count=10, n=2)
+    _, want = _run(reqs, 4000, 4, window=window, max_num_seqs=6)
+    eng, got = _run(reqs, num_blocks, 4, window=window, max_num_seqs=6, budget=6)
+    assert got == want
+    assert any(n < left for step in eng.chunks for _, n, left in step), "no prompt was chunked"
+    assert all(sum(n for _, n, _ in step) <= 6 for step in eng.chunks)
+    for still, after in zip(eng.unfinished_decodes, eng.outputs[1:]):
+        if not after.preempted:
+            assert still <= {s.seq_id for s in after.decode_seqs}, "a running decode was stalled"
+    assert (eng.kv.stats()["preemptions"] > 0) == preempts
+    assert eng.kv.pool.num_free == eng.kv.num_blocks
+
+
 def test_continuous_batching_admits_while_others_decode_and_frees_at_once():
     eng = FakeEngine(60, 4, max_num_seqs=4)
     for req in _requests(seed=3, count=10):
@@ -173,12 +199,17 @@ def test_parallel_samples_share_prompt_blocks_in_the_scheduler():
 def test_admission_respects_watermark_and_token_budget():
     kv = KVCacheManager(100, 4, watermark=0.1)  # keeps 10 blocks free
     sched = Scheduler(kv, max_num_seqs=8, max_num_batched_tokens=64)
-    for r in range(4):
-        sched.add(SequenceGroup(r, [Sequence(r, list(range(1, 41)))]))  # 10 blocks, 40 tokens each
-    out = sched.schedule()
-    assert [s.seq_id for s in out.prefill_seqs] == [0]  # 80 tokens > 64 budget: one per step
-    out = sched.schedule()
-    assert [s.seq_id for s in out.prefill_seqs] == [1] and len(out.decode_seqs) == 1
+    for r in range(4):  # 10 blocks, 40 tokens each, no common prefix
+        sched.add(SequenceGroup(r, [Sequence(r, list(range(100 * r + 1, 100 * r + 41)))]))
+    out = sched.schedule()  # 40 + 24 = the 64-token budget: the second prompt is chunked
+    assert [(s.seq_id, s.num_scheduled_tokens) for s in out.prefill_seqs] == [(0, 40), (1, 24)]
+    for s in out.prefill_seqs:  # as the engine does after the forward
+        s.num_computed_tokens += s.num_scheduled_tokens
+    out.prefill_seqs[0].append_token(7)
+    out = sched.schedule()  # the decode first, then the rest of prompt 1, then prompt 2 (chunked)
+    assert [s.seq_id for s in out.decode_seqs] == [0]
+    assert [(s.seq_id, s.num_scheduled_tokens) for s in out.prefill_seqs] == [(1, 16), (2, 40), (3, 7)]
+    assert out.num_batched_tokens == 64
     big = KVCacheManager(40, 4, watermark=0.1)
     sched = Scheduler(big, max_num_seqs=8, max_num_batched_tokens=4096)
     for r in range(4):
