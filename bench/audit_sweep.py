@@ -238,7 +238,7 @@ def main(argv=None) -> int:
               "parts": parts, "template_hash": template_hash(), "targets": targets,
               "seconds": round(seconds, 1), "summary": summary, "rows": rows}
     md = args.md or (str(Path(args.json).with_suffix(".md")) if args.json else None)
-    _common.write_outputs(result, text, md_path=md)
+    _common.write_outputs(result, text, md_path=md)  # also stamps result's provenance
     if args.json:
         write_json(result, args.json)
     return 0

@@ -21,6 +21,7 @@ import _common  # noqa: E402
 from kgen.audit import audit_variant  # noqa: E402
 from kgen.audit.asm import ptx_loads  # noqa: E402
 from kgen.build import load_kernel  # noqa: E402
+from kgen.paths import template_hash  # noqa: E402
 from kgen.variant import VariantConfig  # noqa: E402
 
 KEYS = ("paged_decode-d128-b16-g4-s1-t64-w4-st2-bf16", "paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16",
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
     text = "\n".join([f"# kgen inspect vs the driver on {torch.cuda.get_device_name()} ({target})", ""]
                      + lines)
     print(text)
-    result = {"benchmark": "audit_vs_driver", "machine": _common.machine_info(), "rows": rows}
+    result = {"benchmark": "audit_vs_driver", "machine": _common.machine_info(),
+              "template_hash": template_hash(), "rows": rows}
     md = str(Path(args.json).with_suffix(".md")) if args.json else None
     _common.write_outputs(result, text, json_path=args.json, md_path=md)
     return 0

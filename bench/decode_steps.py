@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from kgen.paths import template_hash  # noqa: E402  (_common put the checkout on sys.path)
 
 PRESETS = {
     "llama8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
@@ -157,7 +158,8 @@ def main(argv=None) -> int:
     device = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     loaded = random_model(PRESETS[preset_name], device=device)
-    result = dict(machine=_common.machine_info(), device=device, preset_name=preset_name,
+    result = dict(machine=_common.machine_info(), template_hash=template_hash(), device=device,
+                  preset_name=preset_name,
                   preset=PRESETS[preset_name], prompt=prompt, warmup=warmup, steps=steps, rows=[])
     for batch in batches:
         row = dict(batch=batch)

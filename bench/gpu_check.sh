@@ -11,7 +11,8 @@
 #      generate() on compiled kernels), which the CPU suite skips
 #   4. decode steps per second with and without CUDA graphs (bench/decode_steps.py)
 #   5. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
-# Every result lands, with provenance, in files that can be committed:
+# Every result lands, with provenance (bench/_common.py: commit, dirty, date, machine, command; set
+# KGEN_COMMIT where the checkout has no .git), in files that can be committed:
 #   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,gpu_tests.log,
 #                        decode_steps.{json,md},e2e_throughput.{json,md}}
 #   tuning_db/<gpu>/...
@@ -42,6 +43,12 @@ pack() {
 }
 step() { pack; echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
 check() { local rc=$?; [ $rc -eq 0 ] || FAILED="$FAILED $1(rc=$rc)"; }
+# a log starts with its provenance line (bench/_common.py): header LOG COMMAND
+header() {
+  $PY -c 'import sys; sys.path.insert(0, "bench"); import _common
+print("# " + _common.provenance_line(_common.provenance(command=sys.argv[1])))' "$2" > "$1" 2>/dev/null \
+    || echo "# Provenance: unavailable ($2)" > "$1"
+}
 
 WHEELS=${KGEN_WHEELS:-$REPO/.whl}
 if ! $PY -c "import optuna" 2>/dev/null && [ -d "$WHEELS" ]; then
@@ -77,11 +84,12 @@ RES=${KGEN_RESULTS:-bench/results/$GPU}
 DB=${KGEN_DB:-tuning_db}
 mkdir -p "$RES"
 step "device: $GPU -> $RES, database $DB"
-$PY - "$RES/env.json" <<'EOF'
+$PY - "$RES/env.json" $QUICK <<'EOF'
 import json, subprocess, sys
 sys.path.insert(0, "bench")
 import _common
 info = _common.machine_info()
+info["provenance"] = _common.provenance(command="bash bench/gpu_check.sh " + " ".join(sys.argv[2:]))
 try:
     info["nvidia_smi"] = subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"],
@@ -94,8 +102,9 @@ EOF
 
 step "1. kgen tune --gpu $GPU"
 set -o pipefail
+header "$RES/tune.log" "kgen tune --gpu $GPU $TUNE_ARGS --db $DB --resume --quiet"
 timeout "$T_TUNE" $KGEN tune --gpu "$GPU" $TUNE_ARGS --db "$DB" --resume --quiet 2>&1 \
-    | tee "$RES/tune.log" | tail -n 25
+    | tee -a "$RES/tune.log" | tail -n 25
 check tune
 $KGEN db show --gpu "$GPU" --db "$DB" 2>&1 | tail -n 20
 
@@ -105,13 +114,15 @@ timeout "$T_BENCH" $PY bench/kernel_bench.py $BENCH_ARGS --json "$RES/kernel_ben
 check kernel_bench
 
 step "3. kernel correctness on the $GPU"
-timeout "$T_TESTS" $PY -m pytest -q -p no:cacheprovider $TEST_ARGS tests/test_kernels_interp.py \
-    tests/test_emit.py tests/test_split_plan.py tests/test_cuda_graphs.py 2>&1 \
-    | tee "$RES/kernel_tests.log" | tail -n 25
+KERNEL_TESTS="tests/test_kernels_interp.py tests/test_emit.py tests/test_split_plan.py tests/test_cuda_graphs.py"
+header "$RES/kernel_tests.log" "pytest -q $TEST_ARGS $KERNEL_TESTS"
+timeout "$T_TESTS" $PY -m pytest -q -p no:cacheprovider $TEST_ARGS $KERNEL_TESTS 2>&1 \
+    | tee -a "$RES/kernel_tests.log" | tail -n 25
 check kernel_tests
 # the `gpu`-marked tests (skipped, with the reason, where there is no GPU)
+header "$RES/gpu_tests.log" "pytest -q -rs -m gpu tests/test_gpu_*.py"
 timeout "$T_GPU_TESTS" $PY -m pytest -q -p no:cacheprovider -rs -m gpu tests/test_gpu_*.py 2>&1 \
-    | tee "$RES/gpu_tests.log" | tail -n 25
+    | tee -a "$RES/gpu_tests.log" | tail -n 25
 check gpu_tests
 
 step "4. decode steps per second with and without CUDA graphs"

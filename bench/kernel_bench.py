@@ -52,6 +52,7 @@ from kernel_targets import NUM_HEADS  # noqa: E402
 from kgen.build import load_kernel  # noqa: E402  (kernel modules, and triton, load per call)
 from kgen.db.lookup import lookup  # noqa: E402
 from kgen.dispatch import get_dispatcher  # noqa: E402
+from kgen.paths import template_hash  # noqa: E402
 from kgen.shape import AttentionShape  # noqa: E402
 from kgen.space import default_config  # noqa: E402
 
@@ -180,8 +181,8 @@ def run(args, on_row=None) -> dict:
     args.windows = _ints(args.windows if args.windows is not None else window["windows"])
     args.window_contexts = _ints(args.window_contexts or window["contexts"])
     args.window_batch = args.window_batch or window["batch"]
-    result = dict(machine=_common.machine_info(), device=device, gpu=gpu_name,
-                  copy_bandwidth_gbs=copy_gbs, sdpa_enable_gqa=kernel_targets.gqa_supported(torch),
+    result = dict(machine=_common.machine_info(), template_hash=template_hash(), device=device,
+                  gpu=gpu_name, copy_bandwidth_gbs=copy_gbs, sdpa_enable_gqa=kernel_targets.gqa_supported(torch),
                   rows=rows, fp8_rows=fp8_rows, window_rows=[])
     for i, (dt, d, bs, g, (batch, ctx)) in enumerate(combos):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dt]
@@ -325,9 +326,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.kv_dtypes = [k.strip() for k in args.kv_dtypes.split(",") if k.strip()]
     if args.from_json:
-        text = table(json.loads(args.from_json.read_text()))
+        data = json.loads(args.from_json.read_text())
+        text = table(data)
         print(text)
-        _common.write_outputs({}, text, md_path=args.md)
+        _common.write_outputs(data, text, md_path=args.md, new_run=False)  # the JSON's provenance
         return 0
     if args.quick:
         args.head_dims, args.block_sizes = "128", "16"

@@ -68,6 +68,12 @@ def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
     steps = json.loads((res / "decode_steps.json").read_text())
     assert [r["batch"] for r in steps["rows"]] == [1] and steps["rows"][0]["eager"]["steps_per_s"] > 0
     assert "1 passed" in (res / "kernel_tests.log").read_text()
+    # every file the check writes says where it came from (bench/_common.py's provenance)
+    for name in ("env.json", "kernel_bench.json", "decode_steps.json", "e2e_throughput.json"):
+        prov = json.loads((res / name).read_text())["provenance"]
+        assert prov["command"] and prov["date"] and "dirty" in prov, name
+    for name in ("tune.log", "kernel_tests.log", "gpu_tests.log"):
+        assert (res / name).read_text().startswith("# Provenance: commit "), name
     gpu_log = (res / "gpu_tests.log").read_text()  # the gpu-marked tests, skipped here with why
     assert "skipped" in gpu_log and "needs a CUDA GPU" in gpu_log and "passed" not in gpu_log
     best = json.loads((tmp_path / "db" / "interpreter" / "best.json").read_text())

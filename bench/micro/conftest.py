@@ -7,7 +7,9 @@ Run from the repository root::
 
 ``pytest`` / ``pytest tests`` never collect these (``testpaths = ["tests"]``). The load of the
 machine (``os.getloadavg()`` and ``uptime``) before and after the run goes into the JSON's
-``machine_info``: on a shared machine, compare figures only between runs at a similar load.
+``machine_info``: on a shared machine, compare figures only between runs at a similar load. The
+JSON's ``provenance`` (commit, dirty, date, machine, command) is bench/_common.py's, as for every
+other results file.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run from a checkout without installing kgen
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import _common  # noqa: E402  (bench/_common.py: provenance of results files)
 
 _LOAD_AT_START: dict = {}
 
@@ -43,6 +47,11 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["load_at_start"] = dict(_LOAD_AT_START)
     machine_info["load_at_end"] = _load()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    command = " ".join(["pytest", *config.invocation_params.args])
+    output_json["provenance"] = _common.provenance(command=command)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _common  # noqa: E402  (bench/_common.py: the provenance line)
+
 
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.2f}"
@@ -39,6 +42,8 @@ def render(data: dict) -> str:
         doc = (bench.get("extra_info") or {}).get("what") or "-"
         lines.append(f"| `{bench['name']}` | {doc} | {_us(stats['median'])} | {_us(stats['iqr'])} "
                      f"| {_us(stats['min'])} | {stats['rounds']} |")
+    if data.get("provenance"):
+        lines += ["", _common.provenance_line(data["provenance"])]
     return "\n".join(lines) + "\n"
 
 
