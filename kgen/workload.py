@@ -1,11 +1,14 @@
 """Workloads: what one tuning study and one database record are about.
 
 A workload is (GPU, dtype, head dim, KV block size, group size, batch bucket, context bucket,
-KV dtype, attention features). Batch (``num_seqs``) and context (longest sequence length) are
-bucketed to powers of two; its key, e.g. ``h100-fp16-d128-b16-g4-n32-c4096``, names its Optuna
-study and its database entries. A non-default KV dtype and features add the variant key's
-suffixes (``h100-bf16-d128-b16-g4-n32-c4096-kvfp8e4m3-swa``), so every record written before
-they existed keeps its key, and a plain record never matches a feature workload.
+query-length bucket, KV dtype, attention features). Batch (``num_seqs``), context (longest
+sequence length) and query length (the most new tokens of one sequence in the step: 1 for decode,
+2-16 for speculative decoding, 64..2048 for prefill chunks) are bucketed to powers of two; its
+key, e.g. ``h100-fp16-d128-b16-g4-n32-c4096``, names its Optuna study and its database entries. A
+query length other than 1 adds ``-q<bucket>`` after the context (``...-c4096-q512``), and a
+non-default KV dtype and features add the variant key's suffixes
+(``h100-bf16-d128-b16-g4-n32-c4096-kvfp8e4m3-swa``), so every record written before they existed
+keeps its key, and a plain record never matches a feature workload.
 
 Standard library only: the runtime's dispatch path imports this module.
 """
@@ -22,10 +25,11 @@ from kgen.shape import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, AttentionShape, norm
 
 DEFAULT_BATCHES = tuple(2 ** i for i in range(0, 9))  # 1 .. 256
 DEFAULT_CONTEXTS = tuple(2 ** i for i in range(9, 16))  # 512 .. 32768
+MAX_QUERY_LEN = 2048  # the largest query-length bucket (prefill chunks); longer ones share it
 
 _KEY_RE = re.compile(
     r"^(?P<gpu>[a-z0-9][a-z0-9-]*)-(?P<dtype>fp16|bf16|fp32)-d(?P<head_dim>\d+)-b(?P<block_size>\d+)"
-    r"-g(?P<group_size>\d+)-n(?P<batch>\d+)-c(?P<context>\d+)"
+    r"-g(?P<group_size>\d+)-n(?P<batch>\d+)-c(?P<context>\d+)(?:-q(?P<query_len>\d+))?"
     + SUFFIX_PATTERN + "$"
 )
 # Sliding-window workloads are tuned (and audited) with a window of this fraction of the context
@@ -63,6 +67,12 @@ def bucket(value: int, name: str = "value") -> int:
     return high if math.log2(value) - math.log2(low) >= math.log2(high) - math.log2(value) else low
 
 
+def query_bucket(max_query_len: int, name: str = "max_query_len") -> int:
+    """The query-length bucket of a step: :func:`bucket`, capped at :data:`MAX_QUERY_LEN`
+    (1 stays 1: decode; 3 -> 4; 1000 -> 1024; 5000 -> 2048)."""
+    return min(bucket(max_query_len, name), MAX_QUERY_LEN)
+
+
 def log2_distance(a: int, b: int) -> float:
     return abs(math.log2(a) - math.log2(b))
 
@@ -98,9 +108,13 @@ class Workload:
     head_dim, block_size, group_size : int
         As in :class:`kgen.variant.VariantConfig`; block size is part of the cache layout.
     batch : int
-        Bucket of the number of sequences in a decode step.
+        Bucket of the number of sequences in a step.
     context : int
         Bucket of the longest context length in the step, in tokens.
+    query_len : int
+        Bucket of the most query tokens of one sequence in the step: 1 (decode, the default),
+        2..16 (speculative decoding), 64..2048 (prefill chunks); powers of two up to
+        :data:`MAX_QUERY_LEN`.
     kv_dtype : str
         The KV cache's element type, ``auto`` (= dtype), ``fp8_e4m3`` or ``fp8_e5m2``.
     features : tuple of str
@@ -116,15 +130,18 @@ class Workload:
     context: int
     kv_dtype: str = "auto"
     features: tuple = ()
+    query_len: int = 1
 
     def __post_init__(self) -> None:
         normalize_fields(self, allowed={"head_dim": HEAD_DIMS, "block_size": BLOCK_SIZES,
                                         "group_size": GROUP_SIZES})
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", str(self.gpu)):
             raise ValueError(f"gpu={self.gpu!r} is not a normalized device name")
-        for name in ("batch", "context"):
+        for name in ("batch", "context", "query_len"):
             if not _is_pow2(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a power of two bucket")
+        if self.query_len > MAX_QUERY_LEN:
+            raise ValueError(f"query_len={self.query_len} is above the largest bucket, {MAX_QUERY_LEN}")
 
     @property
     def _suffix(self) -> str:
@@ -132,8 +149,9 @@ class Workload:
 
     @property
     def key(self) -> str:
+        query = f"-q{self.query_len}" if self.query_len != 1 else ""
         return (f"{self.gpu}-{self.dtype}-d{self.head_dim}-b{self.block_size}-g{self.group_size}"
-                f"-n{self.batch}-c{self.context}{self._suffix}")
+                f"-n{self.batch}-c{self.context}{query}{self._suffix}")
 
     @property
     def family_key(self) -> str:
@@ -165,6 +183,7 @@ class Workload:
                              f"'h100-fp16-d128-b16-g4-n32-c4096' (optionally '-kvfp8e4m3-swa')")
         fields = match.groupdict()
         suffix = parse_suffix(fields)
+        fields["query_len"] = fields["query_len"] or 1
         workload = cls(**{k: (v if k in ("gpu", "dtype") else int(v)) for k, v in fields.items()},
                        **suffix)
         if workload.key != str(key).strip():
@@ -172,17 +191,27 @@ class Workload:
         return workload
 
     @classmethod
-    def for_step(cls, gpu: str, shape: AttentionShape, *, num_seqs: int,
-                 max_context: int) -> "Workload":
-        """The workload of one decode step of a layer of ``shape`` (its block size set): the
-        batch and context are bucketed."""
+    def for_step(cls, gpu: str, shape: AttentionShape, *, num_seqs: int, max_context: int,
+                 max_query_len: int = 1) -> "Workload":
+        """The workload of one step of a layer of ``shape`` (its block size set): the batch,
+        context and query length are bucketed."""
         return cls(gpu=gpu, **shape.variant_fields(), batch=bucket(num_seqs, "num_seqs"),
-                   context=bucket(max_context, "max_context"))
+                   context=bucket(max_context, "max_context"),
+                   query_len=query_bucket(max_query_len))
+
+    @property
+    def decode(self) -> bool:
+        """One query token per sequence: both kernel families can serve it."""
+        return self.query_len == 1
 
     def to_dict(self) -> dict:
-        """Plain fields; ``kv_dtype`` / ``features`` only when not the default (as the variant's
-        dict), so a plain workload's record is written exactly as before."""
-        return drop_default_axes(asdict(self))
+        """Plain fields; ``kv_dtype`` / ``features`` / ``query_len`` only when not the default
+        (as the variant's dict), so a plain decode workload's record is written exactly as
+        before."""
+        data = drop_default_axes(asdict(self))
+        if data["query_len"] == 1:
+            del data["query_len"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Workload":
@@ -193,13 +222,16 @@ class Workload:
 
 
 def expand_workloads(*, gpu: str, dtypes, head_dims, block_sizes, group_sizes, batches,
-                     contexts, kv_dtypes=("auto",), feature_sets=((),)) -> list[Workload]:
-    """The cross product of the selections, each batch/context checked to be a power of two."""
-    for name, values in (("--batch", batches), ("--context", contexts)):
+                     contexts, kv_dtypes=("auto",), feature_sets=((),),
+                     query_lens=(1,)) -> list[Workload]:
+    """The cross product of the selections, each batch/context/query length checked to be a
+    power of two."""
+    for name, values in (("--batch", batches), ("--context", contexts), ("--query-len", query_lens)):
         for value in values:
             if not _is_pow2(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (a bucket)")
     return [Workload(gpu=gpu, dtype=dt, head_dim=d, block_size=b, group_size=g, batch=n, context=c,
-                     kv_dtype=kv, features=f)
+                     kv_dtype=kv, features=f, query_len=q)
             for dt in dtypes for kv in kv_dtypes for f in feature_sets for d in head_dims
-            for b in block_sizes for g in group_sizes for n in batches for c in contexts]
+            for b in block_sizes for g in group_sizes for q in query_lens for n in batches
+            for c in contexts]

@@ -184,18 +184,21 @@ def _matching(table, shape: AttentionShape) -> list[tuple[str, dict]]:
 
 
 def _choose(candidates, asked: Workload):
-    """The candidate nearest in log2 (batch, context) if ``asked`` is inside the tuned range."""
+    """The candidate nearest in log2 (batch, context, query length) if ``asked`` is inside the
+    tuned range on each axis. Decode steps (query length 1) are served only by decode records,
+    longer queries only by records of longer queries: a decode kernel cannot run a prefill."""
+    candidates = [c for c in candidates if (c[1]["workload"].get("query_len", 1) == 1) == asked.decode]
     if not candidates:
         return None
-    batches = [c[1]["workload"]["batch"] for c in candidates]
-    contexts = [c[1]["workload"]["context"] for c in candidates]
-    if not (min(batches) <= asked.batch <= max(batches)
-            and min(contexts) <= asked.context <= max(contexts)):
-        return None
+    for axis in ("batch", "context", "query_len"):
+        values = [c[1]["workload"].get(axis, 1) for c in candidates]
+        if not min(values) <= getattr(asked, axis) <= max(values):
+            return None
 
     def distance(item):
         w = item[1]["workload"]
-        return (log2_distance(w["batch"], asked.batch) + log2_distance(w["context"], asked.context),
+        return (log2_distance(w["batch"], asked.batch) + log2_distance(w["context"], asked.context)
+                + log2_distance(w.get("query_len", 1), asked.query_len),
                 -w["context"], -w["batch"], item[0])
 
     return min(candidates, key=distance)
