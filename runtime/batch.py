@@ -52,7 +52,8 @@ def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device) -> 
         span = PrefillSpan(len(ids) - (n - start), len(ids), start, n)
         if start:
             span.read_start = window_start(start, kv.sliding_window)
-            span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), device=device)
+            span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), dtype=torch.int64,
+                                             device=device)
         spans.append(span)
         last_rows.append(len(ids) - 1)
     npf = len(ids)
