@@ -129,8 +129,11 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport,
     entry = make_entry(workload, config, time_ms=best.value, default_time_ms=default_ms,
                        provenance=prov, trials=len(measured), study_best_ms=best.value,
                        counts=counts)
-    TuningStore(db_dir, gpu, prov).update_best({name: entry})
-    report.entries[name] = entry
+    kept = TuningStore(db_dir, gpu, prov).update_best({name: entry}, keep_faster=True)["entries"][name]
+    if kept != entry:
+        report.notes.append(f"{name}: kept the recorded {kept['config_key']} ({kept['time_ms']:.5g} ms), "
+                            f"faster than the study's best {entry['config_key']} ({entry['time_ms']:.5g} ms)")
+    report.entries[name] = kept
 
 
 def import_storage(location: str, gpu: str, db_dir) -> ImportReport:
