@@ -135,7 +135,8 @@ class DbReader:
         config = heuristic_config(dtype=dtype, head_dim=head_dim, block_size=block_size,
                                   group_size=group_size, kv_dtype=asked.kv_dtype,
                                   features=asked.features)
-        why = ("no database for this GPU" if table is None else
+        why = (f"its best table is unusable: {self.errors[gpu]}" if table is None and gpu in self.errors
+               else "no database for this GPU" if table is None else
                f"no current tuned entry in range ({held} held back: measured against other "
                f"kernel templates or another default)" if held else "no tuned entry in range")
         reason = f"{asked.key}: {why} ({self.db_dir / gpu}); using the heuristic default {config.key}"

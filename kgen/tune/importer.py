@@ -26,7 +26,7 @@ from kgen.db.store import TuningStore
 from kgen.device import normalize_gpu_name
 from kgen.tune import study as st
 from kgen.tune.search import default_variant
-from kgen.tune.storage import describe, open_storage
+from kgen.tune.storage import check_existing, describe, open_storage
 from kgen.variant import VariantConfig
 from kgen.workload import Workload
 
@@ -139,6 +139,7 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport,
 def import_storage(location: str, gpu: str, db_dir) -> ImportReport:
     """Import every study of ``gpu`` in ``location`` into the database folder ``db_dir``."""
     gpu = normalize_gpu_name(gpu)
+    check_existing(location)  # before opening: opening a journal or SQLite path would create it
     storage = open_storage(location)
     names = _study_names(storage, gpu)
     if not names:
