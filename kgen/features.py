@@ -42,6 +42,8 @@ def normalize_features(features, *, name: str = "features") -> tuple[str, ...]:
         ``None``, ``""`` or ``"none"`` for no feature; a comma-separated string
         (``"sliding_window,soft_cap"``); or an iterable of names. Key suffixes (``swa``, ``cap``)
         and call-argument names (``logits_soft_cap``, ``alibi_slopes``) are accepted too.
+        ``"none"`` (or ``"plain"``) together with a feature is refused: it is not clear which
+        was meant.
 
     Raises
     ------
@@ -58,19 +60,23 @@ def normalize_features(features, *, name: str = "features") -> tuple[str, ...]:
         except TypeError:
             raise ValueError(f"{name}={features!r} is not a feature name or a collection of "
                              f"them; use any of {', '.join(FEATURES)}") from None
-    found = set()
+    found, nothing = set(), None
     for item in items:
         if not isinstance(item, str):
             raise ValueError(f"{name}={features!r}: {item!r} is not a feature name; use any of "
                              f"{', '.join(FEATURES)}")
         low = item.strip().lower()
         if low in _NONE:
+            nothing = nothing or (item if low else None)  # an empty part is only a separator
             continue
         canonical = _ALIASES.get(low)
         if canonical is None:
             raise ValueError(f"{name}={features!r}: {item!r} is not a feature; use any of "
                              f"{', '.join(FEATURES)}")
         found.add(canonical)
+    if nothing is not None and found:
+        raise ValueError(f"{name}={features!r}: {nothing!r} means no feature, yet "
+                         f"{', '.join(f for f in FEATURES if f in found)} is given too; give one or the other")
     return tuple(f for f in FEATURES if f in found)
 
 

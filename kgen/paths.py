@@ -94,6 +94,18 @@ def db_layers(db_dir=None) -> list[Path]:
 
 
 def cache_dir() -> Path:
-    """Where rendered kernel sources are written (``$KGEN_CACHE`` or ``~/.cache/kgen``)."""
+    """Where rendered kernel sources are written (``$KGEN_CACHE`` or ``~/.cache/kgen``).
+
+    Raises ValueError naming the setting when that path, or a folder above it, is a file (the
+    cache could never be created there).
+    """
     env = os.environ.get("KGEN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "kgen"
+    path = Path(env) if env else Path.home() / ".cache" / "kgen"
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = f"KGEN_CACHE={env!r}" if env else f"the kernel cache {str(path)!r}"
+                where = "is a file" if folder == path else f"lies under {str(folder)!r}, which is a file"
+                raise ValueError(f"{what} {where}; point KGEN_CACHE at a folder (it is created if missing)")
+            break
+    return path

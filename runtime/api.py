@@ -14,9 +14,10 @@ from runtime import kv_layout
 from runtime.attention import default_block_size
 from runtime.config import parse_dtype
 from runtime.engine import Engine
-from runtime.kv_cache import parse_kv_cache_dtype
+from runtime.kv_cache import check_calculate_kv_scales, parse_kv_cache_dtype
 from runtime.loader import LoadedModel, load_model, parse_device
-from runtime.sampling import SamplingParams, check_seed
+from runtime.pool_memory import check_pool_fits
+from runtime.sampling import SamplingParams, check_seed, check_token_ids
 from runtime.threads import torch_threads, wait_policy
 
 __all__ = ["generate", "SamplingParams", "RequestOutput", "CompletionOutput", "GenerateOutputs"]
@@ -81,9 +82,7 @@ def _tokenize(prompts, loaded: LoadedModel) -> list[list[int]]:
             ids = loaded.tokenizer.encode(p).ids
         elif isinstance(p, (list, tuple)):
             ids = list(p)
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompts[{i}] holds token id {bad[0]!r}, outside 0..{vocab - 1}")
+            check_token_ids(f"prompts[{i}]", ids, vocab)
         else:
             raise ValueError(f"prompts[{i}]={p!r} must be a string or a list of token ids")
         if not ids:
@@ -102,6 +101,13 @@ def _params_list(sampling_params, n: int) -> list[SamplingParams]:
         raise ValueError(f"sampling_params must be one SamplingParams or a list of {n} (one per prompt), "
                          f"got {len(params)} items")
     return params
+
+
+def _check_stops(params: list[SamplingParams], vocab: int) -> None:
+    """A stop token the model cannot produce would never stop anything: refused by name."""
+    for i, p in enumerate(params):
+        check_token_ids("stop_token_ids" if len(set(params)) == 1 else f"sampling_params[{i}].stop_token_ids",
+                        p.stop_token_ids, vocab)
 
 
 def _pool(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_bytes, kv_cache_dtype) -> int:
@@ -124,6 +130,9 @@ def _pool(loaded: LoadedModel, ids, params, block_size, num_blocks, kv_cache_byt
     else:  # every request at its peak at once, capped by the default cache bytes
         cap = DEFAULT_KV_CACHE_BYTES.get(loaded.device.type, 1 << 30) // per_block
         blocks = max(1, min(sum(peaks) + 8, cap))
+    given = (f"kv_cache_bytes={kv_cache_bytes}, " if kv_cache_bytes is not None
+             else f"num_blocks={num_blocks}, " if num_blocks is not None else "") + f"block_size={block_size}"
+    check_pool_fits(blocks, block_size, per_block, loaded.device, given=given)
     usable = blocks - kv_layout.watermark_blocks(blocks, WATERMARK)  # what admission may hand out
     for i, (t, p, peak) in enumerate(zip(ids, params, peaks)):
         if len(t) >= max_pos:
@@ -198,10 +207,12 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     """
     check_seed("seed", seed)
     kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
+    calculate_kv_scales = check_calculate_kv_scales(calculate_kv_scales, kv_cache_dtype)
     with torch_threads(num_threads) as threads:
         loaded = _as_model(model, dtype, device)
         ids = _tokenize(prompts, loaded)
         params = _params_list(sampling_params, len(ids))
+        _check_stops(params, loaded.config.vocab_size)
         if block_size is None:
             block_size = default_block_size(backend, config=loaded.config, dtype=loaded.dtype,
                                             device=loaded.device, kv_cache_dtype=kv_cache_dtype)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from runtime.pool_memory import check_pool_fits
+
 _NIL = -1
 
 
@@ -108,8 +110,9 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int) -> None:
-        if not isinstance(num_blocks, int) or num_blocks <= 0:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        check_pool_fits(num_blocks, 0, 0, "cpu", given=f"num_blocks={num_blocks}")  # before the lists exist
         self.num_blocks = num_blocks
         self._ref = [0] * num_blocks
         self._free = FreeBlockQueue(num_blocks, range(num_blocks))

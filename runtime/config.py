@@ -3,24 +3,25 @@
 Field names follow Hugging Face. The architecture (``architectures[0]``) picks a
 :class:`runtime.model.families.Family`, which reads what that family adds (biases, windows,
 soft-caps, ...) and refuses by name what the runtime does not implement. RoPE parameters are
-accepted in both spellings: the older ``rope_theta`` + ``rope_scaling`` pair and the
-``rope_parameters`` dict of transformers 5.
+accepted in both spellings (the older ``rope_theta`` + ``rope_scaling`` pair and the
+``rope_parameters`` dict of transformers 5) and resolved as transformers resolves them
+(:mod:`runtime.rope_config`).
 
 Per-layer attention settings live in one place: :meth:`ModelConfig.layer_attention`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from kgen.dtypes import torch_dtype
 from runtime.model.families import FAMILIES, SUPPORTED_ARCHITECTURES, Family, family_for
+from runtime.rope_config import SUPPORTED_ROPE_TYPES, llama3_scale, rope_params
 
-__all__ = ["ModelConfig", "LayerAttention", "kernel_features", "parse_dtype", "SUPPORTED_ARCHITECTURES"]
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+__all__ = ["ModelConfig", "LayerAttention", "kernel_features", "parse_dtype", "SUPPORTED_ARCHITECTURES",
+           "SUPPORTED_ROPE_TYPES"]
 
 
 def parse_dtype(dtype, *, name: str = "dtype") -> torch.dtype:
@@ -145,9 +146,8 @@ class ModelConfig:
         head_dim = data["hidden_size"] // heads if head_dim is None else head_dim
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
             raise ValueError(f"head_dim={head_dim!r} must be a positive even int (RoPE)")
-        theta, scaling = _rope_params(data)
-        eos = data.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        theta, scaling = rope_params(data, fam["max_position_embeddings"])
+        eos_ids = _token_ids(data, "eos_token_id")
         dtype_name = data.get("torch_dtype") or data.get("dtype") or "float32"
         return cls(
             vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
@@ -169,48 +169,17 @@ class ModelConfig:
         if kind == "linear":
             return inv / float(scaling["factor"])
         if kind == "llama3":
-            return _llama3_scale(inv, scaling, self.max_position_embeddings)
+            return llama3_scale(inv, scaling)
         return inv
 
 
-def _rope_params(data: dict) -> tuple[float, dict | None]:
-    """(rope_theta, scaling dict or None) from either spelling of the RoPE settings."""
-    params = data.get("rope_parameters")
-    if isinstance(params, dict) and any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"config.json field rope_parameters={params!r} holds per-layer-type RoPE "
-                         f"settings, which are not supported; give one rope_theta/rope_type for all layers")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", data.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = data.get("rope_theta", 10000.0)
-        scaling = dict(data.get("rope_scaling") or {})
-    if "type" in scaling and "rope_type" not in scaling:
-        scaling["rope_type"] = scaling.pop("type")
-    kind = scaling.get("rope_type", "default")
-    if kind not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_type={kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-    if kind in ("linear", "llama3") and not scaling.get("factor"):
-        raise ValueError(f"rope scaling {kind!r} needs a 'factor'; got {scaling!r}")
-    partial = scaling.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
-    if kind != "default" and partial != 1.0:  # transformers' default RoPE ignores it; scaled ones use it
-        raise ValueError(f"config.json field partial_rotary_factor={partial!r} is not supported with "
-                         f"rope_type={kind!r}; only full-width RoPE (1.0)")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise ValueError(f"rope_theta={theta!r} must be a positive number")
-    return float(theta), (scaling if kind != "default" else None)
-
-
-def _llama3_scale(inv: torch.Tensor, scaling: dict, max_pos: int) -> torch.Tensor:
-    """Llama 3.1 frequency scaling: long wavelengths divided by ``factor``, a smooth band between."""
-    factor = float(scaling["factor"])
-    low = float(scaling.get("low_freq_factor", 1.0))
-    high = float(scaling.get("high_freq_factor", 4.0))
-    old_len = float(scaling.get("original_max_position_embeddings", max_pos))
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+def _token_ids(data: dict, name: str) -> tuple[int, ...]:
+    """``config.json`` field ``name`` (a token id, a list of them, or null) as a tuple; ValueError
+    names the field when a value is not a non-negative int."""
+    value = data.get(name)
+    values = [] if value is None else (list(value) if isinstance(value, (list, tuple)) else [value])
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"config.json field {name}={value!r} must be a non-negative int, a list of "
+                             f"them, or null")
+    return tuple(values)

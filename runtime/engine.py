@@ -21,9 +21,10 @@ from runtime.attention import make_decode_backend
 from runtime.batch import build_batch
 from runtime.beam import BeamSearch
 from runtime.cuda_graphs import DecodeGraphs, scratch_blocks
-from runtime.kv_cache import parse_kv_cache_dtype
+from runtime.kv_cache import check_calculate_kv_scales, parse_kv_cache_dtype
 from runtime.kv_manager import KVCacheManager
 from runtime.loader import LoadedModel
+from runtime.pool_memory import check_engine_pool
 from runtime.sampling import SamplingParams, check_seed, make_generator, sample
 from runtime.scheduler import Scheduler
 from runtime.sequence import Sequence, SequenceGroup
@@ -94,12 +95,14 @@ class Engine:
         check_seed("seed", seed)
         self.loaded, self.model, self.config = model, model.model, model.config
         self.device, self.block_size = self.model.device, block_size
+        kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
+        calculate_kv_scales = check_calculate_kv_scales(calculate_kv_scales, kv_cache_dtype)
+        check_engine_pool(self.model, num_blocks, block_size, kv_cache_dtype)  # before allocating any of it
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                                  watermark=watermark, sliding_window=self.config.sliding_window)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
         c = self.config
-        kv_cache_dtype = parse_kv_cache_dtype(kv_cache_dtype)
         self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                            dtype=self.model.dtype, device=self.device,

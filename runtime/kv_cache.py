@@ -12,6 +12,7 @@ magnitude seen maps to the format's largest value). Readers multiply by the scal
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -23,6 +24,19 @@ def parse_kv_cache_dtype(name) -> str:
     """The canonical name (``auto``, ``fp8_e4m3``, ``fp8_e5m2``) of a ``kv_cache_dtype`` option,
     in kgen's one KV dtype vocabulary (:mod:`kgen.dtypes`: ``fp8`` is e4m3, as in vLLM)."""
     return normalize_kv_dtype(name, name="kv_cache_dtype")
+
+
+def check_calculate_kv_scales(value, kv_cache_dtype: str) -> bool:
+    """``calculate_kv_scales`` checked: a bool (a string such as ``"yes"`` is refused, as ``bool()``
+    of any non-empty string is true). True with a cache that is not fp8 has nothing to calibrate:
+    harmless, so it is warned about (once per call site) and read as False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"calculate_kv_scales={value!r} must be True or False")
+    if value and parse_kv_cache_dtype(kv_cache_dtype) == "auto":
+        warnings.warn("calculate_kv_scales=True has no effect with kv_cache_dtype='auto' (scales belong to an "
+                      "fp8 cache: kv_cache_dtype='fp8_e4m3' or 'fp8_e5m2'); ignored", RuntimeWarning, stacklevel=3)
+        return False
+    return value
 
 
 def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:

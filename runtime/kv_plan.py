@@ -79,7 +79,10 @@ def plan_group(seqs, block_size: int, window: int | None, cache: PrefixCache | N
                 hits += 1
                 if ref_count(avail[i]) == 0:
                     revived.add(avail[i])
-        plan.first_new = cut if store_all else max(cut, window_start(n, window) // block_size)
+        # the block of the last position (n - 1) always exists, even at window 1 where no later
+        # query reads it: the prefill writes its K/V there, and a table ends in a real block
+        kept = min(window_start(n, window), n - 1)
+        plan.first_new = cut if store_all else max(cut, kept // block_size)
         for i in range(plan.first_new, plan.num_blocks):
             plan.new_ids.append(num_new)
             if i < cacheable and keys[i] not in group_new:

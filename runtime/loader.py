@@ -29,6 +29,7 @@ from runtime.model.weights import expected_shapes
 __all__ = ["LoadedModel", "load_model", "read_config", "load_weights", "load_tokenizer", "expected_shapes"]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_EMBED = "model.embed_tokens.weight"
 
 
 @dataclass
@@ -111,12 +112,24 @@ def _weight_files(folder: Path) -> dict[str, Path]:
 
 
 def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read and check every weight; ValueError names a missing, unexpected or mis-shaped tensor."""
+    """Read and check every weight; ValueError names a missing, unexpected or mis-shaped tensor.
+
+    With ``tie_word_embeddings`` the head and the embedding are tied as transformers 5 ties them
+    when loading: a checkpoint holding only one of ``model.embed_tokens.weight`` and
+    ``lm_head.weight`` uses it for both; one holding both keeps both when they differ (a warning
+    says the config is wrong) and ties them when they are equal.
+    """
     shapes = expected_shapes(config)
     files = _weight_files(folder)
     names = {n for n in files if not n.endswith(_IGNORED_SUFFIXES)}
-    if config.tie_word_embeddings:
-        names.discard("lm_head.weight")  # tied: the embedding is used
+    stored = {name: name for name in shapes}  # weight -> the checkpoint tensor it is read from
+    if config.tie_word_embeddings and "lm_head.weight" in names:
+        if _EMBED in names:  # both stored: both read, tied below only when equal
+            shapes = {**shapes, "lm_head.weight": shapes[_EMBED]}
+            stored["lm_head.weight"] = "lm_head.weight"
+        else:  # only the head stored: transformers ties the embedding to it
+            names = (names - {"lm_head.weight"}) | {_EMBED}
+            stored[_EMBED] = "lm_head.weight"
     missing = sorted(set(shapes) - names)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -128,17 +141,24 @@ def load_weights(folder: Path, config: ModelConfig, dtype: torch.dtype) -> dict[
     weights: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in shapes:
-        by_file.setdefault(files[name], []).append(name)
+        by_file.setdefault(files[stored[name]], []).append(name)
     for fpath, fnames in by_file.items():
         with _open_safetensors(fpath) as f:
             for name in fnames:
-                tensor = f.get_tensor(name)
+                tensor = f.get_tensor(stored[name])
                 if tuple(tensor.shape) != shapes[name]:
-                    raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected "
+                    raise ValueError(f"weight {stored[name]!r} has shape {tuple(tensor.shape)}, expected "
                                      f"{shapes[name]} from config.json")
                 if not tensor.is_floating_point():
-                    raise ValueError(f"weight {name!r} has dtype {tensor.dtype}, expected a float dtype")
+                    raise ValueError(f"weight {stored[name]!r} has dtype {tensor.dtype}, expected a float dtype")
                 weights[name] = tensor.to(dtype)
+    head = weights.get("lm_head.weight") if config.tie_word_embeddings else None
+    if head is not None and torch.equal(head, weights[_EMBED]):
+        del weights["lm_head.weight"]  # equal: tied, as transformers ties them
+    elif head is not None:
+        warnings.warn(f"config.json in {str(folder)!r} sets tie_word_embeddings, but the checkpoint holds an "
+                      f"lm_head.weight that differs from {_EMBED}: both are kept (not tied), as transformers "
+                      f"does; set tie_word_embeddings to false to silence this", RuntimeWarning, stacklevel=3)
     return weights
 
 

@@ -21,6 +21,16 @@ def check_seed(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be an int or None")
 
 
+def check_token_ids(name: str, ids, vocab: int) -> None:
+    """Raise ValueError naming ``name`` when an entry of ``ids`` is not an int (a float such as
+    2.0 or a bool is a wrong type, said as such) or lies outside ``0 .. vocab - 1``."""
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise ValueError(f"{name} holds {t!r} of type {type(t).__name__}; token ids are ints")
+        if not 0 <= t < vocab:
+            raise ValueError(f"{name} holds token id {t!r}, outside 0..{vocab - 1} (the vocabulary)")
+
+
 def _int_at_least(name: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name}={value!r} must be an int >= {low}")

@@ -5,6 +5,8 @@ Pure Python over the memory manager's state, O(sequences) per step, so it can ru
 
 from __future__ import annotations
 
+from runtime.kv_layout import NULL_BLOCK
+
 
 class StepMeter:
     """Accumulates, step by step, what the live sequences hold in the KV pool."""
@@ -30,7 +32,7 @@ class StepMeter:
         for seq in kv.tracked_seqs():
             table = seq.block_table
             logical += kv.num_held_blocks(seq)  # out-of-window entries of a sliding window hold none
-            if table:
+            if table and table[-1] != NULL_BLOCK:  # a freed (out-of-window) entry holds no slots
                 b = table[-1]
                 last_fill[b] = max(last_fill.get(b, 0), len(seq) - (len(table) - 1) * bs)
                 last_refs[b] = last_refs.get(b, 0) + 1

@@ -8,8 +8,10 @@ Default: ``OMP_NUM_THREADS`` when the environment sets it (the operator's choice
 number of CPUs this process may run on (``os.sched_getaffinity``, which honours ``taskset`` and
 cpusets): on a quiet machine every core helps (``bench/results/cpu_kernels.md``: 1 thread 542
 tok/s, 2 spinning threads 772 on 16 of the mixed requests; ``bench/results/e2e_throughput.md``: 829 and
-1252 on all 64). The previous count is restored when generate() returns. The native decode
-kernel and elementwise ops run on the same OpenMP threads (:mod:`runtime.native_build`).
+1252 on all 64). The previous count is restored when generate() returns. An explicit
+``num_threads`` above the CPUs this process may run on is refused (the extra threads can only
+wait for a core). The native decode kernel and elementwise ops run on the same OpenMP threads
+(:mod:`runtime.native_build`).
 
 The hazard is OpenMP's default of spinning while it waits, on cores that other processes also
 use: a partner thread that is switched out stalls every barrier the others spin at. On the
@@ -34,15 +36,20 @@ def wait_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "default").lower()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_num_threads() -> int:
     """``OMP_NUM_THREADS`` if set to a positive int, else the CPUs available to this process."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 @contextlib.contextmanager
@@ -51,8 +58,11 @@ def torch_threads(num_threads: int | None = None):
     and restore the previous count after; yields the count used."""
     if num_threads is None:
         num_threads = default_num_threads()
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+    elif isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ValueError(f"num_threads={num_threads!r} must be a positive int or None")
+    elif num_threads > usable_cpus():  # more threads than CPUs only wait on each other (see above)
+        raise ValueError(f"num_threads={num_threads} exceeds the {usable_cpus()} CPUs this process may run on "
+                         f"(os.sched_getaffinity); give at most {usable_cpus()}, or None for that")
     before = torch.get_num_threads()
     if num_threads != before:
         torch.set_num_threads(num_threads)

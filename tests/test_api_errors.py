@@ -33,7 +33,9 @@ def _copy(src, dst, *, config=None, weights=None):
     ([""], r"prompts\[0\] is text but the model has no tokenizer.json"),
     ([[5, 64]], r"prompts\[0\] holds token id 64, outside 0..63"),
     ([[5, -1]], r"prompts\[0\] holds token id -1"),
-    ([[5, 6.0]], r"prompts\[0\] holds token id 6.0"),
+    ([[5, 6.0]], r"prompts\[0\] holds 6.0 of type float; token ids are ints"),  # the type, not the range
+    ([[5, 2.0]], r"prompts\[0\] holds 2.0 of type float; token ids are ints"),
+    ([[5, True]], r"prompts\[0\] holds True of type bool; token ids are ints"),
     ("just a string", "prompts must be a list"),
     ([[3] * 40], r"prompts\[0\] has 40 tokens; the model's context \(max_position_embeddings=40\)"),
 ])
@@ -64,10 +66,23 @@ def test_prompt_longer_than_the_pool(ckpt):
     ({"device": "tpu"}, "device='tpu' is not a device torch knows"),
     ({"kv_cache_dtype": "int4"}, "kv_cache_dtype='int4' is not supported; use one of auto, fp8, fp8_e4m3"),
     ({"num_threads": 0}, "num_threads=0 must be a positive int"),
+    ({"num_threads": 1000}, r"num_threads=1000 exceeds the \d+ CPUs this process may run on"),
+    ({"calculate_kv_scales": "yes"}, "calculate_kv_scales='yes' must be True or False"),
+    ({"sampling_params": SamplingParams(stop_token_ids=[10**9])},
+     r"stop_token_ids holds token id 1000000000, outside 0..63 \(the vocabulary\)"),
 ])
 def test_bad_engine_options(ckpt, options, match):
     with pytest.raises(ValueError, match=match):
         runtime.generate(ckpt, [[3, 4]], **options)
+
+
+def test_calculate_kv_scales_without_an_fp8_cache_is_warned_about_and_ignored(ckpt):
+    """Harmless (there is nothing to calibrate), so a warning, not an error."""
+    with pytest.warns(RuntimeWarning, match="calculate_kv_scales=True has no effect with kv_cache_dtype='auto'"):
+        out = runtime.generate(ckpt, [[3, 4]], SamplingParams(max_tokens=2), calculate_kv_scales=True)
+    assert out.stats["k_scales"] == [1.0] * len(out.stats["k_scales"])
+    with pytest.raises(ValueError, match="calculate_kv_scales=1 must be True or False"):
+        runtime.Engine(runtime.load_model(ckpt, device="cpu"), num_blocks=8, calculate_kv_scales=1)
 
 
 def test_generation_is_capped_by_the_context(ckpt):

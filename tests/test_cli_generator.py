@@ -125,6 +125,7 @@ def test_variants_and_emit_take_kv_dtype_and_features(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message, code", [  # 2: a bad option; 1: a valid one that cannot run
     (["variants", "--kv-dtype", "int8"], "kv_dtype='int8'", 2),
     (["variants", "--features", "rope"], "--features='rope': 'rope' is not a feature", 2),
+    (["variants", "--features", "none,alibi"], "--features='none,alibi': 'none' means no feature, yet alibi", 2),
     (["inspect", "--head-dim", "64", "--block-size", "16", "--kv-dtype", "fp8_e4m3",
       "--target", "sm_80"], "cannot run on sm_80", 1),
 ])

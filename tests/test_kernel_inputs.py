@@ -173,7 +173,9 @@ def _featured_cases(inputs):
         "v_scale.shape=(2, 1)": dict(v_scale=kv.new_ones(2, 1)),
         "k_scale=-1.0 must be finite and > 0": dict(k_scale=-1.0),
         "v_scale='big' is not a number": dict(v_scale="big"),
-        "k_scale=True is not a number": dict(k_scale=True),
+        "k_scale=True is not a number (a bool)": dict(k_scale=True),
+        "k_scale='1' is not a number (a str)": dict(k_scale="1"),  # float('1') was accepted silently
+        "logits_soft_cap='30' is not a number (a str)": dict(logits_soft_cap="30"),
         "sliding_window=0 must be an integer >= 1": dict(sliding_window=0),
         "sliding_window=2.5 is not an integer": dict(sliding_window=2.5),
         "sliding_window=True must be an integer >= 1": dict(sliding_window=True),

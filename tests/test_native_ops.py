@@ -1,25 +1,31 @@
 """The C elementwise ops (``runtime/native/layer_ops.c``) against float64 references, on strided
 views, on one thread and split over OpenMP threads, and the decoder without them."""
 
-import os
-import shutil
-
 import pytest
 import torch
 
+from helpers_native import require_native
 from runtime.model.native_ops import NativeOps
 from runtime.model.ops import rotate_half
-from runtime.native_build import load_native, why_unavailable
+from runtime.native_build import load_native
 
 OPS = NativeOps.for_model(torch.float32, torch.device("cpu"))
-needs_ops = pytest.mark.skipif(OPS is None, reason=str(why_unavailable()))
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler here")
+@pytest.fixture
+def native_built():
+    """Tests of the C ops need the library: without it they fail saying how to get a compiler
+    (never skip)."""
+    require_native()
+
+
+needs_ops = pytest.mark.usefixtures("native_built")
+
+
 def test_the_library_builds_where_a_compiler_is():
-    """With a compiler the CPU kernels must build: otherwise every native test would only skip."""
-    assert os.environ.get("KGEN_NATIVE", "1") != "0", "KGEN_NATIVE=0 hides the native kernels from the tests"
-    assert load_native() is not None, why_unavailable()
+    """The CPU kernels must build here: otherwise every native test would fail on its own."""
+    require_native()
+    assert load_native() is not None and OPS is not None
 
 
 @needs_ops
@@ -91,8 +97,8 @@ def test_decoder_with_and_without_native_ops_matches_transformers(tmp_path, monk
     from runtime.loader import load_model
 
     hf = make_llama(tmp_path, layers=3, init_std=0.1)
-    if native and OPS is None:
-        pytest.skip(str(why_unavailable()))
+    if native:
+        require_native()
     if not native:
         monkeypatch.setattr(NativeOps, "for_model", classmethod(lambda cls, dtype, device: None))
     loaded = load_model(tmp_path, device="cpu")

@@ -107,3 +107,15 @@ def test_default_cache_folder_is_per_template_version(tmp_path, monkeypatch):
     second = render.write_source(CONFIG)
     assert second.parent == tmp_path / "0123456789abcdef" and second != first
     assert first.exists()  # the other version's module is left alone
+
+
+@pytest.mark.parametrize("under", ["", "sub/folder"])
+def test_kgen_cache_on_a_file_is_a_named_error(tmp_path, monkeypatch, under):
+    """It used to be a raw NotADirectoryError from deep in the renderer."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("KGEN_CACHE", str(blocker / under) if under else str(blocker))
+    says = "is a file" if not under else f"lies under {str(blocker)!r}, which is a file"
+    with pytest.raises(ValueError, match=f"KGEN_CACHE=.* {says}; point KGEN_CACHE at a folder"):
+        render.write_source(CONFIG)
+    assert blocker.read_text() == "not a folder"

@@ -78,6 +78,8 @@ def torch_name(name):
     ("features", "sliding_window,rope", "'rope' is not a feature"),
     ("features", 7, "features=7 is not a feature name"),
     ("features", [None], "None is not a feature name"),
+    ("features", "none,alibi", "'none' means no feature, yet alibi is given too"),  # was read as alibi
+    ("features", ["plain", "sinks"], "'plain' means no feature, yet sinks is given too"),
 ])
 def test_bad_feature_axis_is_named(field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):

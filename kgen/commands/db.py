@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 
@@ -87,6 +88,11 @@ def _db_dir(args):
     return args.db or default_db_dir()
 
 
+def _db_origin(args) -> str:
+    """Where ``_db_dir(args)`` came from, for messages about it."""
+    return "--db" if args.db else ("$KGEN_DB" if os.environ.get("KGEN_DB") else "the default database")
+
+
 def show(args) -> int:
     import pandas as pd  # heavy: only for the table
 
@@ -164,7 +170,7 @@ def explain(args) -> int:
 
 
 def check(args) -> int:
-    reports = check_db(_db_dir(args))
+    reports = check_db(_db_dir(args), f"{_db_origin(args)} folder")
     bad = 0
     for report in reports:
         if report.problem:
@@ -182,7 +188,8 @@ def check(args) -> int:
 
 
 def prune(args) -> int:
-    dropped = prune_stale(_db_dir(args), normalize_gpu_name(args.gpu) if args.gpu else None)
+    dropped = prune_stale(_db_dir(args), normalize_gpu_name(args.gpu) if args.gpu else None,
+                          f"{_db_origin(args)} folder")
     for record in dropped:
         print(f"dropped {record.key} from {record.path}: {'; '.join(record.reasons)}")
     print(f"{len(dropped)} stale record(s) dropped")

@@ -38,11 +38,21 @@ def check_journal(path: Path) -> str:
     return f"{len(lines)} journal operations"
 
 
-def check_db(db_dir) -> list[FileReport]:
-    """Check every GPU folder of ``db_dir``; one report per file found."""
+def require_db_dir(db_dir, what: str = "tuning database folder") -> Path:
+    """``db_dir`` as a Path when it is a folder; else FileNotFoundError (missing) or ValueError
+    (a file), naming ``what`` (where the path came from, e.g. ``$KGEN_DB``) and the path."""
     root = Path(db_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"tuning database folder {root} does not exist")
+    if root.is_dir():
+        return root
+    if root.exists():
+        raise ValueError(f"{what} {root} is a file, not a folder")
+    raise FileNotFoundError(f"{what} {root} does not exist")
+
+
+def check_db(db_dir, what: str = "tuning database folder") -> list[FileReport]:
+    """Check every GPU folder of ``db_dir``; one report per file found. ``what`` names the
+    folder in the error when it is missing or a file (:func:`require_db_dir`)."""
+    root = require_db_dir(db_dir, what)
     reports = []
     for gpu in gpu_folders(root):
         folder = root / gpu
@@ -105,9 +115,10 @@ def stale_records(db_dir, gpu: str | None = None) -> list[StaleRecord]:
     return out
 
 
-def prune_stale(db_dir, gpu: str | None = None) -> list[StaleRecord]:
-    """Drop the stale entries of ``db_dir`` (of one GPU, or all); returns what was dropped."""
-    dropped = stale_records(db_dir, gpu)
+def prune_stale(db_dir, gpu: str | None = None, what: str = "tuning database folder") -> list[StaleRecord]:
+    """Drop the stale entries of ``db_dir`` (of one GPU, or all); returns what was dropped. A
+    missing folder, or a file, is an error as in :func:`check_db`."""
+    dropped = stale_records(require_db_dir(db_dir, what), gpu)
     by_gpu: dict[str, list[str]] = {}
     for record in dropped:
         by_gpu.setdefault(record.gpu, []).append(record.key)

@@ -122,7 +122,8 @@ class DbReader:
             if found:
                 return self._result(found, asked, other, "family")
         config = default_config(**shape.variant_fields())
-        why = ("no database for this GPU" if table is None else
+        why = (f"its best table is unusable: {self.errors[gpu]}" if table is None and gpu in self.errors
+               else "no database for this GPU" if table is None else
                f"no current tuned entry in range ({held} held back: measured against other "
                f"kernel templates or another default)" if held else "no tuned entry in range")
         reason = f"{asked.key}: {why} ({self.db_dir / gpu}); using the heuristic default {config.key}"

@@ -183,11 +183,20 @@ class TuningStore:
     def load_best(self) -> dict | None:
         return load_best(self.best_path)
 
-    def update_best(self, entries: dict[str, dict]) -> dict:
-        """Merge entries (workload key -> entry) into the best table under the lock; returns it."""
+    def update_best(self, entries: dict[str, dict], *, keep_faster: bool = False) -> dict:
+        """Merge entries (workload key -> entry) into the best table under the lock; returns it.
+
+        ``keep_faster``: an entry already in the table that was measured the same way (same
+        kernel templates, default and method) and is at least as fast stays; the new one is
+        dropped (the trial log holds both measurements). Two runs finishing one workload then
+        leave the faster winner, whichever writes last.
+        """
         prov = self._need_provenance()
         with self.lock():
             table = self.load_best() or new_best_table(self.gpu, prov)
+            if keep_faster:
+                entries = {key: entry for key, entry in entries.items()
+                           if not _faster_same_measure(table["entries"].get(key), entry)}
             table["entries"].update(entries)
             table["provenance"] = prov
             table["schema_version"] = SCHEMA_VERSION
@@ -210,6 +219,17 @@ class TuningStore:
             check_best_table(table, f"{self.best_path} (about to be written)")
             atomic_write_json(self.best_path, table)
         return table
+
+
+def _faster_same_measure(old: dict | None, new: dict) -> bool:
+    """Whether ``old`` (a recorded entry, or None) is at least as fast as ``new`` and measured
+    comparably: same kernel templates, measuring method and default beaten."""
+    if not isinstance(old, dict) or not isinstance(old.get("time_ms"), (int, float)):
+        return False
+    old_prov, new_prov = old.get("provenance") or {}, new.get("provenance") or {}
+    same = all(old_prov.get(k) == new_prov.get(k) for k in ("template_hash", "method")) \
+        and old.get("default_key") == new.get("default_key")
+    return same and old["time_ms"] <= new["time_ms"]
 
 
 def gpu_folders(db_dir) -> list[str]:

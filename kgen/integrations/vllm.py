@@ -8,7 +8,8 @@ in every engine and worker process before it builds a model. :func:`register` th
   ``CUSTOM`` backend, used when selected (``--attention-backend CUSTOM``);
 - on the CPU, where vLLM's platform always picks ``CPU_ATTN`` whatever is selected, overrides what
   ``CPU_ATTN`` resolves to with :class:`kgen.integrations.vllm_cpu.KgenCPUAttentionBackend`, only
-  when ``KGEN_VLLM_BACKEND=1`` is set; without it the plugin changes nothing.
+  when ``KGEN_VLLM_BACKEND`` is on (``1``, ``true``, ``yes`` or ``on``: :func:`switch_on`);
+  without it the plugin changes nothing.
 
 Both wrap the stock backend: prefill and mixed batches, cache writes and every layer kgen does not
 cover run vLLM's own kernels (see :mod:`kgen.integrations.vllm_decode` for what falls back and how
@@ -26,6 +27,23 @@ CPU_BACKEND = "kgen.integrations.vllm_cpu.KgenCPUAttentionBackend"
 GPU_BACKEND = "kgen.integrations.vllm_gpu.KgenAttentionBackend"
 
 logger = logging.getLogger("vllm.kgen")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+_warned: set = set()
+
+
+def switch_on() -> bool:
+    """Whether ``KGEN_VLLM_BACKEND`` asks for kgen's CPU backend: ``1``, ``true``, ``yes`` or
+    ``on`` (any case) mean on; unset, ``0``, ``false``, ``no`` or ``off`` mean off; anything else
+    is off with one warning per value and process (it is read in every vLLM worker)."""
+    value = os.environ.get(ENV_SWITCH, "").strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value not in FALSE_WORDS and value not in _warned:
+        _warned.add(value)
+        logger.warning("kgen: %s=%r is not one of %s (on) or %s (off); kgen's backend stays off",
+                       ENV_SWITCH, os.environ.get(ENV_SWITCH), "/".join(TRUE_WORDS), "/".join(FALSE_WORDS[1:]))
+    return False
 
 
 def register() -> str | None:
@@ -34,7 +52,7 @@ def register() -> str | None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
-        if os.environ.get(ENV_SWITCH) != "1":
+        if not switch_on():
             return None
         # must happen before the first layer asks for its backend (vLLM caches the choice)
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)

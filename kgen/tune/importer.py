@@ -26,7 +26,7 @@ from kgen.db.store import TuningStore
 from kgen.device import normalize_gpu_name
 from kgen.tune import study as st
 from kgen.tune.search import default_variant
-from kgen.tune.storage import describe, open_storage
+from kgen.tune.storage import check_existing, describe, open_storage
 from kgen.variant import VariantConfig
 from kgen.workload import Workload
 
@@ -129,13 +129,17 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport,
     entry = make_entry(workload, config, time_ms=best.value, default_time_ms=default_ms,
                        provenance=prov, trials=len(measured), study_best_ms=best.value,
                        counts=counts)
-    TuningStore(db_dir, gpu, prov).update_best({name: entry})
-    report.entries[name] = entry
+    kept = TuningStore(db_dir, gpu, prov).update_best({name: entry}, keep_faster=True)["entries"][name]
+    if kept != entry:
+        report.notes.append(f"{name}: kept the recorded {kept['config_key']} ({kept['time_ms']:.5g} ms), "
+                            f"faster than the study's best {entry['config_key']} ({entry['time_ms']:.5g} ms)")
+    report.entries[name] = kept
 
 
 def import_storage(location: str, gpu: str, db_dir) -> ImportReport:
     """Import every study of ``gpu`` in ``location`` into the database folder ``db_dir``."""
     gpu = normalize_gpu_name(gpu)
+    check_existing(location)  # before opening: opening a journal or SQLite path would create it
     storage = open_storage(location)
     names = _study_names(storage, gpu)
     if not names:

@@ -31,7 +31,7 @@ from kgen.tune import DEFAULT_HEARTBEAT_S
 from kgen.tune.claims import RdbClaims
 from kgen.tune.journal import clear_stale_journal_lock, open_journal
 
-__all__ = ["StorageError", "TuneStorage", "open_storage", "describe", "is_url",
+__all__ = ["StorageError", "TuneStorage", "open_storage", "check_existing", "describe", "is_url",
            "clear_stale_journal_lock", "DEFAULT_HEARTBEAT_S"]
 _SCHEMA_LOCK_ID = 0x6B67656E  # "kgen": the advisory lock serializing table creation
 
@@ -193,6 +193,37 @@ def _open_rdb(url: str, heartbeat_s: int, on_stale) -> TuneStorage:
         time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
     raise StorageError(f"--storage {shown!r}: could not create Optuna's tables: "
                        f"{_first_line(last)}")
+
+
+def check_existing(location) -> None:
+    """Refuse, creating nothing, a ``location`` that holds no study storage yet (``kgen db
+    import`` reads one and must never make one): a journal path that is not a file, an SQLite
+    URL whose file does not exist (connecting would create it), or a database without Optuna's
+    ``studies`` table (opening it would create the tables)."""
+    location = str(location)
+    if not is_url(location):
+        if not Path(location).is_file():
+            raise StorageError(f"--storage {location!r} is neither a database URL (those contain '://') nor an "
+                               f"existing journal file; nothing was created")
+        return
+    import sqlalchemy
+
+    shown, parsed = describe(location), _check_url(location)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
+        raise StorageError(f"--storage {shown!r}: the SQLite file {parsed.database} does not exist; nothing "
+                           f"was created")
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        has_studies = sqlalchemy.inspect(engine).has_table("studies")
+    except ImportError as exc:
+        raise StorageError(f"--storage {shown!r}: its database driver is not installed: {exc}") from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise StorageError(f"--storage {shown!r}: cannot open the database: {_first_line(exc)}") from None
+    finally:
+        engine.dispose()
+    if not has_studies:
+        raise StorageError(f"--storage {shown!r} holds no Optuna study storage (no 'studies' table); "
+                           f"nothing was created")
 
 
 # ---- the door ----------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from kgen.db.schema import make_entry, make_provenance
 from kgen.db.store import TuningStore
-from kgen.tune import interrupts
+from kgen.tune import interrupts, ownership
 from kgen.tune import study as st
 from kgen.tune import workers as wk
 from kgen.tune.measure import Measurer
 from kgen.tune.storage import (DEFAULT_HEARTBEAT_S, TuneStorage, clear_stale_journal_lock, is_url,
                                open_storage)
+from kgen.tune.progress import Progress, interrupted_message
 from kgen.tune.search import default_variant
 from kgen.workload import Workload, log2_distance
 from kgen.variant import VariantConfig
@@ -42,6 +43,7 @@ class TuneSettings:
     progress: bool = False
     provenance: dict = field(default_factory=dict)
     heartbeat_s: int = DEFAULT_HEARTBEAT_S  # database storages: liveness of running trials
+    run_id: str = field(default_factory=ownership.new_run_id)  # the claim on this run's studies
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -140,24 +142,43 @@ def _notify(message: str) -> None:
     sys.stderr.flush()
 
 
-def prepare(settings: TuneSettings, workload: Workload):
-    """Open the study; warm-start it, or recover it when resuming.
+def claim_studies(settings: TuneSettings, workloads: list[Workload]) -> None:
+    """Before anything is measured: claim every workload's study for this run, or refuse.
 
-    The private journal (no ``--storage``) refuses old trials unless ``--resume`` is given (they
-    may be from another run); an explicit ``--storage`` is shared by design, so joining a study
-    that others already work on is the point.
+    The private journal (no ``--storage``) refuses a study with trials, or one another run has
+    claimed, unless ``--resume`` is given (they may be from another run); the check and the claim
+    are one step under the GPU folder's lock (:mod:`kgen.tune.ownership`), so of two runs started
+    together only one tunes. An explicit ``--storage`` is shared by design, so joining a study
+    that others already work on is the point: nothing is claimed there.
     """
     if not is_url(settings.storage_location):
         cleared = clear_stale_journal_lock(settings.storage_location)
         if cleared:
             _notify(cleared)
+    if settings.storage is not None:
+        return
+    with settings.store.lock():
+        studies = [(workload, _open(settings, workload)[0]) for workload in workloads]
+        for workload, study in studies if not settings.resume else ():
+            problem = ownership.refusal(study, settings.run_id)
+            if problem:
+                raise ValueError(f"study {workload.key!r} in {settings.storage_location} {problem}; "
+                                 f"pass --resume to continue it (or use another --db)")
+        for _, study in studies:
+            ownership.claim(study, settings.run_id)
+
+
+def prepare(settings: TuneSettings, workload: Workload):
+    """Open the study (claimed by :func:`claim_studies`); warm-start it, or recover it when
+    resuming. A study already finished (its entry written, no trials left to run) is returned
+    with ``{"finished": ...}`` and is not touched."""
     study, storage = _open(settings, workload)
     with settings.store.lock():
-        done = len(st.done_trials(study))
-        if done and not settings.resume and settings.storage is None:
-            raise ValueError(f"study {workload.key!r} in {settings.storage_location} already has "
-                             f"{done} trials; pass --resume to continue it (or use another --db)")
         recovered = st.recover_orphans(study) if settings.resume else 0
+        finished = ownership.final(study)
+        if finished is not None and not st.needs_work(study, settings.trials):
+            return study, {"finished": finished}
+        done = len(st.done_trials(study))
         queued = st.warm_start(study, workload,
                                [default_variant(workload), *neighbour_winners(settings, workload)],
                                claims=storage.claims, limit=settings.trials)
@@ -165,6 +186,19 @@ def prepare(settings: TuneSettings, workload: Workload):
         _notify(f"{workload.key}: {recovered} trial(s) of interrupted runs failed and their "
                 f"candidates queued again")
     return study, {"recovered": recovered, "queued": queued, "done": done}
+
+
+def finished_result(settings: TuneSettings, workload: Workload, study, finished: dict) -> WorkloadResult:
+    """The result of a workload an earlier run finished: its best.json entry as it stands."""
+    measured = len(st.budget_trials(study))
+    entry = (settings.store.load_best() or {"entries": {}})["entries"].get(workload.key)
+    if entry is None:  # the entry was pruned since: say what the study recorded
+        entry = {**finished, "config": VariantConfig.from_key(finished["config_key"]).to_dict(),
+                 "default_time_ms": None}
+    _notify(f"{workload.key}: finished by an earlier run ({entry['config_key']}, {entry['time_ms']:.5g} ms); "
+            f"skipped")
+    return WorkloadResult(workload, VariantConfig.from_dict(entry["config"]), entry["time_ms"],
+                          entry.get("default_time_ms"), measured, st.status_counts(st.done_trials(study)))
 
 
 def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResult:
@@ -199,44 +233,14 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
     entry = make_entry(workload, winner, time_ms=time_ms, default_time_ms=default_ms,
                        provenance=settings.provenance, trials=measured,
                        study_best_ms=best_trial.value, counts=counts)
-    store.update_best({workload.key: entry})
+    kept = store.update_best({workload.key: entry}, keep_faster=True)["entries"][workload.key]
+    ownership.mark_final(study, kept)
+    if kept != entry:  # a finished entry measured faster stays
+        _notify(f"{workload.key}: kept the recorded {kept['config_key']} ({kept['time_ms']:.5g} ms); this "
+                f"run's {winner.key} measured {time_ms:.5g} ms (both are in {store.trials_path})")
+        winner, time_ms = VariantConfig.from_dict(kept["config"]), kept["time_ms"]
+        default_ms = kept.get("default_time_ms")
     return WorkloadResult(workload, winner, time_ms, default_ms, measured, counts)
-
-
-class _Progress:
-    """A tqdm bar over all trials of all workloads (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="trial", dynamic_ncols=True)
-
-    def set(self, done: int, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(label)
-            self.bar.update(max(0, done - self.bar.n))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def interrupted_message(settings: TuneSettings, workload: Workload, study, results) -> str:
-    """What an interrupted run recorded: finished workloads, and the cut one's measured trials."""
-    measured = st.budget_trials(study) if study is not None else []
-    best = st.best_complete(study) if study is not None else None
-    parts = [f"interrupted while tuning {workload.key}"]
-    if results:
-        parts.append(f"{len(results)} workload(s) finished and recorded in {settings.store.best_path}")
-    parts.append(f"{workload.key}: {len(measured)} of {settings.trials} trials measured and kept in "
-                 f"{settings.storage_location} and {settings.store.trials_path}"
-                 + (f", best so far {best.value:.5g} ms ({st.trial_info(best).get('config_key')})"
-                    if best is not None else "")
-                 + "; its best.json entry was not written")
-    parts.append("continue with the same command and --resume")
-    return "; ".join(parts)
 
 
 def tune(settings: TuneSettings, workloads: list[Workload]) -> list[WorkloadResult]:
@@ -251,12 +255,16 @@ def tune(settings: TuneSettings, workloads: list[Workload]) -> list[WorkloadResu
     """
     if not workloads:
         raise ValueError("no workloads selected")
-    progress = _Progress(settings.progress, settings.trials * len(workloads))
+    progress = Progress(settings.progress, settings.trials * len(workloads))
     results, study, workload = [], None, workloads[0]
+    claim_studies(settings, workloads)
     try:
         for index, workload in enumerate(workloads):
             study = None
-            study, _ = prepare(settings, workload)
+            study, state = prepare(settings, workload)
+            if "finished" in state:
+                results.append(finished_result(settings, workload, study, state["finished"]))
+                continue
             base = index * settings.trials
             label = f"{workload.key} ({index + 1}/{len(workloads)})"
 

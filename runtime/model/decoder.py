@@ -52,7 +52,8 @@ class DecoderModel:
             return w(name) if name in weights else None
 
         self.embed = w("model.embed_tokens.weight")                       # [vocab, hidden]
-        self.lm_head = Linear(self.embed if config.tie_word_embeddings else w("lm_head.weight"))
+        # tied unless the loader kept a stored head (a checkpoint whose head differs, as in transformers)
+        self.lm_head = Linear(w("lm_head.weight") if "lm_head.weight" in weights else self.embed)
         self.final_norm = RMSNorm(w("model.norm.weight"), config.rms_norm_eps, fam.norm_offset)
         # Gemma: embeddings times sqrt(hidden), the factor rounded to the compute dtype first
         self.embed_scale = (torch.tensor(config.hidden_size ** 0.5, dtype=dtype, device=self.device)
