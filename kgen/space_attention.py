@@ -36,10 +36,44 @@ AXES: dict[str, tuple] = {
     "features": all_feature_sets(),
 }
 
-# fp32 values per thread the row state may take: the accumulator [q_tile, D] and the scores /
-# probabilities [q_tile, tile] (the rest of 255 registers holds the query operand, addresses, the
-# K/V tile in flight and the softmax's row vectors). Calibrated with the static audit.
-MAX_ROW_VALUES_PER_THREAD = 128
+# Registers per thread (4-byte units) the row state may take, as estimated by
+# :func:`row_registers`, where one thread may use 255 registers (up to 8 warps): beyond it ptxas
+# runs out and spills. Calibrated with the static audit (sm_80 / sm_90, triton 3.9): estimates
+# of 96..128 compiled to 155..167 registers without spills (d128 m32 t64 w4, d128 m64 t64 w8,
+# d64 m64 t64 w4, fp32 d128 m16 t32 w4); 136..192 reached 240..255 registers and spilled up to
+# 76 B (d128 m64 t64 w4, fp32 d128 m32 t32 w4, fp32 d64 m16 t128 w4). 16 warps leave a thread
+# 128 registers (64K per SM), one warp spilled sooner (d64 m16 t32 w1: 4 B at an estimate of
+# 112): both get half the budget (:func:`row_register_budget`). fp32 queries (FMA dots, their
+# operands in registers) spilled from an estimate of 112 (d64 m32 t64 w4: 492 B) and compiled
+# at 104 (d128 m32 t64 w8: 128 registers): they get 13/16 of it, and at most
+# MAX_FP32_SCORE_TILE score elements (64 x 128 spilled 12 KB with 8 warps, 1.3 KB with 16).
+MAX_ROW_REGISTERS = 128
+MAX_FP32_SCORE_TILE = 2048
+
+
+def row_registers(config: AttentionVariantConfig) -> int:
+    """Estimated registers per thread of a program's state at ``q_tile`` rows.
+
+    The fp32 accumulator [q_tile, D] and scores [q_tile, tile], the query operand [q_tile, D],
+    and the key and value tiles [tile, D] in the dot's dtype (the query's; fp8 tiles are
+    converted to it), spread over ``32 * num_warps`` threads.
+    """
+    threads = 32 * config.num_warps
+    d_pad = padded_head_dim(config.head_dim)
+    elem = ELEM_BYTES[config.dtype]
+    rows = config.q_tile * (d_pad * 4 + d_pad * elem + config.tile_tokens * 4)
+    kv = 2 * config.tile_tokens * d_pad * elem
+    return (rows + kv) // 4 // threads
+
+
+def row_register_budget(num_warps: int, dtype: str = "fp16") -> int:
+    """:data:`MAX_ROW_REGISTERS` scaled to the registers a thread may have at ``num_warps``
+    (65536 per SM over 32 * num_warps threads, at most 255), halved for a single warp, 13/16 of
+    that for fp32 queries."""
+    cap = min(255, 65536 // (32 * num_warps))
+    budget = MAX_ROW_REGISTERS * cap // 255
+    budget = budget // 2 if num_warps == 1 else budget
+    return budget * 13 // 16 if dtype == "fp32" else budget
 
 
 def prune_smem_rows(config: AttentionVariantConfig) -> str | None:
@@ -54,13 +88,16 @@ def prune_smem_rows(config: AttentionVariantConfig) -> str | None:
 
 
 def prune_row_registers(config: AttentionVariantConfig) -> str | None:
-    """The fp32 accumulator and score tile of ``q_tile`` rows, spread over the warps, must leave
-    registers for the rest (else they spill)."""
-    threads = 32 * config.num_warps
-    per_thread = config.q_tile * (padded_head_dim(config.head_dim) + config.tile_tokens) // threads
-    if per_thread > MAX_ROW_VALUES_PER_THREAD:
-        return (f"{per_thread} fp32 accumulator and score values per thread ({config.q_tile} rows) "
-                f"would spill (at most {MAX_ROW_VALUES_PER_THREAD})")
+    """The state of ``q_tile`` rows (:func:`row_registers`) must fit the thread's budget
+    (:func:`row_register_budget`)."""
+    need, budget = row_registers(config), row_register_budget(config.num_warps, config.dtype)
+    if config.dtype == "fp32" and config.q_tile * config.tile_tokens > MAX_FP32_SCORE_TILE:
+        return (f"fp32 FMA dots of a {config.q_tile} x {config.tile_tokens} score tile spill "
+                f"(at most {MAX_FP32_SCORE_TILE} elements)")
+    if need > budget:
+        return (f"about {need} registers per thread for {config.q_tile} rows' accumulator, "
+                f"scores, query and K/V tiles would spill (at most {budget} with "
+                f"{config.num_warps} warps)")
     return None
 
 
@@ -85,25 +122,24 @@ def default_attention_config(*, head_dim: int, block_size: int, group_size: int,
                              kv_dtype="auto", features=(), split_k="auto") -> AttentionVariantConfig:
     """A sound untuned variant for a workload shape (any query lengths).
 
-    Rule: segments ``auto`` (planned per call: one pass when the batch fills the GPU, many
-    segments for a few long decodes); 64-row q tiles for 16-bit queries (prefill tiles large
-    enough for tensor cores; short queries use a row tile sized to them whatever q_tile is),
-    64-token key tiles, 4 warps, 2 stages; head dims padded to 256 take 8 warps and 32-token key
-    tiles (the accumulator of 64 x 256 fp32 values needs the registers of 8 warps). fp32 queries
-    take 32-row q tiles and 32-token key tiles (16 at head dim 256 or block size 1), one stage
-    over an fp8 cache at head dims padded to 128+ (see :func:`kgen.space.prune_fp32_fp8_stages`).
-    An fp8 cache keeps at least 16 fp8 elements per thread in a key tile (one 16-byte load).
+    Rule (each choice passes the static audit on sm_80 and sm_90: no spill, 16-byte K/V loads,
+    tensor-core dots for 16-bit queries; see :data:`MAX_ROW_REGISTERS`): segments ``auto``
+    (planned per call: one pass when the batch fills the GPU, many segments for a few long
+    decodes); for 16-bit queries 64-row q tiles with 64-token key tiles over 8 warps (prefill
+    tiles that read each K/V tile once per 64 / group query tokens; short queries use a row tile
+    sized to them whatever q_tile is), 32-row tiles with 32-token key tiles at head dims padded
+    to 256; for fp32 queries 16-row tiles and 32-token key tiles over 4 warps (16 tokens, 8 warps
+    at head dims padded to 256). 2 stages, one over an fp8 cache for fp32 queries at head dims
+    padded to 128+ (see :func:`kgen.space.prune_fp32_fp8_stages`). An fp8 cache keeps at least 16
+    fp8 elements per thread in a key tile (one 16-byte load).
     """
     dtype, kv_dtype = normalize_dtype(dtype), normalize_kv_dtype(kv_dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
-    q_tile, tile, warps, stages = 64, 64, 4, 2
-    if dtype == "fp32":
-        q_tile, tile = 32, (16 if d_pad >= 256 or block_size == 1 else 32)
-        if kv_dtype != "auto" and d_pad >= 128:
-            stages = 1
-    if d_pad >= 256:
-        warps, tile = 8, min(tile, 32)
-    q_tile = max(q_tile, group_size)
+    if dtype != "fp32":
+        q_tile, tile, warps = (64, 64, 8) if d_pad <= 128 else (32, 32, 8)
+    else:
+        q_tile, tile, warps = (16, 32, 4) if d_pad <= 128 else (16, 16, 8)
+    stages = 1 if dtype == "fp32" and kv_dtype != "auto" and d_pad >= 128 else 2
     if kv_dtype != "auto":
         tile = max(tile, VECTOR_BYTES * 32 * warps // d_pad)
     config = AttentionVariantConfig(
@@ -120,8 +156,7 @@ def iter_attention_variants(*, prune: bool = True, target=None,
                             **filters) -> Iterator[AttentionVariantConfig]:
     """Yield the attention variants whose fields match ``filters`` (as
     :func:`kgen.space.iter_variants`: one value or a collection per axis; ``kv_dtype`` and
-    ``features`` default to the plain space). Combinations with ``q_tile < group_size`` do not
-    exist and are never yielded."""
+    ``features`` default to the plain space)."""
     return iter_space(AttentionVariantConfig, AXES, prune_reason, prune=prune, target=target,
                       filters=filters)
 
@@ -132,7 +167,5 @@ def enumerate_attention_variants(*, prune: bool = True, **filters) -> list[Atten
 
 
 def attention_space_size(*, prune: bool = False, target=None, **filters) -> int:
-    """Number of attention axis combinations matching ``filters`` (unpruned: the product of the
-    axes, counting the ``q_tile < group_size`` combinations that are no variant; pruned: the
-    variants kept)."""
+    """Number of attention variants matching ``filters`` (counting pruned ones unless ``prune``)."""
     return count_space(AXES, iter_attention_variants, prune=prune, target=target, filters=filters)
