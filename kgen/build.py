@@ -14,14 +14,15 @@ from pathlib import Path
 from types import ModuleType
 
 from kgen.render import write_source
-from kgen.variant import VariantConfig
+from kgen.variant_attention import as_config, config_from_key
 
 _MODULES: dict[str, ModuleType] = {}
 _LOCK = threading.Lock()
 
 
-def module_name(config: VariantConfig) -> str:
-    """The ``sys.modules`` name of a variant's module, e.g. ``kgen_kernel_paged_decode_d128_...``."""
+def module_name(config) -> str:
+    """The ``sys.modules`` name of a variant's module, e.g. ``kgen_kernel_paged_decode_d128_...``
+    or ``kgen_kernel_paged_attention_d128_...``."""
     return "kgen_kernel_" + config.key.replace("-", "_")
 
 
@@ -42,20 +43,29 @@ def import_file(path, name: str) -> ModuleType:
 
 
 def load_kernel(config, *, directory=None) -> ModuleType:
-    """The module of variant ``config`` (a VariantConfig or its key), rendered and imported once.
+    """The module of variant ``config`` (a variant of either family, or its key), rendered and
+    imported once.
 
     Returns
     -------
     module
-        Exposes ``paged_attention_decode(query, key_cache, value_cache, block_tables, seq_lens, *,
-        scale=None, out=None, max_seq_len=None, num_splits=None, fixed_grid=False, validate=False)``,
-        ``VARIANT_KEY``, ``CONFIG`` (a plain dict), ``KERNELS`` (names of its jit kernels) and
-        ``choose_num_splits``.
+        A decode variant's (:class:`kgen.variant.VariantConfig`) exposes
+        ``paged_attention_decode(query, key_cache, value_cache, block_tables, seq_lens, *,
+        scale=None, out=None, max_seq_len=None, num_splits=None, fixed_grid=False, validate=False)``
+        and ``choose_num_splits``; an attention variant's
+        (:class:`kgen.variant_attention.AttentionVariantConfig`) exposes
+        ``paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        *, max_query_len=None, max_seq_len=None, ..., out=None, validate=False)`` and its planner
+        ``plan_launch(num_seqs, num_kv_heads, max_query_len, max_seq_len, *, window=None,
+        device=None) -> (BLOCK_M, BLOCK_Q, segments)`` (with ``plan_segments``). Both expose
+        ``VARIANT_KEY``, ``CONFIG`` (a plain dict) and ``KERNELS`` (names of its jit kernels).
+
+    Raises
+    ------
+    ValueError
+        When ``config`` is neither a variant nor a key of either family.
     """
-    if isinstance(config, str):
-        config = VariantConfig.from_key(config)
-    if not isinstance(config, VariantConfig):
-        raise ValueError(f"config={config!r} is not a VariantConfig or a variant key")
+    config = as_config(config)
     key = config.key
     module = _MODULES.get(key)
     if module is not None:
@@ -78,5 +88,5 @@ def clear_cache() -> None:
     """Forget loaded modules (the next :func:`load_kernel` re-renders and re-imports)."""
     with _LOCK:
         for key in list(_MODULES):
-            sys.modules.pop(module_name(VariantConfig.from_key(key)), None)
+            sys.modules.pop(module_name(config_from_key(key)), None)
         _MODULES.clear()

@@ -27,19 +27,35 @@ def templates_dir() -> Path:
     return here if (here / "__init__.py").exists() and any(here.glob("*.j2")) else _packaged("templates")
 
 
-def template_files() -> list[Path]:
-    """The ``*.j2`` template files, sorted by name."""
-    return sorted(templates_dir().glob("*.j2"))
+# Templates only the attention family renders start with this prefix; every other template is
+# the decode family's (the attention family also includes some of those: attend, merge, plan,
+# launch_features). Hashing per family keeps the decode family's hash, and so its rendered
+# modules and the provenance of its tuning records, unchanged when attention templates change.
+ATTENTION_TEMPLATE_PREFIX = "attention_"
+FAMILIES = ("decode", "attention")
 
 
-def template_hash() -> str:
-    """Short sha256 over all template files (names and contents): provenance of rendered code.
+def template_files(family: str | None = None) -> list[Path]:
+    """The ``*.j2`` template files, sorted by name: all of them (``family`` None), the decode
+    family's (every file without the ``attention_`` prefix) or the attention family's (all of
+    them: it includes shared decode templates, so any template change may change its code)."""
+    files = sorted(templates_dir().glob("*.j2"))
+    if family is None or family == "attention":
+        return files
+    if family == "decode":
+        return [p for p in files if not p.name.startswith(ATTENTION_TEMPLATE_PREFIX)]
+    raise ValueError(f"family={family!r} is not a kernel family; use one of {', '.join(FAMILIES)}")
+
+
+def template_hash(family: str = "decode") -> str:
+    """Short sha256 over a family's template files (names and contents): provenance of rendered
+    code. The default is the decode family (the one the tuning database holds records of).
 
     Lives here, beside the templates' location, so the database can stamp and compare records
     without importing the renderer.
     """
     digest = hashlib.sha256()
-    for path in template_files():
+    for path in template_files(family):
         digest.update(path.name.encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())

@@ -74,45 +74,79 @@ def paged_attention_reference(query, key_cache, value_cache, block_tables, seq_l
     torch.Tensor
         ``[num_seqs, num_heads, head_dim]`` float64 on the query's device (zeros where len is 0).
     """
-    num_seqs, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    group = num_heads // num_kv_heads
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    device = query.device
-    k_sc = _per_kv_head(k_scale, num_kv_heads, "k_scale").to(device)[None, :, None]
-    v_sc = _per_kv_head(v_scale, num_kv_heads, "v_scale").to(device)[None, :, None]
-    slopes = None if alibi_slopes is None else alibi_slopes.double().to(device)
-    sink = None if sinks is None else sinks.double().to(device)
-    out = torch.zeros(num_seqs, num_heads, head_dim, dtype=torch.float64, device=device)
-    lens = [int(n) for n in seq_lens.tolist()]
-    for s, n in enumerate(lens):
+    num_seqs = query.shape[0]
+    out = torch.zeros(query.shape, dtype=torch.float64, device=query.device)
+    math_args = reference_feature_math(query, key_cache, scale, k_scale, v_scale, logits_soft_cap,
+                                       alibi_slopes, sinks)
+    for s, n in enumerate(int(n) for n in seq_lens.tolist()):
         if n == 0:
             continue
-        start = max(0, n - int(sliding_window)) if sliding_window is not None else 0
-        first_block = start // block_size  # entries before it are never read
-        pages = block_tables[s, first_block: (n + block_size - 1) // block_size].long()
-        lo, hi = start - first_block * block_size, n - first_block * block_size
-        # k, v: [n', num_kv_heads, head_dim] (dequantized) -> [num_heads, n', head_dim]
-        k = key_cache[pages].reshape(-1, num_kv_heads, head_dim)[lo:hi].double() * k_sc
-        v = value_cache[pages].reshape(-1, num_kv_heads, head_dim)[lo:hi].double() * v_sc
-        k = k.permute(1, 0, 2).repeat_interleave(group, dim=0)
-        v = v.permute(1, 0, 2).repeat_interleave(group, dim=0)
-        q = query[s].double()  # [num_heads, head_dim]
-        scores = torch.einsum("hd,htd->ht", q, k) * scale  # [num_heads, n']
-        if logits_soft_cap is not None:
-            cap = float(logits_soft_cap)
-            scores = cap * torch.tanh(scores / cap)
-        if slopes is not None:
-            dist = torch.arange(start, n, dtype=torch.float64, device=device) - (n - 1)
-            scores = scores + slopes[:, None] * dist[None, :]
-        if sink is not None:  # one more logit per head, whose value is zero
-            probs = torch.softmax(torch.cat([scores, sink[:, None]], dim=1), dim=-1)[:, :-1]
-        else:
-            probs = torch.softmax(scores, dim=-1)
-        out[s] = torch.einsum("ht,htd->hd", probs, v)
+        out[s] = attend_rows_float64(query[s][None], block_tables[s], n, [n - 1], sliding_window,
+                                     key_cache, value_cache, **math_args)[0]
     return out
+
+
+def reference_feature_math(query, key_cache, scale, k_scale, v_scale, logits_soft_cap,
+                           alibi_slopes, sinks) -> dict:
+    """The per-call values :func:`attend_rows_float64` needs, in float64 on the query's device."""
+    head_dim, num_kv_heads = query.shape[-1], key_cache.shape[2]
+    if query.shape[-2] % num_kv_heads:
+        raise ValueError(f"num_heads={query.shape[-2]} is not a multiple of num_kv_heads={num_kv_heads}")
+    device = query.device
+    return {
+        "scale": head_dim ** -0.5 if scale is None else float(scale),
+        "k_sc": _per_kv_head(k_scale, num_kv_heads, "k_scale").to(device)[None, :, None],
+        "v_sc": _per_kv_head(v_scale, num_kv_heads, "v_scale").to(device)[None, :, None],
+        "cap": None if logits_soft_cap is None else float(logits_soft_cap),
+        "slopes": None if alibi_slopes is None else alibi_slopes.double().to(device),
+        "sink": None if sinks is None else sinks.double().to(device),
+    }
+
+
+def attend_rows_float64(q, table_row, seq_len, positions, sliding_window, key_cache, value_cache, *,
+                        scale, k_sc, v_sc, cap, slopes, sink):
+    """Float64 attention of one sequence's query rows over its paged keys.
+
+    Row r (``q[r]``, ``[num_heads, head_dim]``) sits at ``positions[r]`` and sees keys
+    ``j <= positions[r]`` (and ``j >= positions[r] - W + 1`` with a window W):
+    s = scale * q . (k * k_scale), then ``cap * tanh(s / cap)``, then ``+ slope * (j - p)``;
+    sinks join each row's denominator once; out = softmax . (v * v_scale). Only the pages of
+    keys some row sees are gathered (table entries outside them are never touched).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[rows, num_heads, head_dim]`` float64.
+    """
+    block_size, num_kv_heads, head_dim = key_cache.shape[1], key_cache.shape[2], key_cache.shape[3]
+    group = q.shape[1] // num_kv_heads
+    device = q.device
+    pos = torch.tensor(positions, dtype=torch.float64, device=device)  # [rows]
+    start = max(0, min(positions) - int(sliding_window) + 1) if sliding_window is not None else 0
+    first_block = start // block_size  # entries before it are never read
+    pages = table_row[first_block: (seq_len + block_size - 1) // block_size].long()
+    lo, hi = start - first_block * block_size, seq_len - first_block * block_size
+    # k, v: [n', num_kv_heads, head_dim] (dequantized) -> [num_heads, n', head_dim]
+    k = key_cache[pages].reshape(-1, num_kv_heads, head_dim)[lo:hi].double() * k_sc
+    v = value_cache[pages].reshape(-1, num_kv_heads, head_dim)[lo:hi].double() * v_sc
+    k = k.permute(1, 0, 2).repeat_interleave(group, dim=0)
+    v = v.permute(1, 0, 2).repeat_interleave(group, dim=0)
+    keys = torch.arange(start, seq_len, dtype=torch.float64, device=device)  # [n']
+    scores = torch.einsum("rhd,htd->rht", q.double(), k) * scale  # [rows, num_heads, n']
+    if cap is not None:
+        scores = cap * torch.tanh(scores / cap)
+    if slopes is not None:
+        scores = scores + slopes[None, :, None] * (keys[None, :] - pos[:, None])[:, None, :]
+    seen = keys[None, :] <= pos[:, None]  # [rows, n']
+    if sliding_window is not None:
+        seen &= keys[None, :] > pos[:, None] - int(sliding_window)
+    scores = scores.masked_fill(~seen[:, None, :], float("-inf"))
+    if sink is not None:  # one more logit per head, whose value is zero
+        sink_col = sink[None, :, None].expand(scores.shape[0], -1, 1)
+        probs = torch.softmax(torch.cat([scores, sink_col], dim=2), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("rht,htd->rhd", probs, v)
 
 
 def max_abs_error(out, ref) -> float:
@@ -149,7 +183,7 @@ SCALE_KINDS = (None, "float", "tensor", "head")
 def make_paged_inputs(num_seqs, num_heads, num_kv_heads, head_dim, block_size, seq_lens, dtype, *,
                       seed, share_blocks=True, device="cpu", extra_blocks=3, extra_table_cols=1,
                       poison_unused=False, kv_dtype="auto", scale_kind=None, features=(),
-                      sliding_window=None, soft_cap=None):
+                      sliding_window=None, soft_cap=None, first_keys=None):
     """Random paged decode inputs in the kernel contract's layout.
 
     Parameters
@@ -187,6 +221,10 @@ def make_paged_inputs(num_seqs, num_heads, num_kv_heads, head_dim, block_size, s
         before each sequence's window are replaced with garbage ids: they must never be read.
     soft_cap : float, optional
         The soft cap (default 2.0: low enough that tanh changes the scores noticeably).
+    first_keys : sequence of int, optional
+        Per sequence, the first key any query reads (default: the window's start ``n - W``, or
+        0): table entries of pages wholly before it are garbage and, with ``poison_unused``,
+        its slots NaN. Varlen inputs pass the earliest window start of each sequence's rows.
 
     Returns
     -------
@@ -240,6 +278,8 @@ def make_paged_inputs(num_seqs, num_heads, num_kv_heads, head_dim, block_size, s
     # Garbage everywhere past the last block: indices often outside the cache, or negative.
     tables = torch.randint(-num_blocks, 4 * num_blocks + 1, (num_seqs, max_blocks), generator=gen)
     starts = [max(0, n - int(sliding_window)) if sliding_window is not None else 0 for n in lens]
+    if first_keys is not None:
+        starts = [int(k) for k in first_keys]
     for s, row in enumerate(owned):
         first_block = starts[s] // block_size  # blocks before the window keep their garbage
         if len(row) > first_block:

@@ -7,6 +7,11 @@ split-K kernels are included by :func:`template_parts`. A module is the concaten
 ``header``, ``attend`` (shared inner loop), ``decode`` (single pass), for split-K variants
 ``decode_partial`` and ``merge``, ``plan`` (the split planner), ``launch_features`` (checks and
 kernel arguments of the KV dtype and the attention features) and ``launcher``.
+
+The ``paged_attention`` family (:class:`kgen.variant_attention.AttentionVariantConfig`, any query
+length) renders from its own ``attention_*`` templates plus the shared ``merge``, ``plan`` and
+``launch_features``; its slots are computed by :func:`kgen.render_attention.attention_slots`,
+which :func:`slots` dispatches to, so this stays the one entry point for every family's values.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from kgen.dtypes import KV_TORCH_NAMES, TORCH_NAMES
 from kgen.paths import cache_dir, template_hash, templates_dir
 from kgen.space import kv_elem_bytes, padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
+from kgen.variant_attention import AttentionVariantConfig, as_config
 
 SINGLE_PASS_KERNELS = ("_decode_kernel",)
 SPLIT_KERNELS = ("_decode_kernel", "_decode_partial_kernel", "_merge_kernel")
@@ -51,8 +57,12 @@ def _environment(folder: str) -> jinja2.Environment:
                               keep_trailing_newline=True, autoescape=False)
 
 
-def kernel_names(config: VariantConfig) -> tuple[str, ...]:
+def kernel_names(config) -> tuple[str, ...]:
     """Names of the module-level ``@triton.jit`` kernels a variant's module launches."""
+    if isinstance(config, AttentionVariantConfig):
+        from kgen.render_attention import attention_kernel_names
+
+        return attention_kernel_names(config)
     return SPLIT_KERNELS if config.split_k != 1 else SINGLE_PASS_KERNELS
 
 
@@ -62,17 +72,28 @@ def feature_params(config: VariantConfig) -> tuple[str, ...]:
     return tuple(name for group in groups for name in FEATURE_PARAMS[group])
 
 
-def slots(config: VariantConfig, *, generated_at: str | None = None,
+def slots(config, *, generated_at: str | None = None,
           command_line: str | None = None, template_digest: str | None = None) -> dict:
-    """Every value the templates print, computed from ``config``.
+    """Every value the templates print, computed from ``config`` (a variant of either family).
 
-    ``template_digest`` is :func:`kgen.paths.template_hash` when the caller has it already
-    (None: compute it).
+    ``template_digest`` is :func:`kgen.paths.template_hash` of the config's family when the
+    caller has it already (None: compute it).
     """
+    if isinstance(config, AttentionVariantConfig):
+        from kgen.render_attention import attention_slots
+
+        return attention_slots(config, generated_at=generated_at, command_line=command_line,
+                               template_digest=template_digest)
     if not isinstance(config, VariantConfig):
-        raise ValueError(f"config={config!r} is not a VariantConfig")
+        raise ValueError(f"config={config!r} is not a VariantConfig or an AttentionVariantConfig")
+    return {**shared_slots(config, generated_at=generated_at, command_line=command_line,
+                           template_digest=template_digest),
+            "g_pad": padded_group(config.group_size)}
+
+
+def shared_slots(config, *, generated_at, command_line, template_digest) -> dict:
+    """The slots every family's templates print (header, constants, features, dots, planner)."""
     d_pad = padded_head_dim(config.head_dim)
-    split = config.split_k != 1
     params = feature_params(config)
     kv_torch = KV_TORCH_NAMES.get(config.kv_dtype, TORCH_NAMES[config.dtype])
     return {
@@ -81,7 +102,7 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "config_dict": repr(config.to_dict()),
         "kernels": repr(kernel_names(config)),
         "kgen_version": __version__,
-        "template_hash": template_hash() if template_digest is None else template_digest,
+        "template_hash": template_hash(config.family) if template_digest is None else template_digest,
         "generated_at": generated_at,
         "command_line": command_line,
         "head_dim": config.head_dim,
@@ -89,11 +110,10 @@ def slots(config: VariantConfig, *, generated_at: str | None = None,
         "pad_d": d_pad != config.head_dim,
         "block_size": config.block_size,
         "group_size": config.group_size,
-        "g_pad": padded_group(config.group_size),
         "tile_tokens": config.tile_tokens,
         "pages_per_tile": max(1, config.tile_tokens // config.block_size),
         "page_step": min(config.tile_tokens, config.block_size),
-        "split": split,
+        "split": config.split_k != 1,
         "split_k": config.split_k,
         "max_splits": MAX_SPLIT_K,
         "num_warps": config.num_warps,
@@ -128,19 +148,24 @@ def plan_slots(config: VariantConfig, d_pad: int) -> dict:
     }
 
 
-def template_parts(config: VariantConfig) -> tuple[str, ...]:
+def template_parts(config) -> tuple[str, ...]:
     """Template names making up the variant's module, in order."""
+    if isinstance(config, AttentionVariantConfig):
+        from kgen.render_attention import attention_template_parts
+
+        return attention_template_parts(config)
     middle = ("decode_partial.py.j2", "merge.py.j2") if config.split_k != 1 else ()
     return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "plan.py.j2",
             "launch_features.py.j2", "launcher.py.j2")
 
 
-def render_source(config: VariantConfig, *, generated_at: str | None = None,
+def render_source(config, *, generated_at: str | None = None,
                   command_line: str | None = None, template_digest: str | None = None) -> str:
     """The Python source of the variant's module (kernels + launcher), as text.
 
     ``template_digest``: as in :func:`slots` (None: compute it).
     """
+    config = as_config(config)
     env = _environment(str(templates_dir()))
     values = slots(config, generated_at=generated_at, command_line=command_line,
                    template_digest=template_digest)
@@ -166,7 +191,7 @@ def _write_if_changed(path: Path, text: str) -> Path:
     return path
 
 
-def write_source(config: VariantConfig, directory=None) -> Path:
+def write_source(config, directory=None) -> Path:
     """Render ``config`` to ``<directory>/<key>.py``.
 
     The default directory is ``<cache_dir>/<template hash>/`` (:func:`kgen.paths.cache_dir`): two
@@ -175,7 +200,8 @@ def write_source(config: VariantConfig, directory=None) -> Path:
     file is rewritten only when its text changed, so its mtime (and Triton's caches keyed on the
     source) stay put across runs.
     """
-    digest = template_hash()  # once: names the default folder and is printed in the header
+    config = as_config(config)
+    digest = template_hash(config.family)  # once: names the default folder, printed in the header
     folder = Path(directory) if directory is not None else cache_dir() / digest
     return _write_if_changed(folder / f"{config.key}.py",
                              render_source(config, template_digest=digest))
@@ -193,7 +219,7 @@ def _check_output_path(path: Path) -> None:
             return
 
 
-def emit(config: VariantConfig, path, *, command_line: str | None = None) -> Path:
+def emit(config, path, *, command_line: str | None = None) -> Path:
     """Write a standalone module for ``config`` to ``path`` (imports only torch and triton).
 
     The header names the variant key, its config, the kgen version, the template hash, the UTC

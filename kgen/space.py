@@ -214,8 +214,10 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     return config
 
 
-def _axis_values(name: str, wanted) -> tuple:
-    allowed = AXES[name]
+def axis_values(name: str, wanted, axes: dict = AXES) -> tuple:
+    """The values of axis ``name`` a filter asks for (``None``: the unfiltered enumeration),
+    checked against ``axes`` (a family's axis table); ValueError names a value not in it."""
+    allowed = axes[name]
     if wanted is None:
         return DEFAULT_ONLY.get(name, allowed)
     if name == "features":  # one feature set (a string or a tuple of names) or a list of sets
@@ -239,6 +241,25 @@ def _axis_values(name: str, wanted) -> tuple:
     return tuple(dict.fromkeys(out))
 
 
+def iter_space(make, axes: dict, prune_fn, *, prune: bool = True, target=None,
+               filters: dict) -> Iterator:
+    """Yield ``make(**fields)`` for the product of the filtered ``axes`` (a family's table),
+    skipping, with ``prune``, what ``prune_fn`` (and for a ``target`` the target rules) reject.
+    A combination ``make`` refuses (ValueError, e.g. a q tile smaller than the group) is skipped."""
+    unknown = set(filters) - set(axes)
+    if unknown:
+        raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}; axes: {', '.join(axes)}")
+    values = [axis_values(name, filters.get(name), axes) for name in axes]
+    for combo in itertools.product(*values):
+        try:
+            config = make(**dict(zip(axes, combo)))
+        except ValueError:
+            continue
+        if not prune or (prune_fn(config) is None
+                         and (target is None or target_prune_reason(config, target) is None)):
+            yield config
+
+
 def iter_variants(*, prune: bool = True, target=None, **filters) -> Iterator[VariantConfig]:
     """Yield the variants whose fields match ``filters`` (one value or a collection per axis).
 
@@ -247,15 +268,8 @@ def iter_variants(*, prune: bool = True, target=None, **filters) -> Iterator[Var
     Unknown filter names raise ValueError; with ``prune`` the prune rules drop variants, and with
     a ``target`` also the target rules (:func:`target_prune_reason`).
     """
-    unknown = set(filters) - set(AXES)
-    if unknown:
-        raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}; axes: {', '.join(AXES)}")
-    values = [_axis_values(name, filters.get(name)) for name in AXES]
-    for combo in itertools.product(*values):
-        config = VariantConfig(**dict(zip(AXES, combo)))
-        if not prune or (prune_reason(config) is None
-                         and (target is None or target_prune_reason(config, target) is None)):
-            yield config
+    return iter_space(VariantConfig, AXES, prune_reason, prune=prune, target=target,
+                      filters=filters)
 
 
 def enumerate_variants(*, prune: bool = True, **filters) -> list[VariantConfig]:
@@ -264,11 +278,16 @@ def enumerate_variants(*, prune: bool = True, **filters) -> list[VariantConfig]:
     return list(iter_variants(prune=prune, **filters))
 
 
-def space_size(*, prune: bool = False, target=None, **filters) -> int:
-    """Number of variants matching ``filters`` (counting pruned ones unless ``prune``)."""
+def count_space(axes: dict, iterate, *, prune: bool, target, filters: dict) -> int:
+    """Number of combinations of the filtered ``axes`` (``prune``: of those ``iterate`` keeps)."""
     if not prune:
         total = 1
-        for name in AXES:
-            total *= len(_axis_values(name, filters.get(name)))
+        for name in axes:
+            total *= len(axis_values(name, filters.get(name), axes))
         return total
-    return sum(1 for _ in iter_variants(prune=True, target=target, **filters))
+    return sum(1 for _ in iterate(prune=True, target=target, **filters))
+
+
+def space_size(*, prune: bool = False, target=None, **filters) -> int:
+    """Number of variants matching ``filters`` (counting pruned ones unless ``prune``)."""
+    return count_space(AXES, iter_variants, prune=prune, target=target, filters=filters)

@@ -41,8 +41,6 @@ NUM_WARPS = (1, 2, 4, 8, 16)
 NUM_STAGES = (1, 2, 3, 4, 5)
 MAX_SPLIT_K = 256
 SPLIT_AUTO = 0  # split_k value meaning "pick the partition count at call time"
-_ALLOWED = {"head_dim": HEAD_DIMS, "block_size": BLOCK_SIZES, "group_size": GROUP_SIZES,
-            "tile_tokens": TILE_TOKENS, "num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
 
 KEY_PREFIX = "paged_decode"
 _KEY_RE = re.compile(
@@ -65,69 +63,32 @@ def parse_split_k(value) -> int:
     return int(value)
 
 
-@dataclass(frozen=True)
-class VariantConfig:
-    """One decode kernel variant. Frozen and hashable; validates itself on construction.
+def normalize_variant_fields(config, axes) -> None:
+    """Normalize and check a frozen variant dataclass in place (its ``__post_init__``).
 
-    Parameters
-    ----------
-    head_dim : int
-        Size of one attention head; one of ``HEAD_DIMS``.
-    block_size : int
-        Tokens per KV-cache page; one of ``BLOCK_SIZES``.
-    group_size : int
-        Query heads sharing one KV head (``num_heads // num_kv_heads``), 1..16.
-    split_k : int
-        Number of context partitions (1 = single pass; 0 = ``auto``, chosen per call).
-    tile_tokens : int
-        Tokens processed per inner-loop step; one of ``TILE_TOKENS``.
-    num_warps, num_stages : int
-        Triton launch parameters.
-    dtype : str
-        ``fp16``, ``bf16`` or ``fp32`` (aliases such as ``torch.bfloat16`` are accepted): the
-        query's and the output's element type.
-    kv_dtype : str
-        The KV cache's element type: ``auto`` (same as ``dtype``), ``fp8_e4m3`` or ``fp8_e5m2``.
-    features : tuple of str
-        Attention features compiled in, any of ``sliding_window``, ``soft_cap``, ``alibi``,
-        ``sinks`` (a comma string or any iterable is accepted; stored in canonical order).
+    ``split_k`` is parsed here; ``dtype``, ``kv_dtype``, ``features`` and the integer ``axes``
+    (``(name, allowed)`` pairs) go through :func:`kgen.shape.normalize_fields`, the one
+    normalisation shared with :class:`kgen.shape.AttentionShape` and
+    :class:`kgen.workload.Workload`. The ValueError names the field, its value and what is allowed.
     """
+    object.__setattr__(config, "split_k", parse_split_k(config.split_k))
+    normalize_fields(config, allowed=dict(axes))
+    if not 0 <= config.split_k <= MAX_SPLIT_K:
+        raise ValueError(f"split_k={config.split_k!r} must be 'auto' (0) or 1..{MAX_SPLIT_K}")
 
-    head_dim: int = 128
-    block_size: int = 16
-    group_size: int = 1
-    split_k: int = 1
-    tile_tokens: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    dtype: str = "fp16"
-    kv_dtype: str = "auto"
-    features: tuple = ()
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "split_k", parse_split_k(self.split_k))
-        normalize_fields(self, allowed=_ALLOWED)
-        if not 0 <= self.split_k <= MAX_SPLIT_K:
-            raise ValueError(f"split_k={self.split_k!r} must be 'auto' (0) or 1..{MAX_SPLIT_K}")
-
-    # ---- the readable key -------------------------------------------------------------------
-    @property
-    def key(self) -> str:
-        """Readable unique name, e.g. ``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16``."""
-        split = "auto" if self.split_k == SPLIT_AUTO else str(self.split_k)
-        return (
-            f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-s{split}"
-            f"-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
-            + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
-        )
+class VariantFields:
+    """What every kernel family's variant dataclass shares: key parsing, dict round trips, the
+    KV-dtype and feature properties. A subclass (a frozen dataclass) sets ``family``,
+    ``KEY_PREFIX``, ``KEY_EXAMPLE``, ``_KEY_RE`` (named groups = its fields, plus
+    :data:`kgen.features.SUFFIX_PATTERN`'s) and defines ``key``."""
 
     @classmethod
-    def from_key(cls, key: str) -> "VariantConfig":
+    def from_key(cls, key: str):
         """Parse a key produced by :attr:`key`; raises ValueError naming the key if malformed."""
-        match = _KEY_RE.match(key.strip())
+        match = cls._KEY_RE.match(key.strip())
         if not match:
-            raise ValueError(f"variant key {key!r} is malformed; expected e.g. "
-                             f"'paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16'")
+            raise ValueError(f"variant key {key!r} is malformed; expected e.g. {cls.KEY_EXAMPLE!r}")
         fields = match.groupdict()
         suffix = parse_suffix(fields)
         config = cls(**{k: (v if k in ("dtype", "split_k") else int(v)) for k, v in fields.items()},
@@ -166,14 +127,14 @@ class VariantConfig:
         return drop_default_axes(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VariantConfig":
+    def from_dict(cls, data: dict):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown variant field(s): {', '.join(sorted(unknown))}")
         return cls(**data)
 
-    def replace(self, **changes) -> "VariantConfig":
+    def replace(self, **changes):
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -188,3 +149,65 @@ class VariantConfig:
 
     def __str__(self) -> str:
         return self.key
+
+
+@dataclass(frozen=True)
+class VariantConfig(VariantFields):
+    """One decode kernel variant. Frozen and hashable; validates itself on construction.
+
+    Parameters
+    ----------
+    head_dim : int
+        Size of one attention head; one of ``HEAD_DIMS``.
+    block_size : int
+        Tokens per KV-cache page; one of ``BLOCK_SIZES``.
+    group_size : int
+        Query heads sharing one KV head (``num_heads // num_kv_heads``), 1..16.
+    split_k : int
+        Number of context partitions (1 = single pass; 0 = ``auto``, chosen per call).
+    tile_tokens : int
+        Tokens processed per inner-loop step; one of ``TILE_TOKENS``.
+    num_warps, num_stages : int
+        Triton launch parameters.
+    dtype : str
+        ``fp16``, ``bf16`` or ``fp32`` (aliases such as ``torch.bfloat16`` are accepted): the
+        query's and the output's element type.
+    kv_dtype : str
+        The KV cache's element type: ``auto`` (same as ``dtype``), ``fp8_e4m3`` or ``fp8_e5m2``.
+    features : tuple of str
+        Attention features compiled in, any of ``sliding_window``, ``soft_cap``, ``alibi``,
+        ``sinks`` (a comma string or any iterable is accepted; stored in canonical order).
+    """
+
+    head_dim: int = 128
+    block_size: int = 16
+    group_size: int = 1
+    split_k: int = 1
+    tile_tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    dtype: str = "fp16"
+    kv_dtype: str = "auto"
+    features: tuple = ()
+
+    family = "decode"  # the kernel family (a class attribute, not a field)
+    KEY_PREFIX = KEY_PREFIX
+    KEY_EXAMPLE = "paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16"
+    _KEY_RE = _KEY_RE
+    _AXES = (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
+             ("tile_tokens", TILE_TOKENS), ("num_warps", NUM_WARPS), ("num_stages", NUM_STAGES))
+
+    def __post_init__(self) -> None:
+        normalize_variant_fields(self, self._AXES)
+
+    # ---- the readable key -------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """Readable unique name, e.g. ``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16``."""
+        split = "auto" if self.split_k == SPLIT_AUTO else str(self.split_k)
+        return (
+            f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-s{split}"
+            f"-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
+            + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
+        )
+

@@ -2,6 +2,12 @@
 
 import torch
 
+# L18 orthogonal array, levels 1..3 (column 1 has two): the pairwise design of the feature suites.
+# Columns: window, dtype, kv dtype, split, scale form, soft cap, alibi, sinks; a 3-level column
+# drives a 2-level factor as 1 -> off, 2/3 -> on.
+L18 = ("11111111 11222222 11333333 12112233 12223311 12331122 13121323 13232131 13313212 "
+       "21133221 21211332 21322113 22123132 22231213 22312321 23132312 23213123 23321231").split()
+
 
 def strided(t: torch.Tensor) -> torch.Tensor:
     """The same values in a non-contiguous view: the two dims before head_dim swapped in storage

@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 
-from helpers_kernels import strided, strided_index_view
+from helpers_kernels import L18, strided, strided_index_view
 from kgen.build import load_kernel
 from kgen.features import FEATURES
 from kgen.reference import (TOLERANCES, make_paged_inputs, max_abs_error,
@@ -26,10 +26,6 @@ from kgen.space import default_config, is_pruned
 from kgen.variant import BLOCK_SIZES, HEAD_DIMS, SPLIT_AUTO, VariantConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# L18 orthogonal array, levels 1..3 (column 1 has two); columns: window, dtype, kv dtype, split,
-# scale form, soft cap, alibi, sinks. A 3-level column drives a 2-level factor as 1 -> off, 2/3 -> on.
-L18 = ("11111111 11222222 11333333 12112233 12223311 12331122 13121323 13232131 13313212 "
-       "21133221 21211332 21322113 22123132 22231213 22312321 23132312 23213123 23321231").split()
 DTYPES = ("fp16", "bf16", "fp32")
 KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
 SPLITS = (1, 3, SPLIT_AUTO)

@@ -103,7 +103,7 @@ def test_default_cache_folder_is_per_template_version(tmp_path, monkeypatch):
     monkeypatch.setenv("KGEN_CACHE", str(tmp_path))
     first = render.write_source(CONFIG)
     assert first.parent == tmp_path / paths.template_hash() and first.name == f"{CONFIG.key}.py"
-    monkeypatch.setattr(render, "template_hash", lambda: "0123456789abcdef")
+    monkeypatch.setattr(render, "template_hash", lambda family="decode": "0123456789abcdef")
     second = render.write_source(CONFIG)
     assert second.parent == tmp_path / "0123456789abcdef" and second != first
     assert first.exists()  # the other version's module is left alone

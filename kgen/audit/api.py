@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kgen.audit.compile import audit_here, can_compile_in_process
 from kgen.audit.result import AuditResult, parse_target
 from kgen.audit.worker import AuditWorker
-from kgen.variant import VariantConfig
+from kgen.variant_attention import CONFIG_TYPES
 
 _CACHE: dict = {}
 
@@ -38,7 +38,7 @@ _WORKER = None
 _LOCK, _WORKER_LOCK = threading.Lock(), threading.Lock()
 
 
-def _audit_uncached(config: VariantConfig, target: str) -> AuditResult:
+def _audit_uncached(config, target: str) -> AuditResult:
     """Audit here when Triton can compile in this process, else in the shared child process."""
     global _WORKER
     if can_compile_in_process():
@@ -51,26 +51,28 @@ def _audit_uncached(config: VariantConfig, target: str) -> AuditResult:
         return _WORKER.audit(config, target)
 
 
-def audit_variant(config: VariantConfig, target: str = "sm_90") -> AuditResult:
+def audit_variant(config, target: str = "sm_90") -> AuditResult:
     """Compile ``config`` for ``target`` (``sm_80`` / ``sm_90``) without a GPU and audit it.
 
     Parameters
     ----------
-    config : VariantConfig
-        The variant; its module is rendered with :func:`kgen.render.write_source`.
+    config : VariantConfig or AttentionVariantConfig
+        The variant (either family); its module is rendered with
+        :func:`kgen.render.write_source`.
     target : str
         ``sm_80`` or ``sm_90`` (``80``, ``sm80`` ... accepted).
 
     Returns
     -------
     AuditResult
-        Registers, spill bytes, shared memory and K/V load widths, per kernel and in total. Cached
+        Registers, spill bytes, shared memory, K/V load widths and tensor-core instructions, per
+        kernel and in total. Cached
         per process by ``(config, target)``. A failed compile raises RuntimeError or Triton's
         CompilationError (the tuner prunes on it). In a ``TRITON_INTERPRET=1`` process the
         compile runs in a child process (:class:`kgen.audit.worker.AuditWorker`).
     """
-    if not isinstance(config, VariantConfig):
-        raise ValueError(f"config={config!r} is not a VariantConfig")
+    if not isinstance(config, CONFIG_TYPES):
+        raise ValueError(f"config={config!r} is not a VariantConfig or an AttentionVariantConfig")
     target = parse_target(target)
     cache_key = (config, target)
     if cache_key not in _CACHE:

@@ -12,6 +12,8 @@ These are pure text functions (no Triton, no GPU) used by :mod:`kgen.audit`:
 * :func:`sass_instructions` / :func:`sass_load_bits` / :func:`sass_spill_bytes` read the output
   of ``cuobjdump --dump-sass``: global loads (``LDG``, ``LDGSTS``, generic ``LD``) by width and
   local-memory spill traffic (``STL`` / ``LDL``).
+* :func:`sass_mma_count` counts tensor-core instructions: ``HMMA`` (``mma.sync``, sm_80 and
+  sm_90) and ``HGMMA`` / ``QGMMA`` (``wgmma``, sm_90).
 * :func:`resource_usage` reads ``cuobjdump --dump-resource-usage`` (REG, STACK, SHARED, LOCAL).
 """
 
@@ -192,6 +194,16 @@ def sass_spill_bytes(sass: str) -> tuple[int, int]:
     stores = sum(sass_width(op) // 8 for op in ops if op.split(".")[0] == "STL")
     loads = sum(sass_width(op) // 8 for op in ops if op.split(".")[0] == "LDL")
     return stores, loads
+
+
+# Tensor-core matrix instructions: mma.sync (HMMA) and Hopper's warpgroup MMAs on 16-bit (HGMMA) and
+# 8-bit float (QGMMA) operands.
+SASS_MMA_OPCODES = ("HMMA", "HGMMA", "QGMMA")
+
+
+def sass_mma_count(sass: str) -> int:
+    """Static count of tensor-core instructions (``HMMA``, ``HGMMA``, ``QGMMA``) in the SASS."""
+    return sum(1 for op, _ in sass_instructions(sass) if op.split(".")[0] in SASS_MMA_OPCODES)
 
 
 _RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")

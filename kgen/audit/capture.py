@@ -21,6 +21,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from kgen.families import family_of
 from kgen.variant import SPLIT_AUTO, VariantConfig
 
 _TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
@@ -62,14 +63,14 @@ def interpreter_off():
             knob_dict["interpret"] = saved_knob
 
 
-def load_jit_module(path):
+def load_jit_module(path, entry_point: str = "paged_attention_decode"):
     """Import the module at ``path`` as a fresh copy whose ``@triton.jit`` kernels compile.
 
     Raises
     ------
     ValueError
-        If the module lacks ``KERNELS`` / ``paged_attention_decode`` or a kernel is not a
-        JITFunction.
+        If the module lacks ``KERNELS`` / ``entry_point`` (the family's launcher) or a kernel is
+        not a JITFunction.
     """
     from triton.runtime.jit import JITFunction
 
@@ -84,7 +85,7 @@ def load_jit_module(path):
             spec.loader.exec_module(module)
     finally:
         sys.modules.pop(name, None)
-    for attr in ("KERNELS", "paged_attention_decode"):
+    for attr in ("KERNELS", entry_point):
         if not hasattr(module, attr):
             raise ValueError(f"module {path} has no {attr!r}; is it a kgen-rendered kernel?")
     for kernel in module.KERNELS:
@@ -132,7 +133,9 @@ def workload(config: VariantConfig, *, num_seqs: int = 2, num_kv_heads: int = 2,
     return inputs
 
 
-class _Recorder:
+class Recorder:
+    """Stands in for a module's jit kernel: each launch is appended to ``sink`` as a Launch."""
+
     def __init__(self, name, fn, sink):
         self.name, self.fn, self.sink = name, fn, sink
 
@@ -142,14 +145,20 @@ class _Recorder:
         return launch
 
 
-def capture_launches(module, config: VariantConfig) -> list[Launch]:
-    """Run ``module.paged_attention_decode`` on :func:`workload` inputs, recording launches."""
+def capture_launches(module, config) -> list[Launch]:
+    """Record the launches of a variant's representative calls (its family's): for decode,
+    ``module.paged_attention_decode`` on :func:`workload` inputs; for attention,
+    :func:`kgen.audit.capture_attention.capture_attention_launches`."""
+    if family_of(config).name == "attention":
+        from kgen.audit.capture_attention import capture_attention_launches
+
+        return capture_attention_launches(module, config)
     inputs = workload(config)
     sink: list[Launch] = []
     saved = {name: getattr(module, name) for name in module.KERNELS}
     try:
         for name, fn in saved.items():
-            setattr(module, name, _Recorder(name, fn, sink))
+            setattr(module, name, Recorder(name, fn, sink))
         calls = [{"num_splits": _AUTO_SPLITS} if config.split_k == SPLIT_AUTO else {}]
         if config.split_k != 1:  # a split variant runs the single-pass kernel when splits == 1
             calls.append({"num_splits": 1})
@@ -167,12 +176,17 @@ def capture_launches(module, config: VariantConfig) -> list[Launch]:
             setattr(module, name, fn)
     if not sink:
         raise ValueError(f"{config.key}: paged_attention_decode launched no kernel")
+    return mark_kv_args(sink, inputs)
+
+
+def mark_kv_args(launches: list, inputs: dict) -> list:
+    """Set each launch's ``kv_args``: the parameters bound to the K/V caches of ``inputs``."""
     kv_ptrs = {inputs["key_cache"].data_ptr(), inputs["value_cache"].data_ptr()}
-    for launch in sink:
+    for launch in launches:
         bound = _bind(launch.fn, launch.args, launch.kwargs)[0]
         launch.kv_args = frozenset(n for n, v in bound.items()
                                    if hasattr(v, "data_ptr") and v.data_ptr() in kv_ptrs)
-    return sink
+    return launches
 
 
 def _bind(fn, args, kwargs):

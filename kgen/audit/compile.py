@@ -16,11 +16,12 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from kgen.audit.asm import ptx_loads, resource_usage, sass_load_bits, sass_spill_bytes
+from kgen.audit.asm import (ptx_loads, resource_usage, sass_load_bits, sass_mma_count,
+                            sass_spill_bytes)
 from kgen.audit.capture import capture_launches, load_jit_module, specialize
 from kgen.audit.result import TARGETS, AuditResult, KernelAudit, parse_target
+from kgen.families import family_of
 from kgen.render import write_source
-from kgen.variant import VariantConfig
 
 
 def can_compile_in_process() -> bool:
@@ -87,7 +88,7 @@ def audit_compiled(compiled, name: str, kv_params, seconds: float) -> KernelAudi
         stack_bytes=usage["stack_bytes"], local_bytes=usage["local_bytes"],
         shared_bytes=int(meta.shared), kv_load_bits=dict(sorted(kv.items(), reverse=True)),
         other_load_bits=dict(sorted(other.items(), reverse=True)), sass_load_bits=sass_bits,
-        consistent=_consistent(kv, other, sass_bits),
+        consistent=_consistent(kv, other, sass_bits), mma_instructions=sass_mma_count(dump),
         num_warps=int(meta.num_warps), num_stages=int(meta.num_stages), compile_seconds=seconds,
     )
 
@@ -99,15 +100,16 @@ def _consistent(kv: Counter, other: Counter, sass_bits: dict) -> bool:
             and set(sass_bits) <= set(kv) | set(other))
 
 
-def audit_module_file(path, config: VariantConfig, target: str = "sm_90") -> AuditResult:
-    """Audit the rendered module at ``path`` (implementing ``config``) for ``target``, here."""
+def audit_module_file(path, config, target: str = "sm_90") -> AuditResult:
+    """Audit the rendered module at ``path`` (implementing ``config``, either family) for
+    ``target``, here."""
     import triton
 
 
     target = parse_target(target)
     if not can_compile_in_process():
         raise RuntimeError("Triton was imported with TRITON_INTERPRET set; use AuditWorker")
-    launches = capture_launches(load_jit_module(path), config)
+    launches = capture_launches(load_jit_module(path, family_of(config).entry_point), config)
     kernels = []
     for launch in launches:
         signature, constexprs, attrs, options = specialize(launch.fn, launch.args, launch.kwargs)
@@ -120,5 +122,5 @@ def audit_module_file(path, config: VariantConfig, target: str = "sm_90") -> Aud
                        triton_version=triton.__version__, kv_dtype=config.kv_dtype)
 
 
-def audit_here(config: VariantConfig, target: str) -> AuditResult:
+def audit_here(config, target: str) -> AuditResult:
     return audit_module_file(write_source(config), config, target)

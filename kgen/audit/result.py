@@ -12,6 +12,8 @@ _TARGET_SPELLINGS = {"sm_80": "sm_80", "sm80": "sm_80", "80": "sm_80", "8.0": "s
                      "sm_90": "sm_90", "sm90": "sm_90", "90": "sm_90", "9.0": "sm_90"}
 # cache dtypes whose K/V loads must all be 16-byte (fp32 K/V tiles are too, but not required)
 VECTOR_DTYPES = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
+# query dtypes whose attention dots must run on tensor cores (fp32 dots are exact FMAs)
+TENSOR_CORE_DTYPES = ("fp16", "bf16")
 
 
 def parse_target(target) -> str:
@@ -40,6 +42,7 @@ class KernelAudit:
     num_warps: int
     num_stages: int
     compile_seconds: float
+    mma_instructions: int | None = None  # tensor-core instructions in the SASS (None: not counted)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,13 @@ class AuditResult:
         return max(k.shared_bytes for k in self.kernels)
 
     @property
+    def mma_instructions(self) -> int | None:
+        """Tensor-core instructions (HMMA / HGMMA / QGMMA) over the kernels; None when an audit
+        read before they were counted."""
+        counts = [k.mma_instructions for k in self.kernels]
+        return None if None in counts else sum(counts)
+
+    @property
     def kv_load_bits(self) -> dict:
         return _sum_counts(k.kv_load_bits for k in self.kernels)
 
@@ -95,6 +105,7 @@ class AuditResult:
             "kv_load_bits": _json_counts(self.kv_load_bits),
             "other_load_bits": _json_counts(self.other_load_bits),
             "kv_128_share": round(self.kv_128_share, 4),
+            "mma_instructions": self.mma_instructions,
             "passes": passes(self), "failures": failures(self),
             "compile_seconds": round(self.compile_seconds, 3), "triton_version": self.triton_version,
             "kernels": [{**asdict(k), "kv_load_bits": _json_counts(k.kv_load_bits),
@@ -135,7 +146,8 @@ def failures(result: AuditResult, *, vector_dtypes=VECTOR_DTYPES) -> list[str]:
     """Why a variant fails the audit (empty when it passes).
 
     Rules: nothing spills (no STL, no local memory); K/V loads were found in the binary; the PTX
-    and SASS widths agree; for ``vector_dtypes`` every K/V load is 16 bytes (128 bits).
+    and SASS widths agree; for ``vector_dtypes`` every K/V load is 16 bytes (128 bits); for 16-bit
+    queries the attention dots use tensor cores (a kernel reading K/V has MMA instructions).
     """
     out = []
     for k in result.kernels:
@@ -144,6 +156,9 @@ def failures(result: AuditResult, *, vector_dtypes=VECTOR_DTYPES) -> list[str]:
         if not k.consistent:
             out.append(f"{k.name}: PTX K/V load widths {k.kv_load_bits} not all found in SASS "
                        f"global loads {k.sass_load_bits}")
+        if result.dtype in TENSOR_CORE_DTYPES and k.kv_load_bits and k.mma_instructions == 0:
+            out.append(f"{k.name}: {result.dtype} dots without tensor-core instructions "
+                       "(no HMMA / HGMMA in the SASS)")
     kv = result.kv_load_bits
     if not kv:
         out.append("no K/V load found in any kernel")

@@ -15,7 +15,7 @@ import sys
 
 from kgen.audit.compile import audit_here
 from kgen.audit.result import AuditResult, parse_target
-from kgen.variant import VariantConfig
+from kgen.variant_attention import config_from_key
 
 
 class AuditWorker:
@@ -30,7 +30,7 @@ class AuditWorker:
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
-    def audit(self, config: VariantConfig, target: str) -> AuditResult:
+    def audit(self, config, target: str) -> AuditResult:
         """Audit in the child; a compile failure there raises RuntimeError here with its message."""
         if self._proc is None or self._proc.poll() is not None:
             self.close()  # a child that died: release its pipes
@@ -72,7 +72,7 @@ def main() -> int:  # pragma: no cover - exercised through AuditWorker in the te
             continue
         try:
             key, target = line.split()
-            result = audit_here(VariantConfig.from_key(key), target)
+            result = audit_here(config_from_key(key), target)
             reply = {"ok": True, "result": result.to_dict()}
         except Exception as exc:  # noqa: BLE001 - every failure is reported to the parent
             reply = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}

@@ -11,17 +11,20 @@ import json
 
 from kgen.audit.result import TARGETS
 from kgen.dtypes import KV_DTYPES
+from kgen.families import FAMILIES, get_family
 from kgen.features import FEATURES, normalize_features
-from kgen.space import (AXES, iter_variants, prune_reason, space_size, target_cc,
-                        target_prune_reason)
+from kgen.space import AXES, target_cc, target_prune_reason
 from kgen.variant import parse_split_k
+from kgen.variant_attention import Q_TILES
 
 # axis -> (option, help)
 AXIS_OPTIONS = {
     "head_dim": ("--head-dim", "head dim"),
     "block_size": ("--block-size", "tokens per KV page"),
     "group_size": ("--group-size", "query heads per KV head (GQA)"),
-    "split_k": ("--split-k", "context partitions; 'auto' picks per call, 1 is single pass"),
+    "q_tile": ("--q-tile", "rows of the dot: query tokens x group heads (--kernel attention)"),
+    "split_k": ("--split-k", "context partitions (attention: segments of short queries); "
+                             "'auto' picks per call, 1 is single pass"),
     "tile_tokens": ("--tile-tokens", "tokens per inner step"),
     "num_warps": ("--num-warps", "Triton num_warps"),
     "num_stages": ("--num-stages", "Triton num_stages"),
@@ -32,7 +35,8 @@ AXIS_OPTIONS = {
 }
 # Shown instead of the axis values for the options whose values are not a short list.
 _ALLOWED_TEXT = {"kv_dtype": ", ".join(KV_DTYPES),
-                 "features": "any of " + ", ".join(FEATURES) + " (or none)"}
+                 "features": "any of " + ", ".join(FEATURES) + " (or none)",
+                 "q_tile": ", ".join(map(str, Q_TILES)) + " (at least the group size)"}
 
 
 def parse_axis_value(name: str, text: str):
@@ -51,8 +55,32 @@ def parse_axis_value(name: str, text: str):
         raise ValueError(f"{option}={text!r} is not an integer") from None
 
 
+def add_kernel_option(parser: argparse.ArgumentParser) -> None:
+    """``--kernel {decode,attention}``: the kernel family (default decode)."""
+    parser.add_argument("--kernel", default=None, choices=tuple(FAMILIES),
+                        help="kernel family: decode (one query token per sequence, the default) "
+                             "or attention (any query length: paged_attention)")
+
+
+def kernel_family(args: argparse.Namespace, key: str | None = None):
+    """The family ``--kernel`` names (decode by default; a ``--key`` names its own family, and a
+    ``--kernel`` that differs from it is refused)."""
+    if key:
+        from kgen.variant_attention import config_from_key
+
+        family = get_family(config_from_key(key).family)
+        if args.kernel and args.kernel != family.name:
+            raise ValueError(f"--key={key!r} names the {family.name} family, not --kernel {args.kernel}")
+        return family
+    family = get_family(args.kernel or "decode")
+    if family.name != "attention" and getattr(args, "q_tile", None) is not None:
+        raise ValueError(f"--q-tile={args.q_tile} applies to --kernel attention only")
+    return family
+
+
 def add_axis_options(parser: argparse.ArgumentParser, *, multiple: bool) -> None:
-    """Add one option per axis; with ``multiple`` each takes a comma-separated list."""
+    """Add ``--kernel`` and one option per axis; with ``multiple`` each takes a comma list."""
+    add_kernel_option(parser)
     for name, (option, text) in AXIS_OPTIONS.items():
         shown = _ALLOWED_TEXT.get(name) or ", ".join(
             "auto" if name == "split_k" and v == 0 else str(v) for v in AXES[name])
@@ -85,7 +113,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "variants", help="list the kernel variant space (with filters)",
         description="List variant keys of the pruned space; filter any axis with a comma list, "
-                    "e.g. 'kgen variants --head-dim 128 --dtype bf16 --group-size 1,4'. Without "
+                    "e.g. 'kgen variants --head-dim 128 --dtype bf16 --group-size 1,4' ("
+                    "'--kernel attention' lists the any-query-length family). Without "
                     "--kv-dtype / --features only plain variants (auto KV dtype, no feature) are "
                     "listed; '--kv-dtype fp8_e4m3 --features sliding_window,soft_cap' lists "
                     "those variants (--features takes one set).")
@@ -104,22 +133,23 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise ValueError(f"--limit={args.limit} must be >= 0")
+    family = kernel_family(args)
     filters = axis_filters(args)
     prune = not args.all
     target = args.target
     if target is not None:
         target = f"sm_{target_cc(target)}"
     if args.count:
-        total = space_size(prune=False, **filters)
-        kept = space_size(prune=True, target=target, **filters)
+        total = family.space_size(prune=False, **filters)
+        kept = family.space_size(prune=True, target=target, **filters)
         print(f"{kept} variants kept of {total} matching ({total - kept} pruned)")
         return 0
-    found = iter_variants(prune=prune, target=target, **filters)
+    found = family.iter_variants(prune=prune, target=target, **filters)
     shown = itertools.islice(found, args.limit or None)
     count = 0
     for config in shown:
         count += 1
-        reason = prune_reason(config) if args.all else None
+        reason = family.prune_reason(config) if args.all else None
         notes = target_notes(config) if args.all else ""
         if args.json:
             print(json.dumps({"key": config.key, **config.to_dict(), "pruned": reason,
