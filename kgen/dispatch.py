@@ -1,5 +1,5 @@
 """The one door into kgen for engines (kgen's runtime, the vLLM adapter): ``plan(shape)`` once per
-kind of attention layer, then ``plan.kernel(num_seqs, max_context)`` per step.
+kind of attention layer, then ``plan.kernel(num_seqs, max_context, max_query_len)`` per step.
 
 A :class:`Dispatcher` holds one GPU name and one database reader, shared by all its plans.
 :meth:`Dispatcher.plan` takes a :class:`kgen.shape.AttentionShape` (normalised once, by the
@@ -80,18 +80,23 @@ class Dispatcher:
                                                        self._resolve)
         return found
 
-    def _resolve(self, shape: AttentionShape, num_seqs: int, max_context: int) -> LookupResult:
-        """The database's answer for one step bucket (cached per workload key)."""
-        key = Workload.for_step(self.gpu, shape, num_seqs=num_seqs, max_context=max_context).key
+    def _resolve(self, shape: AttentionShape, num_seqs: int, max_context: int,
+                 max_query_len: int = 1, kernel: str | None = None) -> LookupResult:
+        """The database's answer for one step bucket (cached per workload key and family)."""
+        key = (Workload.for_step(self.gpu, shape, num_seqs=num_seqs, max_context=max_context,
+                                 max_query_len=max_query_len).key, kernel)
         found = self._lookups.get(key)
         if found is None:
-            found = self._lookups[key] = self._reader.lookup(self.gpu, shape, num_seqs=num_seqs,
-                                                             max_context=max_context)
+            found = self._lookups[key] = self._reader.lookup(
+                self.gpu, shape, num_seqs=num_seqs, max_context=max_context,
+                max_query_len=max_query_len, kernel=kernel)
         return found
 
     def chosen(self) -> dict[str, LookupResult]:
-        """Workload key -> lookup result, for every bucket planned so far."""
-        return dict(self._lookups)
+        """Workload key -> lookup result, for every bucket planned so far (a family-restricted
+        lookup's key says so: ``<key>[decode]``)."""
+        return {key + (f"[{kernel}]" if kernel else ""): found
+                for (key, kernel), found in self._lookups.items()}
 
 
 @functools.lru_cache(maxsize=16)

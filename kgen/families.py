@@ -51,3 +51,9 @@ def get_family(name: str) -> Family:
 def family_of(config) -> Family:
     """The family of a variant (either config class, or a key of either family)."""
     return FAMILIES[as_config(config).family]
+
+
+def default_variant(workload):
+    """The generator's untuned default of a workload's family (:attr:`Workload.kernel`) for its
+    shape: the tuner's warm start, what every winner is compared with, the lookup's fallback."""
+    return get_family(workload.kernel).default_config(**workload.variant_fields())

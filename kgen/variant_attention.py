@@ -116,6 +116,15 @@ FAMILIES = {VariantConfig.KEY_PREFIX: VariantConfig, KEY_PREFIX: AttentionVarian
 CONFIG_TYPES = (VariantConfig, AttentionVariantConfig)
 
 
+def family_class(key: str) -> type:
+    """The config class of the family a variant key names by its prefix; ValueError naming it."""
+    cls = FAMILIES.get(str(key).strip().split("-", 1)[0])
+    if cls is None:
+        raise ValueError(f"variant key {key!r} is malformed: it names no kernel family (its "
+                         f"prefix must be one of {', '.join(FAMILIES)})")
+    return cls
+
+
 def config_from_key(key: str):
     """The variant a key names, of either family (``paged_decode-...`` or ``paged_attention-...``).
 
@@ -126,12 +135,7 @@ def config_from_key(key: str):
     """
     if not isinstance(key, str):
         raise ValueError(f"key={key!r} is not a variant key string")
-    prefix = key.strip().split("-", 1)[0]
-    cls = FAMILIES.get(prefix)
-    if cls is None:
-        raise ValueError(f"variant key {key!r} is malformed: it names no kernel family (its "
-                         f"prefix must be one of {', '.join(FAMILIES)})")
-    return cls.from_key(key)
+    return family_class(key).from_key(key)
 
 
 def as_config(config):

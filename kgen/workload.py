@@ -4,8 +4,14 @@ A workload is (GPU, dtype, head dim, KV block size, group size, batch bucket, co
 query-length bucket, KV dtype, attention features). Batch (``num_seqs``), context (longest
 sequence length) and query length (the most new tokens of one sequence in the step: 1 for decode,
 2-16 for speculative decoding, 64..2048 for prefill chunks) are bucketed to powers of two; its
-key, e.g. ``h100-fp16-d128-b16-g4-n32-c4096``, names its Optuna study and its database entries. A
-query length other than 1 adds ``-q<bucket>`` after the context (``...-c4096-q512``), and a
+key, e.g. ``h100-fp16-d128-b16-g4-n32-c4096``, names its Optuna study and its database entries.
+
+A workload also names the kernel family its study searches: ``decode`` (one query token per
+sequence, :class:`kgen.variant.VariantConfig`) or ``attention`` (any query length,
+:class:`kgen.variant_attention.AttentionVariantConfig`). Decode workloads have query length 1 and
+keep the keys they always had; an attention workload's key adds ``-q<bucket>`` after the context
+(``...-c4096-q512``; ``...-c4096-q1`` for the attention family on decode steps), so the two
+families' records of one decode bucket sit side by side and a lookup serves the faster. A
 non-default KV dtype and features add the variant key's suffixes
 (``h100-bf16-d128-b16-g4-n32-c4096-kvfp8e4m3-swa``), so every record written before they existed
 keeps its key, and a plain record never matches a feature workload.
@@ -26,6 +32,7 @@ from kgen.shape import BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, AttentionShape, norm
 DEFAULT_BATCHES = tuple(2 ** i for i in range(0, 9))  # 1 .. 256
 DEFAULT_CONTEXTS = tuple(2 ** i for i in range(9, 16))  # 512 .. 32768
 MAX_QUERY_LEN = 2048  # the largest query-length bucket (prefill chunks); longer ones share it
+KERNELS = ("decode", "attention")  # the kernel families a workload's study can search
 
 _KEY_RE = re.compile(
     r"^(?P<gpu>[a-z0-9][a-z0-9-]*)-(?P<dtype>fp16|bf16|fp32)-d(?P<head_dim>\d+)-b(?P<block_size>\d+)"
@@ -115,6 +122,9 @@ class Workload:
         Bucket of the most query tokens of one sequence in the step: 1 (decode, the default),
         2..16 (speculative decoding), 64..2048 (prefill chunks); powers of two up to
         :data:`MAX_QUERY_LEN`.
+    kernel : str
+        The kernel family tuned for it: ``decode`` (query length 1 only) or ``attention``;
+        default ``attention`` for query lengths above 1, else ``decode``.
     kv_dtype : str
         The KV cache's element type, ``auto`` (= dtype), ``fp8_e4m3`` or ``fp8_e5m2``.
     features : tuple of str
@@ -131,8 +141,16 @@ class Workload:
     kv_dtype: str = "auto"
     features: tuple = ()
     query_len: int = 1
+    kernel: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kernel is None:
+            object.__setattr__(self, "kernel", "decode" if self.query_len == 1 else "attention")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel={self.kernel!r} is not a kernel family; use one of {', '.join(KERNELS)}")
+        if self.kernel == "decode" and self.query_len != 1:
+            raise ValueError(f"kernel=decode serves one query token per sequence, not "
+                             f"query_len={self.query_len}; use kernel=attention")
         normalize_fields(self, allowed={"head_dim": HEAD_DIMS, "block_size": BLOCK_SIZES,
                                         "group_size": GROUP_SIZES})
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", str(self.gpu)):
@@ -149,7 +167,7 @@ class Workload:
 
     @property
     def key(self) -> str:
-        query = f"-q{self.query_len}" if self.query_len != 1 else ""
+        query = f"-q{self.query_len}" if self.kernel == "attention" else ""
         return (f"{self.gpu}-{self.dtype}-d{self.head_dim}-b{self.block_size}-g{self.group_size}"
                 f"-n{self.batch}-c{self.context}{query}{self._suffix}")
 
@@ -183,25 +201,26 @@ class Workload:
                              f"'h100-fp16-d128-b16-g4-n32-c4096' (optionally '-kvfp8e4m3-swa')")
         fields = match.groupdict()
         suffix = parse_suffix(fields)
+        fields["kernel"] = "attention" if fields["query_len"] else "decode"
         fields["query_len"] = fields["query_len"] or 1
-        workload = cls(**{k: (v if k in ("gpu", "dtype") else int(v)) for k, v in fields.items()},
-                       **suffix)
+        workload = cls(**{k: (v if k in ("gpu", "dtype", "kernel") else int(v))
+                          for k, v in fields.items()}, **suffix)
         if workload.key != str(key).strip():
             raise ValueError(f"workload key {key!r} is not canonical; did you mean {workload.key!r}?")
         return workload
 
     @classmethod
     def for_step(cls, gpu: str, shape: AttentionShape, *, num_seqs: int, max_context: int,
-                 max_query_len: int = 1) -> "Workload":
+                 max_query_len: int = 1, kernel: str | None = None) -> "Workload":
         """The workload of one step of a layer of ``shape`` (its block size set): the batch,
-        context and query length are bucketed."""
+        context and query length are bucketed (``kernel``: as the field)."""
         return cls(gpu=gpu, **shape.variant_fields(), batch=bucket(num_seqs, "num_seqs"),
                    context=bucket(max_context, "max_context"),
-                   query_len=query_bucket(max_query_len))
+                   query_len=query_bucket(max_query_len), kernel=kernel)
 
     @property
     def decode(self) -> bool:
-        """One query token per sequence: both kernel families can serve it."""
+        """One query token per sequence (either family may serve such a step)."""
         return self.query_len == 1
 
     def to_dict(self) -> dict:
@@ -209,8 +228,8 @@ class Workload:
         (as the variant's dict), so a plain decode workload's record is written exactly as
         before."""
         data = drop_default_axes(asdict(self))
-        if data["query_len"] == 1:
-            del data["query_len"]
+        if data["kernel"] == "decode":  # decode workloads: the records they always had
+            del data["kernel"], data["query_len"]
         return data
 
     @classmethod
@@ -222,16 +241,16 @@ class Workload:
 
 
 def expand_workloads(*, gpu: str, dtypes, head_dims, block_sizes, group_sizes, batches,
-                     contexts, kv_dtypes=("auto",), feature_sets=((),),
-                     query_lens=(1,)) -> list[Workload]:
+                     contexts, kv_dtypes=("auto",), feature_sets=((),), query_lens=(1,),
+                     kernel: str | None = None) -> list[Workload]:
     """The cross product of the selections, each batch/context/query length checked to be a
-    power of two."""
+    power of two (``kernel``: as :class:`Workload`'s field, for every workload)."""
     for name, values in (("--batch", batches), ("--context", contexts), ("--query-len", query_lens)):
         for value in values:
             if not _is_pow2(value):
                 raise ValueError(f"{name}={value!r} must be a power of two (a bucket)")
     return [Workload(gpu=gpu, dtype=dt, head_dim=d, block_size=b, group_size=g, batch=n, context=c,
-                     kv_dtype=kv, features=f, query_len=q)
+                     kv_dtype=kv, features=f, query_len=q, kernel=kernel)
             for dt in dtypes for kv in kv_dtypes for f in feature_sets for d in head_dims
             for b in block_sizes for g in group_sizes for q in query_lens for n in batches
             for c in contexts]

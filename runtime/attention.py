@@ -195,7 +195,7 @@ class TritonDecode:
 
     def prepare(self, meta: AttentionMetadata) -> None:
         for features, plan in self.plans.items():
-            meta.extra[("kernel", features)] = plan.kernel(meta.num_decodes, meta.max_seq_len)
+            meta.extra[("kernel", features)] = plan.decode_kernel(meta.num_decodes, meta.max_seq_len)
 
     def decode(self, q, layer: LayerKV, meta: AttentionMetadata, scale: float, *,
                sliding_window: int | None = None, logits_soft_cap: float | None = None) -> torch.Tensor:

@@ -100,7 +100,7 @@ def test_triton_backend_routes_each_layer_to_its_feature_kernel():
         def __init__(self, shape):
             self.features = shape.features
 
-        def kernel(self, num_seqs, max_context):
+        def decode_kernel(self, num_seqs, max_context):
             asked.append(self.features)
             features = self.features
 

@@ -37,7 +37,7 @@ def test_dispatch_uses_the_database_record_and_it_is_correct(db):
     dispatcher = Dispatcher(gpu="interpreter", db_dir=db)
     plan = dispatcher.plan(LAYER)
     assert plan.problem is None and plan.block_size == 16 and plan.block_size_source == "shape"
-    kernel = plan.kernel(num_seqs=3, max_context=600)  # (4, 512) -> (1, 512)
+    kernel = plan.decode_kernel(num_seqs=3, max_context=600)  # (4, 512) -> (1, 512)
     assert kernel is load_kernel(TUNED).paged_attention_decode
     chosen = dispatcher.chosen()
     assert [r.source for r in chosen.values()] == ["nearest"]
@@ -56,9 +56,9 @@ def test_lookups_are_cached_per_bucket_and_per_step(db, monkeypatch):
     monkeypatch.setattr(dispatcher._reader, "lookup", lambda *a, **k: calls.append(k) or real(*a, **k))
     plan = dispatcher.plan(LAYER)
     assert dispatcher.plan(AttentionShape(**SHAPE)) is plan  # one plan per shape
-    first = plan.kernel(num_seqs=8, max_context=2000)
+    first = plan.decode_kernel(num_seqs=8, max_context=2000)
     assert first is load_kernel(TUNED.replace(split_k=4)).paged_attention_decode
-    assert plan.kernel(num_seqs=7, max_context=1900) is first  # same bucket
+    assert plan.decode_kernel(num_seqs=7, max_context=1900) is first  # same bucket
     assert len(calls) == 1
     # a repeated step is one dict lookup: no workload is built, nothing is looked up again
     import kgen.dispatch
@@ -66,7 +66,7 @@ def test_lookups_are_cached_per_bucket_and_per_step(db, monkeypatch):
     monkeypatch.setattr(kgen.dispatch.Workload, "for_step",
                         lambda *a, **k: pytest.fail("a repeated step built its workload again"))
     for _ in range(100):
-        assert plan.kernel(num_seqs=8, max_context=2000) is first
+        assert plan.decode_kernel(num_seqs=8, max_context=2000) is first
     assert len(calls) == 1  # (its cost, ~1 us, is a benchmark number, not a test assertion)
 
 
@@ -76,20 +76,20 @@ def test_decode_steps_of_one_bucket_share_one_cache_entry(db, monkeypatch):
     import kgen.dispatch
 
     plan = Dispatcher(gpu="interpreter", db_dir=db).plan(LAYER)
-    first = plan.kernel(num_seqs=8, max_context=1500)  # bucket (8, 2048)
+    first = plan.decode_kernel(num_seqs=8, max_context=1500)  # bucket (8, 2048)
     built = []
     real = kgen.dispatch.Workload.for_step
     monkeypatch.setattr(kgen.dispatch.Workload, "for_step",
                         lambda *a, **k: built.append(k) or real(*a, **k))
     for context in range(1501, 2800):  # all in bucket 2048
-        assert plan.kernel(num_seqs=8, max_context=context) is first
+        assert plan.decode_kernel(num_seqs=8, max_context=context) is first
     assert built == []
     assert len(plan._steps) == 1
 
 
 def test_without_records_the_default_variant_is_used(tmp_path):
     dispatcher = Dispatcher(gpu="interpreter", db_dir=tmp_path / "none")
-    kernel = dispatcher.plan(LAYER).kernel(num_seqs=2, max_context=100)
+    kernel = dispatcher.plan(LAYER).decode_kernel(num_seqs=2, max_context=100)
     assert kernel is load_kernel(default_config(**SHAPE)).paged_attention_decode
     assert [r.source for r in dispatcher.chosen().values()] == ["heuristic"]
 
@@ -98,18 +98,18 @@ def test_corrupted_database_does_not_crash_dispatch(db):
     (db / "interpreter" / "best.json").write_text('{"schema": "kgen.best", "schema_ver')
     dispatcher = Dispatcher(gpu="interpreter", db_dir=db)
     with pytest.warns(RuntimeWarning, match="best.json"):
-        kernel = dispatcher.plan(LAYER).kernel(num_seqs=1, max_context=512)
+        kernel = dispatcher.plan(LAYER).decode_kernel(num_seqs=1, max_context=512)
     assert kernel is load_kernel(default_config(**SHAPE)).paged_attention_decode
 
 
 def test_bad_step_values_are_named(db):
     dispatcher = Dispatcher(gpu="interpreter", db_dir=db)
     with pytest.raises(ValueError, match="num_seqs=0"):
-        dispatcher.plan(LAYER).kernel(num_seqs=0, max_context=512)
+        dispatcher.plan(LAYER).decode_kernel(num_seqs=0, max_context=512)
     odd = dispatcher.plan(AttentionShape(**{**SHAPE, "head_dim": 65}))
     assert "head_dim=65 is not supported" in odd.problem
     with pytest.raises(ValueError, match="head_dim=65"):
-        odd.kernel(num_seqs=1, max_context=512)
+        odd.decode_kernel(num_seqs=1, max_context=512)
     with pytest.raises(ValueError, match="group_size=0"):
         AttentionShape(**{**SHAPE, "group_size": 0})
     with pytest.raises(ValueError, match="not a kgen.shape.AttentionShape"):

@@ -100,7 +100,7 @@ def test_check_and_block_size_defaults_keep_feature_records_apart(db):
 
 
 def _kernel(dispatcher, **shape):
-    return dispatcher.plan(AttentionShape(**SHAPE, **shape)).kernel(num_seqs=1, max_context=500)
+    return dispatcher.plan(AttentionShape(**SHAPE, **shape)).decode_kernel(num_seqs=1, max_context=500)
 
 
 def test_dispatch_plans_for_features(db):
@@ -114,9 +114,9 @@ def test_dispatch_plans_for_features(db):
     capped = _kernel(dispatcher, features=("soft_cap",))
     assert capped.__module__.endswith("_fp16_cap")
     sources = {key: r.source for key, r in dispatcher.chosen().items()}
-    assert sources == {"interpreter-fp16-d64-b16-g2-n1-c512-kvfp8e5m2-swa-sinks": "exact",
-                       "interpreter-fp16-d64-b16-g2-n1-c512": "exact",
-                       "interpreter-fp16-d64-b16-g2-n1-c512-cap": "heuristic"}
+    assert sources == {"interpreter-fp16-d64-b16-g2-n1-c512-kvfp8e5m2-swa-sinks[decode]": "exact",
+                       "interpreter-fp16-d64-b16-g2-n1-c512[decode]": "exact",
+                       "interpreter-fp16-d64-b16-g2-n1-c512-cap[decode]": "heuristic"}
     # the dispatched feature kernel is correct on random paged data
     inputs = make_paged_inputs(3, 4, 2, 64, 16, [40, 16, 300], "fp16", seed=1, kv_dtype="fp8_e5m2",
                                scale_kind="head", features=FP8_SWA["features"], sliding_window=50)

@@ -94,8 +94,8 @@ def test_dispatch_gives_a_correct_kernel_for_this_gpu():
     assert dispatcher.gpu not in ("interpreter", "synthetic")
     plan = dispatcher.plan(AttentionShape("bf16", 128, 8, block_size=16))
     assert plan.problem is None
-    kernel = plan.kernel(num_seqs=4, max_context=8192)
-    assert plan.kernel(num_seqs=4, max_context=8192) is kernel  # cached step
+    kernel = plan.decode_kernel(num_seqs=4, max_context=8192)
+    assert plan.decode_kernel(num_seqs=4, max_context=8192) is kernel  # cached step
     inputs = make_paged_inputs(4, 16, 2, 128, 16, [8192, 5000, 17, 1], "bf16", seed=9,
                                device=DEVICE, poison_unused=True)
     out = torch.full_like(inputs["query"], float("nan"))

@@ -58,7 +58,7 @@ def _wrong_kernels(factor: float):
     """
     from kgen import plan
 
-    plain = plan.AttentionPlan.kernel
+    plain = plan.AttentionPlan.decode_kernel
 
     def kernel(self, *args, **kw):
         chosen = plain(self, *args, **kw)
@@ -68,7 +68,7 @@ def _wrong_kernels(factor: float):
 
         return mis_scaled
 
-    plan.AttentionPlan.kernel = kernel
+    plan.AttentionPlan.decode_kernel = kernel
     return plain
 
 
@@ -183,7 +183,7 @@ def main() -> None:
         plain = _wrong_kernels(args.wrong_scale)
         run(llm, bs, prompts, wrong=True)
         from kgen import plan
-        plan.AttentionPlan.kernel = plain
+        plan.AttentionPlan.decode_kernel = plain
     llm = None  # one engine at a time: dropping one tears down vLLM's process-wide state
     if args.swa_model:
         swa_prompts = json.loads(args.swa_prompts)

@@ -17,7 +17,7 @@ from kgen.dtypes import normalize_kv_dtype
 from kgen.features import features_text, normalize_features
 from kgen.paths import default_db_dir
 from kgen.shape import AttentionShape
-from kgen.workload import bucket
+from kgen.workload import bucket, query_bucket
 
 
 def register(subparsers) -> None:
@@ -47,6 +47,11 @@ def register(subparsers) -> None:
     explain.add_argument("--features", default="",
                          help="attention features of the step, a comma set of sliding_window, "
                               "soft_cap, alibi, sinks (default none)")
+    explain.add_argument("--query-len", type=int, default=1,
+                         help="most query tokens of one sequence in the step (default 1: decode)")
+    explain.add_argument("--kernel", default=None, choices=("decode", "attention"),
+                         help="only records of this kernel family (default: either; a decode "
+                              "step takes the faster of the two)")
     check = sub.add_parser("check", help="validate every file of the database, list stale records",
                            description="Validate every file (exit 1 if one is bad) and list "
                                        "stale records: measured against other kernel templates "
@@ -117,6 +122,8 @@ def show(args) -> int:
                          "features": features_text(tuple(w.get("features", ()))),
                          "d": w["head_dim"], "b": w["block_size"],
                          "g": w["group_size"], "batch": w["batch"], "context": w["context"],
+                         "q": w.get("query_len", 1), "kernel": w.get("kernel", "decode"),
+                         "q_tile": c.get("q_tile", "-"),
                          "split": "auto" if c["split_k"] == 0 else c["split_k"],
                          "tile": c["tile_tokens"], "warps": c["num_warps"],
                          "stages": c["num_stages"], "ms": entry["time_ms"],
@@ -151,9 +158,11 @@ def explain(args) -> int:
                            block_size=args.block_size,
                            kv_dtype=normalize_kv_dtype(args.kv_dtype, name="--kv-dtype"),
                            features=normalize_features(args.features, name="--features"))
-    result = reader.lookup(args.gpu, shape, num_seqs=args.batch, max_context=args.context)
+    result = reader.lookup(args.gpu, shape, num_seqs=args.batch, max_context=args.context,
+                           max_query_len=args.query_len, kernel=args.kernel)
     print(f"step: batch {args.batch} (bucket {bucket(args.batch, '--batch')}), context "
-          f"{args.context} (bucket {bucket(args.context, '--context')})")
+          f"{args.context} (bucket {bucket(args.context, '--context')}), query length "
+          f"{args.query_len} (bucket {query_bucket(args.query_len, '--query-len')})")
     print(f"workload: {result.workload.key} (kv dtype {result.workload.kv_dtype}, features "
           f"{features_text(result.workload.features)})")
     print(f"source: {result.source}")

@@ -15,7 +15,8 @@ from kgen.tune.measure import SyntheticMeasurer
 from kgen.tune import DEFAULT_HEARTBEAT_S, interrupts
 from kgen.tune.measure_kernel import GpuMeasurer, InterpreterMeasurer
 from kgen.tune.search import default_variant
-from kgen.workload import DEFAULT_BATCHES, DEFAULT_CONTEXTS, expand_workloads, parse_int_list
+from kgen.workload import (DEFAULT_BATCHES, DEFAULT_CONTEXTS, KERNELS, expand_workloads,
+                           parse_int_list)
 
 
 def _csv(values) -> str:
@@ -25,10 +26,14 @@ def _csv(values) -> str:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tune", help="tune kernel variants per workload with Optuna into tuning_db/",
-        description="Search split-K, tile tokens, num_warps and num_stages per workload (dtype x "
-                    "KV dtype x features x head dim x block size x group size x batch bucket x "
-                    "context bucket) and record the best variant per workload. E.g. 'kgen tune --gpu interpreter "
-                    "--trials 4 --head-dim 64 --block-size 16 --batch 1 --context 512'.")
+        description="Search split-K, tile tokens, num_warps and num_stages (and, for the "
+                    "attention family, the query tile) per workload (dtype x KV dtype x features "
+                    "x head dim x block size x group size x batch bucket x context bucket x query "
+                    "length bucket) and record the best variant per workload. Decode steps can "
+                    "be tuned for both families (--kernel decode, then --kernel attention): the "
+                    "runtime's dispatch takes the faster record. E.g. 'kgen tune --gpu "
+                    "interpreter --trials 4 --head-dim 64 --block-size 16 --batch 1 --context "
+                    "512', or '... --kernel attention --query-len 4,512'.")
     parser.add_argument("--gpu", required=True, metavar="NAME",
                         help="device to tune: h100, a100, l40s, ... (must be the one present), "
                              "'interpreter' (Triton interpreter on the CPU) or 'synthetic'")
@@ -44,6 +49,13 @@ def register(subparsers) -> None:
                              "set of sliding_window, soft_cap, alibi, sinks (default none); "
                              "sliding-window workloads are timed with a window of half the "
                              "context bucket")
+    parser.add_argument("--kernel", default=None, choices=KERNELS,
+                        help="kernel family to tune: decode (one query token per sequence; the "
+                             "default for --query-len 1) or attention (any query length; the "
+                             "default, and the only family, for longer queries)")
+    parser.add_argument("--query-len", default="1", metavar="LIST",
+                        help="query-length buckets, powers of two up to 2048: 1 (decode), 2..16 "
+                             "(speculative decoding), 64..2048 (prefill chunks) (default 1)")
     parser.add_argument("--batch", default=_csv(DEFAULT_BATCHES), metavar="LIST",
                         help=f"batch buckets, powers of two (default {_csv(DEFAULT_BATCHES)})")
     parser.add_argument("--context", default=_csv(DEFAULT_CONTEXTS), metavar="LIST",
@@ -102,8 +114,15 @@ def workloads_from_args(args, gpu: str):
         raise ValueError(f"--dtype={args.dtype!r} is empty")
     kv_dtypes = [normalize_kv_dtype(k.strip(), name="--kv-dtype") for k in args.kv_dtype.split(",")
                  if k.strip()] or ["auto"]
+    query_lens = parse_int_list(args.query_len, "--query-len")
+    kernel = getattr(args, "kernel", None)
+    if kernel == "decode" and any(q != 1 for q in query_lens):
+        raise ValueError(f"--kernel decode serves one query token per sequence; --query-len="
+                         f"{args.query_len} needs --kernel attention")
+    if kernel is None and any(q != 1 for q in query_lens):
+        kernel = "attention"  # one study family for every query length asked
     return expand_workloads(
-        kv_dtypes=list(dict.fromkeys(kv_dtypes)),
+        kv_dtypes=list(dict.fromkeys(kv_dtypes)), query_lens=query_lens, kernel=kernel,
         feature_sets=[normalize_features(args.features, name="--features")],
         gpu=gpu, dtypes=dtypes, head_dims=parse_int_list(args.head_dim, "--head-dim"),
         block_sizes=parse_int_list(args.block_size, "--block-size"),
@@ -113,17 +132,17 @@ def workloads_from_args(args, gpu: str):
 
 
 def summary_lines(results, table: dict | None) -> list[str]:
-    lines = [f"{'workload':<38} {'best variant':<46} {'ms':>10} {'default ms':>10} {'x':>6} "
+    lines = [f"{'workload':<38} {'best variant':<52} {'ms':>10} {'default ms':>10} {'x':>6} "
              f"{'ok/pruned/failed':>16}"]
     for r in results:
         counts = "/".join(str(r.counts.get(k, 0)) for k in ("ok", "pruned", "failed"))
         if r.best is None:
-            lines.append(f"{r.workload.key:<38} {'(no valid candidate)':<46} {'-':>10} {'-':>10} "
+            lines.append(f"{r.workload.key:<38} {'(no valid candidate)':<52} {'-':>10} {'-':>10} "
                          f"{'-':>6} {counts:>16}")
             continue
         default = f"{r.default_time_ms:.4f}" if r.default_time_ms else "-"
         speed = f"{r.speedup:.2f}" if r.speedup else "-"
-        lines.append(f"{r.workload.key:<38} {r.best.key:<46} {r.time_ms:>10.4f} {default:>10} "
+        lines.append(f"{r.workload.key:<38} {r.best.key:<52} {r.time_ms:>10.4f} {default:>10} "
                      f"{speed:>6} {counts:>16}")
     for key, rec in sorted((table or {}).get("block_size_defaults", {}).items()):
         lines.append(f"fastest block size for {key}: {rec['block_size']} "

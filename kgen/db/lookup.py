@@ -25,13 +25,12 @@ import logging
 import math
 from dataclasses import dataclass
 
-from kgen.db.schema import _package_version
+from kgen.db.schema import _package_version, entry_config
 from kgen.db.store import BEST_FILE
 from kgen.db.tables import LayeredTables, _logged, log_once  # noqa: F401 (re-exported)
 from kgen.device import family_or_none, normalize_gpu_name
 from kgen.shape import AttentionShape
-from kgen.space import default_config
-from kgen.variant import VariantConfig
+from kgen.families import default_variant
 from kgen.workload import Workload, head_key, log2_distance
 
 
@@ -44,7 +43,7 @@ def triton_version() -> str | None:
 class LookupResult:
     """What a lookup chose: ``config``, and ``source``/``reason`` saying why."""
 
-    config: VariantConfig
+    config: object  # a VariantConfig or an AttentionVariantConfig
     source: str  # exact | nearest | other-triton | family | heuristic
     reason: str
     workload: Workload
@@ -91,37 +90,43 @@ class DbReader:
 
     # ---- the lookup -----------------------------------------------------------------------
     def lookup(self, gpu: str, shape: AttentionShape, *, num_seqs: int | None,
-               max_context: int | None) -> LookupResult:
-        """The config to use for one decode step of a layer of ``shape`` (its block size set) on
-        ``gpu`` (see the module docstring).
+               max_context: int | None, max_query_len: int = 1,
+               kernel: str | None = None) -> LookupResult:
+        """The config to use for one step of a layer of ``shape`` (its block size set) on ``gpu``
+        (see the module docstring).
 
         ``num_seqs`` / ``max_context`` of None mean "the middle of the tuned range" (used by
-        ``kgen emit --gpu`` when no step size is given). Only records of the shape's KV dtype and
+        ``kgen emit --gpu`` when no step size is given). ``max_query_len`` is the most query
+        tokens of one sequence in the step (1: decode). ``kernel`` restricts the records to one
+        family (``decode`` / ``attention``); None takes either (for a decode step the faster of
+        the two families' records of its bucket). Only records of the shape's KV dtype and
         feature set are used.
         """
         gpu = normalize_gpu_name(gpu)
         if num_seqs is None or max_context is None:
             num_seqs, max_context = self._middle(gpu, shape, num_seqs, max_context)
-        asked = Workload.for_step(gpu, shape, num_seqs=num_seqs, max_context=max_context)
+        asked = Workload.for_step(gpu, shape, num_seqs=num_seqs, max_context=max_context,
+                                  max_query_len=max_query_len, kernel=kernel)
         here = triton_version()
         table = self.table(gpu)
-        candidates = _matching(table, asked.shape)
-        held = self._held_back(table, asked, candidates)
+        candidates = _matching(table, asked.shape, kernel)
+        held = self._held_back(table, asked, candidates, kernel)
         same = [c for c in candidates if c[1]["provenance"].get("triton") == here]
         found = _choose(same, asked)
         if found:
-            return self._result(found, asked, gpu, "exact" if found[0] == asked.key else "nearest")
+            source = "exact" if _bucket(found) == _bucket(asked) else "nearest"
+            return self._result(found, asked, gpu, source)
         found = _choose([c for c in candidates if c not in same], asked)
         if found:
             return self._result(found, asked, gpu, "other-triton", here=here)
         for other in self.family_gpus(gpu):
             other_table = self.table(other)
-            matching = _matching(other_table, asked.shape)
-            held = held or self._held_back(other_table, asked, matching)
+            matching = _matching(other_table, asked.shape, kernel)
+            held = held or self._held_back(other_table, asked, matching, kernel)
             found = _choose(matching, asked)
             if found:
                 return self._result(found, asked, other, "family")
-        config = default_config(**shape.variant_fields())
+        config = default_variant(asked)
         why = (f"its best table is unusable: {self.errors[gpu]}" if table is None and gpu in self.errors
                else "no database for this GPU" if table is None else
                f"no current tuned entry in range ({held} held back: measured against other "
@@ -130,13 +135,13 @@ class DbReader:
         log_once(logging.INFO, f"kgen.db lookup: {reason}")
         return LookupResult(config=config, source="heuristic", reason=reason, workload=asked)
 
-    def _held_back(self, table, asked: Workload, current: list) -> str | None:
+    def _held_back(self, table, asked: Workload, current: list, kernel: str | None) -> str | None:
         """The stale entry a lookup would have chosen among all of ``table``'s entries, logged
         once with why it is not served; None when a current one would have been chosen anyway."""
         if table is None or not table.stale:
             return None
-        stale = [(key, entry) for key, entry in table.held.items()
-                 if Workload.from_dict(entry["workload"]).shape == asked.shape]
+        held = GpuTableView(table.held)
+        stale = _matching(held, asked.shape, kernel)
         found = _choose(current + stale, asked)
         if found is None or found[0] not in table.stale:
             return None
@@ -159,7 +164,7 @@ class DbReader:
 
     def _result(self, found, asked: Workload, gpu: str, source: str, here=None) -> LookupResult:
         key, entry = found
-        config = VariantConfig.from_dict(entry["config"])
+        config = entry_config(entry)
         path = self.table(gpu).paths.get(key, str(self.db_dir / gpu / BEST_FILE))
         reason = {
             "exact": f"{asked.key}: exact entry",
@@ -175,13 +180,30 @@ class DbReader:
                             entry_key=key, path=path, entry=entry)
 
 
-def _matching(table, shape: AttentionShape) -> list[tuple[str, dict]]:
+@dataclass
+class GpuTableView:
+    """A bare ``entries`` dict seen as a table (what :func:`_matching` reads)."""
+
+    entries: dict
+
+
+def _matching(table, shape: AttentionShape, kernel: str | None = None) -> list[tuple[str, dict]]:
     """Served entries of ``table`` (a GpuTable) of this :attr:`Workload.shape` (dtype, head dim,
-    block size, group size, KV dtype, features)."""
+    block size, group size, KV dtype, features), of family ``kernel`` (None: either)."""
     if not table:
         return []
-    return [(key, entry) for key, entry in table.entries.items()
-            if Workload.from_dict(entry["workload"]).shape == shape]
+    found = []
+    for key, entry in table.entries.items():
+        w = Workload.from_dict(entry["workload"])
+        if w.shape == shape and kernel in (None, w.kernel):
+            found.append((key, entry))
+    return found
+
+
+def _bucket(item) -> tuple:
+    """(batch, context, query length) of a candidate ``(key, entry)`` or of a Workload."""
+    w = item.to_dict() if isinstance(item, Workload) else item[1]["workload"]
+    return w["batch"], w["context"], w.get("query_len", 1)
 
 
 def _choose(candidates, asked: Workload):
@@ -196,11 +218,11 @@ def _choose(candidates, asked: Workload):
         if not min(values) <= getattr(asked, axis) <= max(values):
             return None
 
-    def distance(item):
+    def distance(item):  # nearest bucket; in one bucket the faster record (either family)
         w = item[1]["workload"]
         return (log2_distance(w["batch"], asked.batch) + log2_distance(w["context"], asked.context)
                 + log2_distance(w.get("query_len", 1), asked.query_len),
-                -w["context"], -w["batch"], item[0])
+                -w["context"], -w["batch"], item[1]["time_ms"], item[0])
 
     return min(candidates, key=distance)
 
@@ -217,7 +239,9 @@ def _reader(db_dir: str | None) -> DbReader:
 
 
 def lookup(gpu: str, shape: AttentionShape, *, db_dir=None, num_seqs: int | None = None,
-           max_context: int | None = None) -> LookupResult:
+           max_context: int | None = None, max_query_len: int = 1,
+           kernel: str | None = None) -> LookupResult:
     """:meth:`DbReader.lookup` through a cached reader of ``db_dir``."""
     return _reader(None if db_dir is None else str(db_dir)).lookup(
-        gpu, shape, num_seqs=num_seqs, max_context=max_context)
+        gpu, shape, num_seqs=num_seqs, max_context=max_context, max_query_len=max_query_len,
+        kernel=kernel)

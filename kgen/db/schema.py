@@ -38,8 +38,9 @@ import math
 
 from kgen import __version__
 from kgen.paths import template_hash
-from kgen.space import default_config
-from kgen.variant import BLOCK_SIZES, VariantConfig
+from kgen.families import default_variant
+from kgen.variant import BLOCK_SIZES
+from kgen.variant_attention import family_class
 from kgen.workload import Workload
 
 SCHEMA_VERSION = 1
@@ -107,6 +108,17 @@ def _check_time(value, name: str, where: str, *, optional: bool = False) -> None
         raise DbFormatError(f"{where}: {name}={value!r} is not a positive time")
 
 
+def entry_config(entry: dict):
+    """The variant of a best-table entry, of the family its ``config_key`` names (``paged_decode``
+    or ``paged_attention``), built from its ``config`` dict."""
+    key = str(entry.get("config_key", ""))
+    try:
+        family = family_class(key)
+    except ValueError as exc:
+        raise ValueError(f"config_key {key!r}: {exc}") from None
+    return family.from_dict(entry["config"])
+
+
 def check_entry(key: str, entry, where: str) -> None:
     """Validate one best-table entry (its workload and config must parse and match the key)."""
     here = f"{where}: entry {key!r}"
@@ -117,13 +129,15 @@ def check_entry(key: str, entry, where: str) -> None:
         raise DbFormatError(f"{here} lacks {', '.join(missing)}")
     try:
         workload = Workload.from_dict(entry["workload"])
-        config = VariantConfig.from_dict(entry["config"])
+        config = entry_config(entry)
     except (TypeError, ValueError) as exc:
         raise DbFormatError(f"{here}: {exc}") from None
     if workload.key != key:
         raise DbFormatError(f"{here}: its workload is {workload.key!r}")
     if config.key != entry["config_key"]:
         raise DbFormatError(f"{here}: config_key {entry['config_key']!r} != {config.key!r}")
+    if config.family != workload.kernel:
+        raise DbFormatError(f"{here}: a {config.family} variant for a {workload.kernel} workload")
     mismatch = [f for f in ("dtype", "head_dim", "block_size", "group_size", "kv_dtype",
                             "features") if getattr(config, f) != getattr(workload, f)]
     if mismatch:
@@ -192,8 +206,9 @@ def check_trial_line(record, where: str) -> None:
 
 
 def default_key_for(workload) -> str:
-    """The key of the heuristic default variant of ``workload``'s shape (what tuning beats)."""
-    return default_config(**workload.variant_fields()).key
+    """The key of the heuristic default variant of ``workload``'s family and shape (what tuning
+    beats)."""
+    return default_variant(workload).key
 
 
 def make_entry(workload, config, *, time_ms: float, default_time_ms: float | None,

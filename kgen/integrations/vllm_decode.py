@@ -239,7 +239,7 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
                            head_dim=shape.head_dim, block_size=shape.block_size)
     if shape.kv_fp8:
         key, value = _as_fp8(key, shape.kv_dtype), _as_fp8(value, shape.kv_dtype)
-    kernel = plan.plan.kernel(n, int(meta.max_seq_len))
+    kernel = plan.plan.decode_kernel(n, int(meta.max_seq_len))
     _say_once(f"kgen decode: {kernel.__globals__.get('VARIANT_KEY', kernel.__module__)}")
     block_table = meta.block_table[:n]
     if block_table.dtype != torch.int32:

@@ -27,7 +27,7 @@ from kgen.device import normalize_gpu_name
 from kgen.tune import study as st
 from kgen.tune.search import default_variant
 from kgen.tune.storage import check_existing, describe, open_storage
-from kgen.variant import VariantConfig
+from kgen.variant_attention import config_from_key
 from kgen.workload import Workload
 
 
@@ -125,7 +125,7 @@ def import_study(storage, name: str, gpu: str, db_dir, report: ImportReport,
             "driver_versions": sorted({str(p.get("driver_version")) for p in every}),
             "imported_from": describe(storage.location)}
     counts = st.status_counts(st.done_trials(study))
-    config = VariantConfig.from_key(st.trial_info(best)["config_key"])
+    config = config_from_key(st.trial_info(best)["config_key"])
     entry = make_entry(workload, config, time_ms=best.value, default_time_ms=default_ms,
                        provenance=prov, trials=len(measured), study_best_ms=best.value,
                        counts=counts)

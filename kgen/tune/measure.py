@@ -102,9 +102,11 @@ class SyntheticMeasurer(Measurer):
     @staticmethod
     def ideal(workload: Workload) -> dict:
         split = 2 ** round(math.log2(max(1, workload.context / (256 * workload.batch))))
+        rows = workload.query_len * workload.group_size
         return {"split_k": min(split, 32), "tile_tokens": 64 if workload.head_dim <= 128 else 32,
                 "num_warps": 4 if workload.group_size <= 4 else 8,
-                "num_stages": 3 if workload.context >= 8192 else 2}
+                "num_stages": 3 if workload.context >= 8192 else 2,
+                "q_tile": min(128, max(16, 1 << (rows - 1).bit_length()))}
 
     def cost(self, config: VariantConfig, workload: Workload) -> float:
         ideal = self.ideal(workload)
@@ -115,9 +117,13 @@ class SyntheticMeasurer(Measurer):
                 * (1 + 0.05 * (config.num_stages - ideal["num_stages"]) ** 2))
         if config.split_k == SPLIT_AUTO:
             bowl *= 1.04  # auto lands near the ideal partition count, not exactly on it
+        if config.family == "attention":  # the query tile, and a decode step's extra row work
+            bowl *= 1 + 0.10 * _log2_gap(config.q_tile, ideal["q_tile"]) ** 2
+            bowl *= 1.03 if workload.decode else 1.0
         digest = hashlib.sha1(f"{self.seed}:{workload.key}:{config.key}".encode()).digest()
         jitter = 1 + 0.004 * digest[0] / 255
-        base = 0.004 + workload.batch * workload.context * workload.head_dim * 4e-9
+        base = (0.004 + workload.batch * workload.context * workload.head_dim * 4e-9) \
+            * (1 + 0.01 * (workload.query_len - 1))
         return base * bowl * jitter
 
     def _measure(self, config: VariantConfig, workload: Workload) -> Measurement:

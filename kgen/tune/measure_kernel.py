@@ -9,6 +9,7 @@ permuted blocks and lengths at block edges, into a NaN-poisoned output. A wrong 
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -26,6 +27,13 @@ def check_lens(config: VariantConfig, workload: Workload) -> list[int]:
     """Small ragged lengths for the correctness check: past a few pages, one page, one token."""
     long = min(workload.context, 2 * max(config.block_size, config.tile_tokens) + 1)
     return [long, min(workload.context, config.block_size), 1]
+
+
+def check_query_lens(workload: Workload, lens: list[int]) -> list[int]:
+    """Query rows per sequence of an attention-family check: the workload's query length (at
+    most 40 rows, so the interpreter stays quick), never more than the sequence's length."""
+    q = min(workload.query_len, 40)
+    return [min(q, n) for n in lens]
 
 
 class KernelMeasurer(Measurer):
@@ -73,31 +81,44 @@ class KernelMeasurer(Measurer):
             self._audits[config.key] = None if reason is None else f"audit {self.audit_target}: {reason}"[:500]
         return self._audits[config.key]
 
-    def _inputs(self, config: VariantConfig, lens: list[int], seed: int) -> dict:
+    def _inputs(self, config, lens: list[int], seed: int, q_lens: list[int] | None = None) -> dict:
         """Random paged inputs of ``lens`` with the variant's KV dtype (per-head scales) and the
-        arguments of its features (a window of half the longest length)."""
+        arguments of its features (a window of half the longest length); for the attention
+        family ``q_lens`` new rows at the end of each sequence (the varlen contract)."""
         # kgen.reference and kgen.build import torch/triton: loaded when a kernel is measured
         from kgen.reference import make_paged_inputs
+        from kgen.reference_varlen import make_varlen_inputs
 
         window = max(1, max(lens) // 2) if config.has("sliding_window") else None
-        return make_paged_inputs(len(lens), self.num_kv_heads * config.group_size,
-                                 self.num_kv_heads, config.head_dim, config.block_size, lens,
-                                 config.dtype, seed=seed, device=self.torch_device,
-                                 kv_dtype=config.kv_dtype,
-                                 scale_kind="head" if config.kv_fp8 else None,
-                                 features=config.features, sliding_window=window)
+        heads = self.num_kv_heads * config.group_size
+        common = dict(seed=seed, device=self.torch_device, kv_dtype=config.kv_dtype,
+                      scale_kind="head" if config.kv_fp8 else None, features=config.features,
+                      sliding_window=window)
+        if config.family == "attention":
+            q_lens = q_lens or [1] * len(lens)
+            return make_varlen_inputs(q_lens, [n - q for n, q in zip(lens, q_lens)], heads,
+                                      self.num_kv_heads, config.head_dim, config.block_size,
+                                      config.dtype, **common)
+        return make_paged_inputs(len(lens), heads, self.num_kv_heads, config.head_dim,
+                                 config.block_size, lens, config.dtype, **common)
 
     def check(self, module, config: VariantConfig, workload: Workload) -> str | None:
         """Run the kernel once against the float64 reference; a reason if it is wrong."""
         import torch
 
         from kgen.reference import max_abs_error, paged_attention_reference, within_tolerance
+        from kgen.reference_varlen import paged_attention_varlen_reference
 
         self._seed_counter += 1
-        inputs = self._inputs(config, check_lens(config, workload), self._seed_counter)
+        lens = check_lens(config, workload)
+        inputs = self._inputs(config, lens, self._seed_counter, check_query_lens(workload, lens))
         out = torch.full_like(inputs["query"], float("nan"))  # poison: all must be written
-        module.paged_attention_decode(**inputs, out=out)
-        ref = paged_attention_reference(**inputs)
+        if config.family == "attention":
+            module.paged_attention(**inputs, out=out)
+            ref = paged_attention_varlen_reference(**inputs)
+        else:
+            module.paged_attention_decode(**inputs, out=out)
+            ref = paged_attention_reference(**inputs)
         if not within_tolerance(out.cpu(), ref.cpu(), config.dtype):
             return f"wrong result: max abs error {max_abs_error(out.cpu(), ref.cpu()):.3g} vs reference"
         return None
@@ -140,11 +161,12 @@ class InterpreterMeasurer(KernelMeasurer):
 
     def time(self, module, config: VariantConfig, workload: Workload) -> Measurement:
         lens = [min(workload.context, 4 * config.block_size), 1][: min(workload.batch, 2)]
-        inputs = self._inputs(config, lens, self.seed + 10_000)
+        inputs = self._inputs(config, lens, self.seed + 10_000, check_query_lens(workload, lens))
+        kernel = module.paged_attention if config.family == "attention" else module.paged_attention_decode
         times = []
         for _ in range(self.repeats):
             start = time.perf_counter()
-            module.paged_attention_decode(**inputs)
+            kernel(**inputs)
             times.append((time.perf_counter() - start) * 1e3)
         return Measurement("ok", time_ms=statistics.median(times),
                            extra={"lens": lens, "repeats": self.repeats})
@@ -163,8 +185,10 @@ def _do_bench(fn) -> float:
 class GpuMeasurer(KernelMeasurer):
     """``do_bench`` median with the L2 flushed on fresh random inputs of the workload's size.
 
-    A decode step of ``workload.batch`` sequences, the longest ``workload.context`` tokens long and
-    the others uniform in [context/2, context], over a randomly permuted KV cache.
+    A step of ``workload.batch`` sequences, the longest ``workload.context`` tokens long and the
+    others uniform in [context/2, context], over a randomly permuted KV cache: one query token per
+    sequence (decode family), or the workload's ``query_len`` new tokens at the end of each
+    (attention family).
     """
 
     method = "triton.testing.do_bench median, L2 flushed, fresh random inputs"
@@ -197,8 +221,16 @@ class GpuMeasurer(KernelMeasurer):
         dtype, kv_dtype = config.torch_dtype, config.kv_torch_dtype
         heads = self.num_kv_heads * config.group_size
         window = tuning_window(workload.context) if config.has("sliding_window") else None
-        return {"query": torch.randn(workload.batch, heads, config.head_dim, device=dev,
-                                     generator=gen, dtype=dtype),
+        rows = workload.batch  # decode: one query row per sequence
+        extra = {}
+        if config.family == "attention":  # the varlen contract: query_len rows per sequence
+            q_lens = torch.clamp(lens, max=workload.query_len)
+            rows = int(q_lens.sum())
+            starts = torch.zeros(workload.batch + 1, dtype=torch.int32, device=dev)
+            starts[1:] = torch.cumsum(q_lens, 0)
+            extra["query_start_loc"] = starts
+        return {"query": torch.randn(rows, heads, config.head_dim, device=dev,
+                                     generator=gen, dtype=dtype), **extra,
                 "key_cache": torch.randn(shape, device=dev, generator=gen, dtype=dtype).to(kv_dtype),
                 "value_cache": torch.randn(shape, device=dev, generator=gen, dtype=dtype).to(kv_dtype),
                 "block_tables": tables, "seq_lens": lens, "scale": config.head_dim ** -0.5,
@@ -213,7 +245,10 @@ class GpuMeasurer(KernelMeasurer):
         self._seed_counter += 1
         inputs = self._timing_inputs(config, workload, 1_000_003 * self._seed_counter)
         out = torch.empty_like(inputs["query"])
-        kernel = module.paged_attention_decode
+        if config.family == "attention":
+            kernel = functools.partial(module.paged_attention, max_query_len=workload.query_len)
+        else:
+            kernel = module.paged_attention_decode
 
         def step():
             kernel(**inputs, out=out, max_seq_len=workload.context)

@@ -11,7 +11,7 @@ from kgen.tune import interrupts
 from kgen.tune.claims import NullClaims
 from kgen.tune.measure import Measurement, Measurer
 from kgen.tune.recovery import StaleWatch
-from kgen.tune.search import PARAM_NAMES, config_for, search_space
+from kgen.tune.search import config_for, param_names, search_space
 from kgen.tune.trials import DONE_STATES, HOST, TrialState, done_trials, trial_info, trial_outcome
 from kgen.workload import Workload
 
@@ -45,7 +45,7 @@ class Objective:
         self.poll_s = poll_s
         self.current = None  # the trial being run (for requeue on interrupt)
         self.sizes = {name: len(values) for name, values in
-                      zip(PARAM_NAMES, search_space(workload).values())}
+                      zip(param_names(workload), search_space(workload).values())}
 
     def _known(self, study: optuna.Study, config_key: str):
         """An earlier trial's outcome for the same variant (any process), or None."""

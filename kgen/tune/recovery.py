@@ -17,7 +17,7 @@ import warnings
 
 import optuna
 
-from kgen.tune.search import PARAM_NAMES
+from kgen.tune.search import PARAM_SETS
 from kgen.tune.trials import HOST, TrialState, trial_info, workers
 
 OWNERLESS_GRACE_S = 30.0  # a running trial that never named its candidate for this long is dead
@@ -47,7 +47,7 @@ def _others_may_be_running(study: optuna.Study) -> bool:
 def candidate_params(trial) -> dict | None:
     """The full parameter set a trial was running (suggested, or fixed by the queue), or None."""
     params = dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
-    return params if set(params) == set(PARAM_NAMES) else None
+    return params if any(set(params) == set(names) for names in PARAM_SETS.values()) else None
 
 
 def requeue(study: optuna.Study, trial) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 
-from kgen.db.schema import software_versions
+from kgen.db.schema import entry_config, software_versions
 from kgen.db.store import TuningStore
 from kgen.db.tables import LayeredTables
 from kgen.device import normalize_gpu_name
@@ -21,14 +21,13 @@ from kgen.paths import template_hash
 from kgen.tune.measure import Measurer
 from kgen.tune.search import default_variant
 from kgen.tune.study import HOST
-from kgen.variant import VariantConfig
 from kgen.workload import Workload
 
 
 def remeasure_entry(entry: dict, measurer: Measurer) -> tuple[dict, list[dict]]:
     """The ``remeasure`` block for one entry and the trial-log records of its two timings."""
     workload = Workload.from_dict(entry["workload"])
-    config = VariantConfig.from_dict(entry["config"])
+    config = entry_config(entry)
     default = default_variant(workload)
     record = measurer.measure(config, workload)
     base = record if default == config else measurer.measure(default, workload)
