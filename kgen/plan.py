@@ -120,6 +120,12 @@ class AttentionPlan:
         return found
 
 
+def variant_key(kernel: Callable) -> str | None:
+    """The variant key of a kernel callable a plan handed out (a module's launcher, or a decode
+    launcher behind the any-length contract)."""
+    return getattr(kernel, "VARIANT_KEY", None) or getattr(kernel, "__globals__", {}).get("VARIANT_KEY")
+
+
 def decode_as_attention(decode: Callable) -> Callable:
     """A decode-family kernel behind the any-query-length contract (for steps of one query token
     per sequence: ``query`` has one row per sequence, in order).

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kgen.db.schema import make_entry, make_provenance
+from kgen.db.schema import entry_config, make_entry, make_provenance
 from kgen.db.store import TuningStore
 from kgen.tune import interrupts, ownership
 from kgen.tune import study as st
@@ -24,7 +24,7 @@ from kgen.tune.storage import (DEFAULT_HEARTBEAT_S, TuneStorage, clear_stale_jou
 from kgen.tune.progress import Progress, interrupted_message
 from kgen.tune.search import default_variant
 from kgen.workload import Workload, log2_distance
-from kgen.variant import VariantConfig
+from kgen.variant_attention import config_from_key
 
 
 @dataclass
@@ -130,10 +130,12 @@ def neighbour_winners(settings: TuneSettings, workload: Workload, limit: int = 2
     near = []
     for key, entry in table["entries"].items():
         other = Workload.from_dict(entry["workload"])
-        if key != workload.key and other.family_key == workload.family_key:
-            dist = log2_distance(other.batch, workload.batch) + log2_distance(other.context,
-                                                                             workload.context)
-            near.append((dist, key, VariantConfig.from_dict(entry["config"])))
+        if key != workload.key and other.family_key == workload.family_key \
+                and other.kernel == workload.kernel:
+            dist = (log2_distance(other.batch, workload.batch)
+                    + log2_distance(other.context, workload.context)
+                    + log2_distance(other.query_len, workload.query_len))
+            near.append((dist, key, entry_config(entry)))
     return [config for _, _, config in sorted(near)[:limit]]
 
 
@@ -193,11 +195,11 @@ def finished_result(settings: TuneSettings, workload: Workload, study, finished:
     measured = len(st.budget_trials(study))
     entry = (settings.store.load_best() or {"entries": {}})["entries"].get(workload.key)
     if entry is None:  # the entry was pruned since: say what the study recorded
-        entry = {**finished, "config": VariantConfig.from_key(finished["config_key"]).to_dict(),
+        entry = {**finished, "config": config_from_key(finished["config_key"]).to_dict(),
                  "default_time_ms": None}
     _notify(f"{workload.key}: finished by an earlier run ({entry['config_key']}, {entry['time_ms']:.5g} ms); "
             f"skipped")
-    return WorkloadResult(workload, VariantConfig.from_dict(entry["config"]), entry["time_ms"],
+    return WorkloadResult(workload, entry_config(entry), entry["time_ms"],
                           entry.get("default_time_ms"), measured, st.status_counts(st.done_trials(study)))
 
 
@@ -210,7 +212,7 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
     if best_trial is None:
         return WorkloadResult(workload, None, None, None, measured, counts)
     measurer, store = settings.measurer, settings.store
-    winner = VariantConfig.from_key(st.trial_info(best_trial)["config_key"])
+    winner = config_from_key(st.trial_info(best_trial)["config_key"])
     default = default_variant(workload)
     with interrupts.interruptible():
         final = {"winner": measurer.measure(winner, workload)}
@@ -238,7 +240,7 @@ def finalize(settings: TuneSettings, workload: Workload, study) -> WorkloadResul
     if kept != entry:  # a finished entry measured faster stays
         _notify(f"{workload.key}: kept the recorded {kept['config_key']} ({kept['time_ms']:.5g} ms); this "
                 f"run's {winner.key} measured {time_ms:.5g} ms (both are in {store.trials_path})")
-        winner, time_ms = VariantConfig.from_dict(kept["config"]), kept["time_ms"]
+        winner, time_ms = entry_config(kept), kept["time_ms"]
         default_ms = kept.get("default_time_ms")
     return WorkloadResult(workload, winner, time_ms, default_ms, measured, counts)
 
