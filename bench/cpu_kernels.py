@@ -1,11 +1,15 @@
 """The CPU pieces behind runtime.generate()'s speed, measured one by one.
 
-1. ``linear``: ``F.linear`` (MKL sgemm) against the oneDNN-packed weight that
-   ``runtime/model/linear.py`` uses, for the e2e model's projection shapes (hidden 512: qkv, o,
-   gate_up, down, lm_head) and 1-2048 rows, at 1 and 2 threads; the time of all five shapes summed.
+Each of the first three runs per dtype of ``--dtypes`` (float32 and bfloat16 by default):
+
+1. ``linear``: ``F.linear`` (MKL sgemm in float32, oneDNN in bfloat16) against the oneDNN-packed
+   weight that ``runtime/model/linear.py`` uses, for the e2e model's projection shapes (hidden
+   512: qkv, o, gate_up, down, lm_head) and 1-2048 rows, at 1 and 2 threads; the time of all five
+   shapes summed.
 2. ``decode``: one layer's paged decode for a 64-sequence batch with contexts 16-768 (block 16,
-   2 KV heads x 64, 8 query heads, fp32): the torch backend (grouped gather + SDPA; one group, the
-   old path, and the default grouping) against the native C kernel, at 1 and 2 threads.
+   2 KV heads x 64, 8 query heads; q and cache in the dtype): the torch backend (grouped gather +
+   SDPA; one group, the old path, and the default grouping) against the native C kernel, at 1 and
+   2 threads; the native kernel's K/V bytes per second.
 3. ``layer_ops``: the decoder's elementwise steps of one layer on the e2e model's shapes (residual
    add + RMSNorm over 512, SiLU(gate) * up over 1376, RoPE on 10 heads of 64) for 1-2048 rows:
    torch's ops (the fallback) against the C ops of ``runtime/model/native_ops.py``.
@@ -15,7 +19,7 @@
 Each case reports the best of its repeats, with the load average, since the machine is shared.
 Usage::
 
-    python bench/cpu_kernels.py [--quick] [--threads-only] [--json PATH] [--md PATH]
+    python bench/cpu_kernels.py [--quick] [--threads-only] [--dtypes float32,bfloat16] [--json PATH] [--md PATH]
 """
 
 from __future__ import annotations
@@ -45,30 +49,36 @@ def best_ms(fn, repeats: int, inner: int) -> float:
     return best * 1e3
 
 
-def bench_linear(rows_list, threads_list, repeats) -> list[dict]:
+def bench_linear(rows_list, threads_list, repeats, dtype) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
     from runtime.model.linear import Linear
 
     out = []
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for threads in threads_list:
         torch.set_num_threads(threads)
         for rows in rows_list:
             aten = onednn = 0.0
             for n, k in SHAPES.values():
-                x, w = torch.randn(rows, k), torch.randn(n, k)
+                x, w = torch.randn(rows, k).to(dtype), (torch.randn(n, k) * k ** -0.5).to(dtype)
                 packed = Linear(w.clone())
-                torch.testing.assert_close(packed(x), F.linear(x, w), rtol=1e-4, atol=1e-3)
+                torch.testing.assert_close(packed(x), F.linear(x, w), **tol)
                 inner = 2 if rows >= 1024 else 10
                 aten += best_ms(lambda: F.linear(x, w), repeats, inner)
                 onednn += best_ms(lambda: packed(x), repeats, inner)
-            out.append({"threads": threads, "rows": rows, "aten_ms": aten, "onednn_ms": onednn,
-                        "speedup": aten / onednn, "loadavg": os.getloadavg()[0]})
+            out.append({"dtype": _name(dtype), "threads": threads, "rows": rows, "aten_ms": aten,
+                        "onednn_ms": onednn, "speedup": aten / onednn, "path": packed.path,
+                        "loadavg": os.getloadavg()[0]})
     return out
 
 
-def decode_case(seed=0, batch=64):
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def decode_case(seed=0, batch=64, dtype=None):
     import torch
 
     from runtime.attention import AttentionMetadata
@@ -78,71 +88,77 @@ def decode_case(seed=0, batch=64):
     lens = torch.randint(16, 769, (batch,), generator=g, dtype=torch.int32)
     need = [-(-int(n) // bs) for n in lens]
     num_blocks = sum(need) + 8
-    kc, vc = torch.randn(num_blocks, bs, kvh, d, generator=g), torch.randn(num_blocks, bs, kvh, d, generator=g)
+    dtype = dtype or torch.float32
+    kc = torch.randn(num_blocks, bs, kvh, d, generator=g).to(dtype)
+    vc = torch.randn(num_blocks, bs, kvh, d, generator=g).to(dtype)
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables = torch.zeros(batch, max(need), dtype=torch.int32)
     for i, nb in enumerate(need):
         tables[i, :nb] = torch.tensor([perm.pop() for _ in range(nb)])
-    q = torch.randn(batch, 8, d, generator=g)
+    q = torch.randn(batch, 8, d, generator=g).to(dtype)
     meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
                              seq_lens=lens, max_seq_len=int(lens.max()))
     return q, kc, vc, meta, num_blocks
 
 
-def bench_decode(threads_list, repeats) -> list[dict]:
+def bench_decode(threads_list, repeats, dtype) -> list[dict]:
     import torch
 
     from runtime.decode_native import NativeDecode, native_lacks
     from runtime.decode_torch import TorchDecode
     from runtime.kv_cache import LayerKV
 
-    q, kc, vc, meta, num_blocks = decode_case()
-    layer = LayerKV(kc, vc, 1.0, 1.0, torch.float32)
-    backends = {"torch_one_group": TorchDecode(16, 2, 64, group_tokens=10 ** 9), "torch_grouped": TorchDecode(16, 2, 64)}
-    if native_lacks(torch.float32, 8, 64, torch.device("cpu")) is None:
-        backends["native"] = NativeDecode(16, 2, 8, 64, num_blocks)
+    q, kc, vc, meta, num_blocks = decode_case(dtype=dtype)
+    layer = LayerKV(kc, vc, 1.0, 1.0, dtype)
+    backends = {"torch_one_group": TorchDecode(16, 2, 64, dtype, group_tokens=10 ** 9),
+                "torch_grouped": TorchDecode(16, 2, 64, dtype)}
+    if native_lacks(dtype, 8, 64, torch.device("cpu")) is None:
+        backends["native"] = NativeDecode(16, 2, 8, 64, num_blocks, dtype=dtype)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     out = []
     for threads in threads_list:
         torch.set_num_threads(threads)
-        row = {"threads": threads, "context_tokens": int(meta.seq_lens.sum()),
-               "kv_bytes": int(meta.seq_lens.sum()) * 2 * 2 * 64 * 4}
+        row = {"dtype": _name(dtype), "threads": threads, "context_tokens": int(meta.seq_lens.sum()),
+               "kv_bytes": int(meta.seq_lens.sum()) * 2 * 2 * 64 * kc.element_size()}
         ref = None
         for name, backend in backends.items():
             meta.extra.clear()
             backend.prepare(meta)
             got = backend.decode(q, layer, meta, 0.125)
             ref = got if ref is None else ref
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got.float(), ref.float(), **tol)
             row[f"{name}_ms"] = best_ms(lambda: backend.decode(q, layer, meta, 0.125), repeats, 5)
+        if "native" in backends:
+            row["native_kernel"] = backends["native"].kernel
         row["loadavg"] = os.getloadavg()[0]
         out.append(row)
     return out
 
 
-def bench_layer_ops(rows_list, threads_list, repeats) -> list[dict]:
+def bench_layer_ops(rows_list, threads_list, repeats, dtype) -> list[dict]:
     import torch
     import torch.nn.functional as F
 
     from runtime.model.native_ops import NativeOps
-    from runtime.model.ops import rotate_half
+    from runtime.model.ops import rms_norm, rotate_half
 
-    ops = NativeOps.for_model(torch.float32, torch.device("cpu"))
+    ops = NativeOps.for_model(dtype, torch.device("cpu"))
     if ops is None:
         return []
     out = []
     for threads in threads_list:
         torch.set_num_threads(threads)
         for rows in rows_list:
-            x, delta, w = torch.randn(rows, 512), torch.randn(rows, 512), torch.randn(512)
-            gate_up, qk = torch.randn(rows, 2752), torch.randn(rows, 10, 64)
-            cos, sin = torch.randn(rows, 1, 64), torch.randn(rows, 1, 64)
+            x, delta, w = (torch.randn(*shape).to(dtype) for shape in ((rows, 512), (rows, 512), (512,)))
+            gate_up, qk = torch.randn(rows, 2752).to(dtype), torch.randn(rows, 10, 64).to(dtype)
+            cos, sin = torch.randn(rows, 1, 64).to(dtype), torch.randn(rows, 1, 64).to(dtype)
             inner = 3 if rows >= 1024 else 20
             cases = {
-                "add_norm": (lambda: F.rms_norm(x + delta, (512,), w, 1e-5), lambda: ops.add_rms_norm(x, delta, w, 1e-5)),
+                "add_norm": (lambda: rms_norm(x + delta, w, 1e-5), lambda: ops.add_rms_norm(x, delta, w, 1e-5)),
                 "silu_mul": (lambda: F.silu(gate_up[:, :1376]) * gate_up[:, 1376:], lambda: ops.silu_mul(gate_up)),
                 "rope": (lambda: qk * cos + rotate_half(qk) * sin, lambda: ops.rope_(qk, cos, sin)),
             }
-            row = {"threads": threads, "rows": rows}
+            row = {"dtype": _name(dtype), "threads": threads, "rows": rows}
             for name, (ref, fast) in cases.items():
                 row[f"{name}_torch_ms"] = best_ms(ref, repeats, inner)
                 row[f"{name}_native_ms"] = best_ms(fast, repeats, inner)
@@ -187,29 +203,34 @@ def bench_threads(model_dir: Path, requests: int, repeats: int) -> list[dict]:
 
 
 def table(results: dict) -> str:
-    lines = [f"Load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}", "",
+    nat = results.get("native") or {}
+    lines = [f"Load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}; "
+             f"native library: {nat.get('isa')}, {nat.get('cflags')}", "",
              "Linear (5 projection shapes of the e2e model summed, best-of ms):", "",
-             "| threads | rows | F.linear ms | oneDNN packed ms | speedup |", "|---|---|---|---|---|"]
+             "| dtype | threads | rows | F.linear ms | oneDNN packed ms | speedup |", "|---|---|---|---|---|---|"]
     for r in results["linear"]:
-        lines.append(f"| {r['threads']} | {r['rows']} | {r['aten_ms']:.2f} | {r['onednn_ms']:.2f} | {r['speedup']:.2f}x |")
-    lines += ["", "Paged decode, one layer, 64 sequences, contexts 16-768 (best-of ms):", "",
-              "| threads | torch one group | torch grouped | native | native vs grouped |", "|---|---|---|---|---|"]
+        lines.append(f"| {r['dtype']} | {r['threads']} | {r['rows']} | {r['aten_ms']:.2f} | {r['onednn_ms']:.2f} | "
+                     f"{r['speedup']:.2f}x |")
+    lines += ["", "Paged decode, one layer, 64 sequences, contexts 16-768 (best-of ms; GB/s: the native kernel's "
+              "K/V bytes per second):", "",
+              "| dtype | threads | torch one group | torch grouped | native | native vs grouped | native GB/s |",
+              "|---|---|---|---|---|---|---|"]
     for r in results["decode"]:
         nat = r.get("native_ms")
         native = "n/a" if nat is None else f"{nat:.2f}"
         gain = "" if nat is None else f"{r['torch_grouped_ms'] / nat:.2f}x"
-        lines.append(f"| {r['threads']} | {r['torch_one_group_ms']:.2f} | {r['torch_grouped_ms']:.2f} | "
-                     f"{native} | {gain} |")
-    if any("native_ms" in r for r in results["decode"]):
-        lines += ["", "The native kernel reads " + ", ".join(
-            f"{r['kv_bytes'] / r['native_ms'] / 1e6:.1f} GB/s of K/V on {r['threads']} thread(s)"
-            for r in results["decode"] if "native_ms" in r) + "."]
+        rate = "" if nat is None else f"{r['kv_bytes'] / nat / 1e6:.1f}"
+        lines.append(f"| {r['dtype']} | {r['threads']} | {r['torch_one_group_ms']:.2f} | {r['torch_grouped_ms']:.2f} | "
+                     f"{native} | {gain} | {rate} |")
+    kernels = sorted({r["native_kernel"] for r in results["decode"] if "native_kernel" in r})
+    if kernels:
+        lines += ["", "Native kernels: " + "; ".join(kernels) + "."]
     if results.get("layer_ops"):
         lines += ["", "Elementwise steps of one layer, torch ops / C ops (best-of ms):", "",
-                  "| threads | rows | add + RMSNorm | SiLU x up | RoPE |", "|---|---|---|---|---|"]
+                  "| dtype | threads | rows | add + RMSNorm | SiLU x up | RoPE |", "|---|---|---|---|---|---|"]
         for r in results["layer_ops"]:
             cells = [f"{r[f'{k}_torch_ms']:.3f} / {r[f'{k}_native_ms']:.3f}" for k in ("add_norm", "silu_mul", "rope")]
-            lines.append(f"| {r['threads']} | {r['rows']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['dtype']} | {r['threads']} | {r['rows']} | " + " | ".join(cells) + " |")
     if results.get("threads"):
         lines += ["", f"generate() on {results['thread_requests']} mixed requests, fresh processes (tok/s, best):", "",
                   "| threads | OpenMP wait policy | tok/s | load average before runs |", "|---|---|---|---|"]
@@ -223,15 +244,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats, no thread runs")
     ap.add_argument("--threads-only", action="store_true", help="only the generate() thread runs (3)")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the linear, decode and layer_ops cases")
+    ap.add_argument("--threads", default=None, help="thread counts of those cases (default 1,2; --quick 1)")
     _common.add_output_args(ap)
     args = ap.parse_args(argv)
-    results = {"machine": _common.machine_info(), "loadavg_start": os.getloadavg()}
+    import torch
+
+    from runtime.config import parse_dtype
+    from runtime.native_build import native_info
+
+    dtypes = [parse_dtype(d.strip(), name="--dtypes") for d in args.dtypes.split(",") if d.strip()]
+    threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+    results = {"machine": _common.machine_info(), "native": native_info(), "loadavg_start": os.getloadavg()}
     repeats = 2 if args.quick else 7
-    results["linear"] = [] if args.threads_only else bench_linear(
-        [16, 64] if args.quick else [1, 16, 64, 256, 2048], [1] if args.quick else [1, 2], repeats)
-    results["decode"] = [] if args.threads_only else bench_decode([1] if args.quick else [1, 2], repeats)
-    results["layer_ops"] = [] if args.threads_only else bench_layer_ops(
-        [64] if args.quick else [1, 64, 2048], [1] if args.quick else [1, 2], repeats)
+    results["linear"], results["decode"], results["layer_ops"] = [], [], []
+    for dtype in [] if args.threads_only else dtypes:
+        results["linear"] += bench_linear([16, 64] if args.quick else [1, 16, 64, 256, 2048], threads, repeats, dtype)
+        results["decode"] += bench_decode(threads, repeats, dtype)
+        results["layer_ops"] += bench_layer_ops([64] if args.quick else [1, 64, 2048], threads, repeats, dtype)
+    torch.set_num_threads(max(threads))
     if not args.quick:
         results["thread_requests"] = 16
         with tempfile.TemporaryDirectory() as tmp:

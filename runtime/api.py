@@ -177,8 +177,11 @@ def generate(model, prompts, sampling_params=None, *, block_size: int | None = N
     max_num_seqs, max_num_batched_tokens : int, optional
         Scheduler limits per step.
     backend : str
-        ``auto`` (triton on CUDA, the native C kernel on the CPU for fp32 models, else torch),
-        ``native``, ``torch`` or ``triton`` (:mod:`runtime.attention`).
+        ``auto`` (triton on CUDA; on the CPU the native C kernel for float32, bfloat16 and
+        float16 models where it builds, else torch), ``native``, ``torch`` or ``triton``
+        (:mod:`runtime.attention`). On the CPU ``stats["cpu_path"]`` says what ran: the decode
+        kernel, the projections (oneDNN packed or ``F.linear``), the elementwise ops and the
+        instruction set (e.g. ``avx512_bf16``).
     dtype, device : optional
         Compute dtype (fp32, fp16, bf16) and device when ``model`` is a folder.
     enable_prefix_caching : bool

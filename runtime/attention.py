@@ -5,7 +5,8 @@ num_kv_heads, head_dim]`` (a :class:`runtime.kv_cache.LayerKV`, possibly fp8 wit
 scales), int32 block tables ``[num_seqs, max_blocks]`` and int32 ``seq_lens``.
 
 - ``native`` (:mod:`runtime.decode_native`): a small C kernel, built on first use, that reads
-  each live K/V row once in place (the CPU default for float32 models when a C compiler works).
+  each live K/V row once in place (the CPU default for float32, bfloat16 and float16 models
+  when a C compiler works).
 - ``torch`` (:mod:`runtime.decode_torch`): sequences grouped by context length, one gather of
   each group's live context per layer and one SDPA call per group (any dtype and device).
 - ``triton``: kgen's paged decode kernel, chosen per decode step through ``kgen.dispatch`` (the

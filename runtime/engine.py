@@ -24,6 +24,7 @@ from runtime.cuda_graphs import DecodeGraphs, scratch_blocks
 from runtime.kv_cache import check_calculate_kv_scales, parse_kv_cache_dtype
 from runtime.kv_manager import KVCacheManager
 from runtime.loader import LoadedModel
+from runtime.native_build import native_info
 from runtime.pool_memory import check_engine_pool
 from runtime.sampling import SamplingParams, check_seed, make_generator, sample
 from runtime.scheduler import Scheduler
@@ -178,6 +179,8 @@ class Engine:
         rows: dict[int, list[tuple[Sequence, int]]] = {}
         for row, seq in enumerate(sampled):  # a prefill chunk short of its end samples nothing
             rows.setdefault(self._seq_req[seq.seq_id], []).append((seq, row))
+        for rid in self._nonfinite_requests(rows, logits):
+            self._abort_request(self._requests[rid], rows.pop(rid))
         if rows:
             self._sample_all(rows, logits)
         self.scheduler.free_finished()
@@ -211,6 +214,31 @@ class Engine:
                                     torch.tensor(batch.last_rows, dtype=torch.int64, device=dev),
                                     calibrate_kv=calibrate)
         return logits, batch.sampled
+
+    # ------------------------------------------------------------------ non-finite logits
+    @staticmethod
+    def _nonfinite_requests(rows: dict[int, list[tuple[Sequence, int]]], logits: torch.Tensor) -> list[int]:
+        """Requests with a NaN or infinite logit in one of their rows. One sum per row finds the
+        candidates (a NaN or an infinity makes it non-finite); those rows are then checked whole,
+        since huge finite logits could also sum past float32's range."""
+        sums = logits.sum(dim=-1)
+        if bool(torch.isfinite(sums).all()):
+            return []
+        suspects = torch.nonzero(~torch.isfinite(sums)).flatten()
+        really = ~torch.isfinite(logits.index_select(0, suspects)).all(dim=-1)
+        bad = set(suspects[really].tolist())
+        return [rid for rid, members in rows.items() if any(row in bad for _, row in members)]
+
+    def _abort_request(self, req: _Request, members: list[tuple[Sequence, int]]) -> None:
+        """Finish every sequence of ``req`` with ``"abort"``: its logits this step were not finite,
+        so no token can be chosen (argmax of NaN would be token 0). Other requests go on."""
+        seq = members[0][0]
+        error = (f"request_id={req.group.request_id}: the model's logits hold NaN or inf at output position "
+                 f"{len(seq) - seq.num_prompt_tokens} ({len(seq)} tokens in context); a weight or an activation "
+                 f"is not finite (NaN/inf logits), so the request was aborted")
+        for s in req.group.unfinished_seqs():
+            self.scheduler.finish_seq(s, "abort")
+        self._complete(req, error=error)
 
     # ------------------------------------------------------------------ sampling and updates
     def _sample_all(self, rows: dict[int, list[tuple[Sequence, int]]], logits: torch.Tensor) -> None:
@@ -325,7 +353,24 @@ class Engine:
         s.update(self.meter.summary(s["peak_blocks_in_use"]))
         s.update(kv_cache_bytes=self.kv_cache.nbytes, kv_cache_dtype=self.kv_cache.kv_cache_dtype,
                  k_scales=list(self.kv_cache.k_scales), v_scales=list(self.kv_cache.v_scales),
+<<<<<<< HEAD
                  forward_tokens=self.num_forward_tokens, backend=self.backend.name,
                  partial_prefill_chunks=self.num_partial_chunks)
+=======
+                 forward_tokens=self.num_forward_tokens, backend=self.backend.name)
+        if self.device.type == "cpu":
+            s["cpu_path"] = self.cpu_path()
+>>>>>>> cpubf16
         return s
+
+    def cpu_path(self) -> dict:
+        """Which CPU code ran: the decode kernel, the projections, the elementwise ops and the
+        instruction set the native library was built for (None without it)."""
+        info = native_info()
+        path = self.model.cpu_path()
+        path.update(decode=getattr(self.backend, "kernel", f"{self.backend.name} backend"),
+                    isa=None if info is None else info["isa"],
+                    bf16_dot=bool(info and info["bf16_dot"] and self.backend.name == "native"
+                                  and self.model.dtype == torch.bfloat16))
+        return path
 

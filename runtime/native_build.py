@@ -1,14 +1,20 @@
 """Build and load the CPU kernels (``runtime/native/paged_decode.c``, ``layer_ops.c``) on first use.
 
-The C files need no torch or Python headers, so they build in about a second into one library
-with the system C compiler (``$CC``, else ``cc``): ``-O3 -march=native -ffast-math -fopenmp``
-(vectorized ``expf`` from glibc's libmvec; OpenMP threads from the ``libgomp.so.1`` torch has
-already loaded), else the same without OpenMP, else without libmvec, whichever first builds and
-loads; linked without ``-ffast-math`` so that the process's floating-point mode is never changed
-(GCC 12 would otherwise link ``crtfastmath.o``, which turns on flush-to-zero for the whole
-process). The library lands in ``$KGEN_CACHE_DIR/native`` (default ``~/.cache/kgen/native``)
-under a name hashed from the sources, the flags, the compiler and the CPU, written to a temporary
-file and renamed, so concurrent builds never see half a file.
+The C files need no torch or Python headers, so they build in a few seconds into one library
+with the system C compiler (``$CC``, else ``cc``): ``-O3 -march=native -fno-math-errno
+-fno-trapping-math -fopenmp`` (OpenMP threads from the ``libgomp.so.1`` torch has already
+loaded), else the same without OpenMP, whichever first builds and loads. Never ``-ffast-math``:
+it lets the compiler assume that no value is NaN or infinite, and a model with a non-finite
+weight then decoded garbage where torch gives torch's answer (issue 21); it would also turn on
+flush-to-zero for the whole process when linked. The library lands in
+``$KGEN_CACHE_DIR/native`` (default ``~/.cache/kgen/native``) under a name hashed from the
+sources, the flags, the compiler and the CPU, written to a temporary file and renamed, so
+concurrent builds never see half a file.
+
+``-march=native`` lets the compiler use what this CPU has: AVX-512, and AVX512-BF16's
+VDPBF16PS for bfloat16 decode scores. ``KGEN_NATIVE_BF16=0`` builds without the BF16
+instructions (``-mno-avx512bf16``), the path of a CPU that lacks them (tested on every CPU);
+:func:`native_info` says what the loaded build uses.
 
 ``KGEN_NATIVE=0`` in the environment turns the kernels off (the ``auto`` backend then uses torch
 and the decoder torch's elementwise ops). When no compiler works, :func:`load_native` returns
@@ -25,14 +31,25 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).resolve().parent / "native" / name for name in ("paged_decode.c", "layer_ops.c"))
-FLAG_SETS = (  # tried in order: OpenMP threads and vectorized expf, then without OpenMP, then plain libm
-    (["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"], ["-fopenmp", "-lmvec", "-lm"]),
-    (["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"], ["-lmvec", "-lm"]),
-    (["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-fPIC"], ["-lm"]),
+import torch
+
+NATIVE_DIR = Path(__file__).resolve().parent / "native"
+SOURCES = tuple(NATIVE_DIR / name for name in ("paged_decode.c", "layer_ops.c"))
+HEADERS = (NATIVE_DIR / "elem.h",)
+_MATH = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
+FLAG_SETS = (  # tried in order: OpenMP threads, then without OpenMP (SIMD pragmas only)
+    ([*_MATH, "-fopenmp"], ["-fopenmp", "-lm"]),
+    ([*_MATH, "-fopenmp-simd", "-Wno-unknown-pragmas"], ["-lm"]),
 )
+NO_BF16_FLAGS = ["-mno-avx512bf16"]
+"""Added where ``KGEN_NATIVE_BF16=0`` (x86-64 only): the build a CPU without BF16 instructions gets."""
+
+TYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+"""The kernels' element-type codes (``runtime/native/elem.h``); fp8 cache codes are 3."""
+FP8_CODE = 3
+
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _F, _P, _P, _I, _I]
+ARGTYPES = [_P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _F, _P, _P, _I, _I, _I]
 
 _loaded: dict = {}
 
@@ -57,9 +74,16 @@ def _compiler() -> tuple[str, str]:
     return cc, version
 
 
+def extra_flags() -> list[str]:
+    """Flags the environment asks for (``KGEN_NATIVE_BF16=0``: no BF16 instructions)."""
+    if os.environ.get("KGEN_NATIVE_BF16", "1") == "0" and platform.machine() in ("x86_64", "AMD64"):
+        return list(NO_BF16_FLAGS)
+    return []
+
+
 def _build(cc: str, version: str, cflags: list[str], libs: list[str]) -> Path:
     """The library of every file of ``SOURCES`` built with these flags (cached by content)."""
-    sources = [p.read_text() for p in SOURCES]
+    sources = [p.read_text() for p in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*sources, " ".join(cflags + libs), version, _cpu_signature(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"kgen_cpu-{key}.so"
@@ -97,17 +121,46 @@ def load_native():
         except (OSError, subprocess.SubprocessError) as err:
             cc, errors = None, [str(err)]
         for cflags, libs in FLAG_SETS if cc else ():
+            cflags = cflags + extra_flags()
             try:
                 lib = ctypes.CDLL(str(_build(cc, version, cflags, libs)))
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 errors.append(str(err))
                 continue
-            lib.openmp = bool(lib.kgen_paged_decode_openmp())
+            _describe(lib, cflags)
             break
         if lib is None:
             _loaded["why"] = "the CPU kernels could not be built (" + " | ".join(errors) + ")"
     _loaded["lib"] = lib
     return lib
+
+
+def _describe(lib, cflags: list[str]) -> None:
+    """Set ``lib.openmp``, ``lib.float16`` and ``lib.info`` (see :func:`native_info`)."""
+    lib.kgen_native_isa.restype = ctypes.c_char_p
+    features = lib.kgen_native_features()
+    lib.openmp, lib.float16, bf16_dot = bool(features & 1), bool(features & 2), bool(features & 4)
+    lib.info = {"isa": lib.kgen_native_isa().decode(), "openmp": lib.openmp, "float16": lib.float16,
+                "bf16_dot": bf16_dot, "cflags": " ".join(cflags)}
+
+
+def load_variant(flag_set: int = 0, extra: list[str] | None = None):
+    """A library built with ``FLAG_SETS[flag_set]`` plus ``extra`` flags, loaded beside the usual
+    one (for tests of the builds other CPUs and compilers get), described as :func:`load_native`'s."""
+    cc, version = _compiler()
+    cflags, libs = FLAG_SETS[flag_set]
+    cflags = cflags + list(extra or [])
+    lib = ctypes.CDLL(str(_build(cc, version, cflags, libs)))
+    _describe(lib, cflags)
+    return lib
+
+
+def native_info() -> dict | None:
+    """What the loaded library was built for: ``isa`` (``avx512_bf16``, ``avx512f``, ``avx2``,
+    ...), ``openmp``, ``float16`` (float16 elements), ``bf16_dot`` (bfloat16 decode scores with
+    VDPBF16PS) and ``cflags``; None when it cannot be built."""
+    lib = load_native()
+    return None if lib is None else dict(lib.info)
 
 
 def load_paged_decode():

@@ -60,15 +60,15 @@ def random_paged_case(bs, kvh, group, d, lens, seed=0, dtype=torch.float32):
 NATIVE = native_missing(8, 64)
 
 
-def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, layers=None, **kw):
-    """The torch or the native (C) decode backend over ``layers`` (default: one layer with
-    ``window``); the native one is skipped without a C compiler."""
+def cpu_backend(name, bs, kvh, heads, d, num_blocks, window=None, layers=None, dtype=torch.float32, **kw):
+    """The torch or the native (C) decode backend for ``dtype`` over ``layers`` (default: one
+    layer with ``window``); the native one is skipped without a C compiler."""
     layers = layers or [LayerAttention(scale=1.0, sliding_window=window)]
     if name == "torch":
-        return TorchDecode(bs, kvh, d, layers=layers, **kw)
+        return TorchDecode(bs, kvh, d, dtype, layers=layers, **kw)
     if NATIVE:
         pytest.skip(NATIVE)
-    return NativeDecode(bs, kvh, heads, d, num_blocks, layers=layers)
+    return NativeDecode(bs, kvh, heads, d, num_blocks, layers=layers, dtype=dtype)
 
 
 def prepare_on_threads(backend, meta, threads):

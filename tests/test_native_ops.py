@@ -109,3 +109,86 @@ def test_decoder_with_and_without_native_ops_matches_transformers(tmp_path, monk
         ids, logprob = hf_greedy(hf, prompt, 16)
         assert out.outputs[0].token_ids == ids
         assert out.outputs[0].cumulative_logprob == pytest.approx(logprob, abs=1e-3)
+
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable values of their (16-bit) dtype lie between a and b (same signs)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+def assert_torch_bits(out, want, max_share=0.0):
+    """out has torch's bits, or (where a float32 sum or exp may round the other way) differs by
+    one ulp in at most ``max_share`` of its elements."""
+    assert out.dtype == want.dtype and out.shape == want.shape
+    apart = ulps_apart(out, want)
+    assert int(apart.max()) <= (1 if max_share else 0), f"{int(apart.max())} ulps apart"
+    assert float((apart > 0).float().mean()) <= max_share
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("tokens", [1, 9, 300])                   # 300 x 10 heads x 64: threaded
+def test_rope_low_precision_gives_torchs_bits(dtype, tokens):
+    """Products of two bfloat16/float16 values are exact in float32, so rounding after each op
+    as torch does gives torch's bits exactly; the q/k rows are a strided view of the qkv rows."""
+    ops = NativeOps.for_model(dtype, torch.device("cpu"))
+    heads, kvh, d = 8, 2, 64
+    g = torch.Generator().manual_seed(tokens)
+    qkv = (torch.randn(tokens, (heads + 2 * kvh) * d, generator=g) * 3).to(dtype)
+    qkv[:, (heads + kvh) * d:] = float("nan")
+    qk = qkv[:, : (heads + kvh) * d].view(tokens, heads + kvh, d)
+    angles = torch.rand(tokens, d // 2, generator=g) * 50
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    want = qk * cos + rotate_half(qk) * sin                          # torch, in dtype
+    assert ops.rope_(qk, cos, sin) is qk
+    assert_torch_bits(qk, want)
+    assert qkv[:, (heads + kvh) * d:].isnan().all()
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("rows,dim", [(3, 100), (700, 64)])          # 100: a 4-lane tail; 700 x 64: threaded
+@pytest.mark.parametrize("gemma", [False, True])
+def test_add_rms_norm_low_precision_matches_torch_and_float64(dtype, rows, dim, gemma):
+    """x += delta gives torch's bits; the norm rounds where transformers' RMSNorm does (Llama:
+    w * round(norm(x)); Gemma: round(norm(x) * (1 + w)) with a float32 weight), and is within
+    rounding of float64."""
+    from runtime.model.ops import RMSNorm
+
+    ops = NativeOps.for_model(dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(rows + dim)
+    wide = (torch.randn(rows, dim + 7, generator=g) * 3).to(dtype)
+    x = wide[:, 2:2 + dim]
+    delta = (torch.randn(rows, dim + 5, generator=g)[:, :dim]).to(dtype)
+    norm = RMSNorm((torch.randn(dim, generator=g) * 0.3).to(dtype), 1e-5, offset=1.0 if gemma else 0.0)
+    summed = x + delta
+    edges = (wide[:, :2].clone(), wide[:, 2 + dim:].clone())
+    out = ops.add_rms_norm(x, delta, norm.weight, 1e-5)
+    assert torch.equal(x, summed)
+    assert torch.equal(wide[:, :2], edges[0]) and torch.equal(wide[:, 2 + dim:], edges[1])
+    assert_torch_bits(out, norm(summed), max_share=0.01)
+    s64 = summed.double()
+    ref = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    torch.testing.assert_close(out.double(), ref, rtol=4 * ULPS[dtype], atol=1e-6)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("rows,inter", [(1, 40), (64, 1376)])
+def test_silu_mul_low_precision_matches_torch_even_where_exp_overflows(dtype, rows, inter):
+    ops = NativeOps.for_model(dtype, torch.device("cpu"))
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -90.0])      # exp(200), exp(90) overflow float32
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = ops.silu_mul(gate_up)
+    assert_torch_bits(out, torch.nn.functional.silu(gate) * up, max_share=0.01)
+    ref = torch.nn.functional.silu(gate.double()) * up.double()
+    torch.testing.assert_close(out.double(), ref, rtol=4 * ULPS[dtype], atol=1e-6)
+
+
+ULPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}

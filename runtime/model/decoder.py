@@ -61,9 +61,17 @@ class DecoderModel:
         self.layers: list[LayerWeights] = pack_layers(config, w, opt)
         self.attention = [config.layer_attention(i) for i in range(config.num_hidden_layers)]
         self.act = ACTIVATIONS[config.hidden_act]
-        self.native_ops = NativeOps.for_model(dtype, self.device)          # fp32 CPU fast paths, or None
+        self.native_ops = NativeOps.for_model(dtype, self.device)          # CPU fast paths, or None
         self.native_silu = self.native_ops is not None and config.hidden_act == "silu"
         self.inv_freq = config.inv_freq().to(self.device)                 # float32 [head_dim // 2]
+
+    def cpu_path(self) -> dict:
+        """How the projections and the elementwise steps run: ``linear`` (``onednn_packed`` or
+        ``aten``, with the dtype) and ``elementwise`` (``native`` C ops or ``torch``)."""
+        paths = sorted({lin.path for layer in self.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                                      layer.down)} | {self.lm_head.path})
+        ops = "torch" if self.native_ops is None else ("native" if self.native_silu else "native (torch activation)")
+        return {"dtype": str(self.dtype).replace("torch.", ""), "linear": "+".join(paths), "elementwise": ops}
 
     def make_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> PagedKVCache:
         """A zeroed :class:`runtime.kv_cache.PagedKVCache` in the model's dtype or fp8."""
