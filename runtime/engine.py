@@ -353,14 +353,10 @@ class Engine:
         s.update(self.meter.summary(s["peak_blocks_in_use"]))
         s.update(kv_cache_bytes=self.kv_cache.nbytes, kv_cache_dtype=self.kv_cache.kv_cache_dtype,
                  k_scales=list(self.kv_cache.k_scales), v_scales=list(self.kv_cache.v_scales),
-<<<<<<< HEAD
                  forward_tokens=self.num_forward_tokens, backend=self.backend.name,
                  partial_prefill_chunks=self.num_partial_chunks)
-=======
-                 forward_tokens=self.num_forward_tokens, backend=self.backend.name)
         if self.device.type == "cpu":
             s["cpu_path"] = self.cpu_path()
->>>>>>> cpubf16
         return s
 
     def cpu_path(self) -> dict:
