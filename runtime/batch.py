@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.attention import AttentionMetadata, PrefillSpan
+from runtime.attention_meta import AttentionMetadata, PrefillSpan, VarlenBatch
 from runtime.kv_layout import NULL_BLOCK, window_start
 from runtime.sequence import Sequence
 
@@ -35,9 +35,14 @@ class StepBatch:
     meta: AttentionMetadata
 
 
-def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device) -> StepBatch:
+def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device, *,
+                varlen: bool = False) -> StepBatch:
     """The batch of one step over sequences the :class:`runtime.kv_manager.KVCacheManager` ``kv``
-    has allocated (``prefill``) or appended a slot to (``decode``)."""
+    has allocated (``prefill``) or appended a slot to (``decode``).
+
+    ``varlen`` also builds ``meta.varlen`` (every sequence in kgen's any-query-length contract)
+    for a backend that reads the whole batch from the cache; such a step must store every row's
+    K/V (the scheduler's ``store_whole_prompt``), and no cached prefix is gathered for it."""
     bs = kv.block_size
     ids, pos, slots, write_rows, last_rows, sampled = [], [], [], [], [], []
     spans: list[PrefillSpan] = []
@@ -58,7 +63,7 @@ def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device) -> 
         ids.extend(seq.token_ids[start:end])
         pos.extend(range(start, end))
         span = PrefillSpan(len(ids) - (end - start), len(ids), start, end)
-        if start:
+        if start and not varlen:
             span.read_start = window_start(start, kv.sliding_window)
             span.cached_slots = torch.tensor(kv.slots(seq, span.read_start, start), dtype=torch.int64,
                                              device=device)
@@ -85,5 +90,27 @@ def build_batch(kv, prefill: list[Sequence], decode: list[Sequence], device) -> 
         meta.max_seq_len = max(lens)
     meta.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
     if skipped:
+        if varlen:
+            raise ValueError("a prefill skipped positions of freed blocks, but the attention reads "
+                             "every row's K/V from the cache (schedule with store_whole_prompt)")
         meta.write_rows = torch.tensor(write_rows, dtype=torch.int64, device=device)
+    if varlen:
+        meta.varlen = varlen_batch(prefill, decode, device)
     return StepBatch(ids, pos, slots, last_rows, sampled, tables, lens, meta)
+
+
+def varlen_batch(prefill: list[Sequence], decode: list[Sequence], device) -> VarlenBatch:
+    """Every sequence of the step in kgen's contract: prefill chunks first, then the decodes (the
+    rows' order); freed (out-of-window) table entries become block 0, which is never read."""
+    seqs = prefill + decode
+    q_lens = [s.num_scheduled_tokens for s in prefill] + [1] * len(decode)
+    lens = [s.num_computed_tokens + s.num_scheduled_tokens for s in prefill] + [len(s) for s in decode]
+    width = max(len(s.block_table) for s in seqs)
+    tables = [[max(b, 0) for b in s.block_table] + [0] * (width - len(s.block_table)) for s in seqs]
+    starts = [0]
+    for q in q_lens:
+        starts.append(starts[-1] + q)
+    return VarlenBatch(torch.tensor(starts, dtype=torch.int32, device=device),
+                       torch.tensor(lens, dtype=torch.int32, device=device),
+                       torch.tensor(tables, dtype=torch.int32, device=device),
+                       max_query_len=max(q_lens), max_seq_len=max(lens))

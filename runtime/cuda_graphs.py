@@ -8,13 +8,16 @@ it each step:
 - Batch sizes are padded up to the next captured size (``1, 2, 4`` and multiples of 8 up to
   ``max_batch``); a larger batch, or a step with prefill tokens, runs eagerly.
 - Inputs live in static buffers (:class:`StaticDecodeInputs`) sized for the largest batch and the
-  longest context (``max_blocks`` table columns); each step copies its rows in. Padded rows get
-  length 0 (their attention output is zeros) and write their K/V into a *scratch block* the
-  engine allocates past the pool (``num_blocks`` in the cache, never handed out), so they never
-  touch a real sequence's cache.
-- kgen's kernel runs with ``fixed_grid=True``: its split-K plan depends only on the table's width,
-  not on lengths, and the partition bounds come from ``seq_lens`` on the device, so one graph
-  serves every step as the contexts grow.
+  longest context (``max_blocks`` table columns); each step copies its rows in. Padded rows are
+  one-token sequences living in a *scratch block* the engine allocates past the pool
+  (``num_blocks`` in the cache, never handed out): they write their K/V there and read it back,
+  so they never touch a real sequence's cache.
+- kgen's kernel runs with the step's bounds fixed at capture: ``max_query_len=1`` and
+  ``max_seq_len`` = the table's capacity. kgen's contract makes the launches (kernels, grids, every
+  non-tensor argument) depend only on tensor shapes and those bounds, with no read of a tensor back
+  to the host (tested with a launch recorder); the split plan and the partition bounds come from
+  ``seq_lens`` on the device, so one graph serves every step as the contexts grow. The variant for
+  a padded size is chosen from the database at capture (``backend.prepare``) and stays.
 - A size is captured on its first use (a warm-up run, then the capture), all sizes sharing one
   memory pool. Steps replay one graph at a time and read its logits before the next replay.
 
@@ -32,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from runtime import kv_layout
-from runtime.attention import AttentionMetadata
+from runtime.attention_meta import AttentionMetadata, VarlenBatch
 
 DEFAULT_MAX_BATCH = 64  # past this a decode step is compute-bound: launches no longer dominate
 
@@ -107,6 +110,7 @@ class StaticDecodeInputs:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, **kw)  # [B, W]
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, **kw)         # [B]
         self.rows = torch.arange(max_batch, dtype=torch.int64, **kw)            # logits rows
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, **kw)  # [B + 1]: a row each
 
     def fill(self, size: int, token_ids, positions, slots, tables, seq_lens) -> None:
         """Copy one step's ``n`` rows in and pad rows ``n..size``; the buffers stay the same.
@@ -126,19 +130,23 @@ class StaticDecodeInputs:
                             (self.slot_mapping, slots), (self.seq_lens, seq_lens)):
             buf[:n].copy_(torch.as_tensor(values, dtype=buf.dtype), non_blocking=True)
         self.block_tables[:n, :table.shape[1]].copy_(table, non_blocking=True)
-        if size > n:  # padded rows: no context, K/V into the scratch slot, token 0 at position 0
-            self.token_ids[n:size].zero_()
+        if size > n:  # padded rows: token 0 at position 0, its K/V in the scratch slot and its one
+            self.token_ids[n:size].zero_()  # key read from there (a valid one-token sequence)
             self.positions[n:size].zero_()
-            self.seq_lens[n:size].zero_()
+            self.seq_lens[n:size].fill_(1)
+            self.block_tables[n:size].fill_(self.scratch_slot // self.block_size)
             self.slot_mapping[n:size].fill_(self.scratch_slot)
 
     def metadata(self, size: int) -> AttentionMetadata:
-        """Decode metadata over views of the first ``size`` rows (what the graph reads)."""
+        """Decode metadata over views of the first ``size`` rows (what the graph reads): one query
+        row per sequence, the bounds fixed at 1 and the table's capacity (the kernel is chosen
+        for them, and its launches depend on nothing else)."""
+        capacity = self.max_blocks * self.block_size
         meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], prefills=[],
                                  num_prefill_tokens=0, block_tables=self.block_tables[:size],
-                                 seq_lens=self.seq_lens[:size])
-        meta.max_seq_len = self.max_blocks * self.block_size  # the capacity: picks the kernel
-        meta.extra["fixed_grid"] = True  # and plans its grid from shapes alone
+                                 seq_lens=self.seq_lens[:size], max_seq_len=capacity)
+        meta.varlen = VarlenBatch(self.query_start_loc[:size + 1], self.seq_lens[:size],
+                                  self.block_tables[:size], max_query_len=1, max_seq_len=capacity)
         return meta
 
 
@@ -171,7 +179,7 @@ class DecodeGraphs:
     model : runtime.model.decoder.DecoderModel
     kv_cache : torch.Tensor
         The engine's cache ``[layers, 2, num_blocks + 1, block_size, kv_heads, head_dim]``.
-    backend : runtime.attention.TritonDecode
+    backend : runtime.attention_triton.TritonAttention
     block_size, max_blocks : int
         Tokens per block; table columns (the longest context in blocks).
     scratch_block : int

@@ -101,14 +101,16 @@ class Engine:
         check_engine_pool(self.model, num_blocks, block_size, kv_cache_dtype)  # before allocating any of it
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching,
                                  watermark=watermark, sliding_window=self.config.sliding_window)
-        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
         c = self.config
         self.backend = make_decode_backend(backend, block_size=block_size, num_heads=c.num_attention_heads,
                                            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                                            dtype=self.model.dtype, device=self.device,
                                            layers=self.model.attention, kv_cache_dtype=kv_cache_dtype,
                                            num_blocks=num_blocks)
+        # kgen's kernels read every prompt key back from the cache: a windowed prompt stores all
+        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   store_whole_prompt=getattr(self.backend, "whole_batch", False))
         extra = scratch_blocks(cuda_graphs, device=self.device, backend=self.backend.name)  # 1 for graphs' padded rows
         self.kv_cache = self.model.make_kv_cache(num_blocks + extra, block_size, kv_cache_dtype)
         self.calibrate_kv = bool(calculate_kv_scales) and self.kv_cache.quantized
@@ -199,13 +201,14 @@ class Engine:
             prefill whose chunk reaches its last token), prefills first.
         """
         dev = self.device
-        batch = build_batch(self.kv, prefill, decode, dev)
+        whole = getattr(self.backend, "whole_batch", False)
+        batch = build_batch(self.kv, prefill, decode, dev, varlen=whole)
         self.num_forward_tokens += len(batch.ids)
         if decode and not prefill and self.graphs is not None:  # a decode-only step: replay its CUDA graph
             logits = self.graphs.replay(batch.ids, batch.positions, batch.slots, batch.tables, batch.lens)
             if logits is not None:
                 return logits, batch.sampled
-        if decode:
+        if decode or whole:
             self.backend.prepare(batch.meta)
         calibrate, self.calibrate_kv = self.calibrate_kv, False  # the first step's K/V set fp8 scales
         logits = self.model.forward(torch.tensor(batch.ids, dtype=torch.int64, device=dev),

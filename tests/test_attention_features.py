@@ -88,9 +88,10 @@ def test_prefill_window_and_soft_cap_over_a_cached_prefix(cached, window, cap):
 
 
 def test_triton_backend_routes_each_layer_to_its_feature_kernel():
-    """The wiring for kgen's feature kernels (issue 9): one kernel per distinct feature set, asked
-    with ``features=``, called with the layer's ``sliding_window`` / ``logits_soft_cap``."""
-    from runtime.attention import TritonDecode
+    """The wiring for kgen's feature kernels: one plan per distinct feature set, asked for the
+    step's kernel with the step's buckets, called with the layer's scale, ``sliding_window`` and
+    ``logits_soft_cap`` and the step's varlen batch."""
+    from runtime.attention import TritonAttention, VarlenBatch
 
     asked, called = [], []
 
@@ -100,12 +101,12 @@ def test_triton_backend_routes_each_layer_to_its_feature_kernel():
         def __init__(self, shape):
             self.features = shape.features
 
-        def decode_kernel(self, num_seqs, max_context):
-            asked.append(self.features)
+        def kernel(self, num_seqs, max_context, max_query_len):
+            asked.append((self.features, num_seqs, max_context, max_query_len))
             features = self.features
 
-            def kernel(q, kc, vc, bt, sl, *, scale, max_seq_len, **extra):
-                called.append((features, extra))
+            def kernel(q, kc, vc, bt, sl, qsl, *, max_query_len, max_seq_len, scale, **extra):
+                called.append((features, scale, extra))
                 return torch.full_like(q, float(len(called)))
             return kernel
 
@@ -113,19 +114,20 @@ def test_triton_backend_routes_each_layer_to_its_feature_kernel():
         def plan(self, shape):
             return FeaturePlan(shape)
 
-    layers = [LayerAttention(0.2, 8, 0.5), LayerAttention(0.2, None, 0.5), LayerAttention(0.2, 8, 0.5)]
-    backend = TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), FeatureDispatcher(), layers=layers)
+    layers = [LayerAttention(0.2, 8, 0.5), LayerAttention(0.3, None, 0.5), LayerAttention(0.2, 8, 0.5)]
+    backend = TritonAttention(16, 2, 4, 64, torch.float32, torch.device("cpu"), FeatureDispatcher(),
+                              layers=layers)
     q, kc, vc, tables, seq_lens = random_paged_case(16, 2, 2, 64, [3, 20], seed=3)
-    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
-                             seq_lens=seq_lens, max_seq_len=20)
+    starts = torch.tensor([0, 1, 2], dtype=torch.int32)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0,
+                             varlen=VarlenBatch(starts, seq_lens, tables, max_query_len=1, max_seq_len=20))
     backend.prepare(meta)
-    assert sorted(asked) == [("sliding_window", "soft_cap"), ("soft_cap",)]
+    assert sorted(asked) == [(("sliding_window", "soft_cap"), 2, 20, 1), (("soft_cap",), 2, 20, 1)]
     layer = LayerKV(kc, vc, 1.0, 1.0, kc.dtype)
     for la in layers:
-        backend.decode(q, layer, meta, la.scale, sliding_window=la.sliding_window,
-                       logits_soft_cap=la.logits_soft_cap)
-    assert called == [(("sliding_window", "soft_cap"), {"sliding_window": 8, "logits_soft_cap": 0.5}),
-                      (("soft_cap",), {"logits_soft_cap": 0.5}),
-                      (("sliding_window", "soft_cap"), {"sliding_window": 8, "logits_soft_cap": 0.5})]
+        backend.attend(q, layer, meta, la)
+    assert called == [(("sliding_window", "soft_cap"), 0.2, {"sliding_window": 8, "logits_soft_cap": 0.5}),
+                      (("soft_cap",), 0.3, {"logits_soft_cap": 0.5}),
+                      (("sliding_window", "soft_cap"), 0.2, {"sliding_window": 8, "logits_soft_cap": 0.5})]
     with pytest.raises(ValueError, match=r"not prepared for features \('sliding_window',\)"):
-        backend.decode(q, layer, meta, 0.2, sliding_window=8)
+        backend.attend(q, layer, meta, LayerAttention(0.2, 8))

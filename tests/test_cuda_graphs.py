@@ -50,15 +50,18 @@ def test_static_inputs_pad_rows_into_the_scratch_slot_and_reuse_buffers():
     assert s.token_ids[:4].tolist() == [3, 4, 5, 0]
     assert s.positions[:4].tolist() == [9, 2, 6, 0]
     assert s.slot_mapping[:4].tolist() == [37, 9, 25, 40]  # the padded row writes the scratch slot
-    assert s.seq_lens[:4].tolist() == [10, 3, 7, 0]  # and attends to nothing
+    assert s.seq_lens[:4].tolist() == [10, 3, 7, 1]  # and attends to its own key there
     assert s.block_tables[:3, :3].tolist() == [[9, 2, 3], [2, 0, 0], [6, 6, 0]]
+    assert s.block_tables[3].tolist() == [10] * 5  # the scratch block (slot 40 / block size 4)
     assert s.seq_lens[4:].tolist() == [5] * 4  # rows past the padded size are not touched
     assert [t.data_ptr() for t in (s.token_ids, s.positions, s.slot_mapping, s.block_tables,
                                    s.seq_lens)] == ptrs
     meta = s.metadata(4)
     assert meta.seq_lens.data_ptr() == s.seq_lens.data_ptr() and meta.seq_lens.shape == (4,)
     assert meta.block_tables.shape == (4, 5) and meta.max_seq_len == 20
-    assert meta.extra["fixed_grid"] is True
+    v = meta.varlen  # kgen's contract: one row per sequence, bounds fixed at 1 and the capacity
+    assert v.query_start_loc.tolist() == [0, 1, 2, 3, 4] and (v.max_query_len, v.max_seq_len) == (1, 20)
+    assert v.seq_lens.data_ptr() == s.seq_lens.data_ptr()
     with pytest.raises(ValueError, match="3 rows do not fit a padded size of 2"):
         s.fill(2, [1, 2, 3], [0] * 3, [0] * 3, [[0]] * 3, [1] * 3)
     with pytest.raises(ValueError, match=r"block tables of shape \(1, 6\)"):
@@ -95,7 +98,7 @@ def _run(engine, prompts, budgets):
 @pytest.mark.slow
 def test_replayed_decode_steps_match_eager_decode(monkeypatch):
     """Three requests finishing at different steps: batches of 3, 2 and 1 replay the graphs of
-    padded sizes 4, 2 and 1 (fixed grid, padded rows in the scratch block). The tokens and the
+    padded sizes 4, 2 and 1 (bounds fixed at capture, padded rows in the scratch block). The tokens and the
     K/V the pool holds equal eager decode's, and no pool block but the sequences' is written."""
     loaded = random_model(PRESETS["tiny"], device="cpu", seed=5, std=0.2)
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]

@@ -132,19 +132,19 @@ class _NoFeatureDispatcher:
 
 
 def test_triton_backend_refuses_a_feature_its_kernels_lack_by_name():
-    from runtime.attention import TritonDecode
+    from runtime.attention import TritonAttention
     from runtime.config import LayerAttention
 
     layers = [LayerAttention(0.1), LayerAttention(0.1, sliding_window=8),
               LayerAttention(0.1, logits_soft_cap=50.0)]
-    with pytest.raises(ValueError, match=r"backend='triton' cannot decode layer 1 \(sliding_window=8, "
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run layer 1 \(sliding_window=8, "
                                          r"logits_soft_cap=None\): .*'sliding_window'.*use backend='torch'"):
-        TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers,
+        TritonAttention(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers,
                      dispatcher=_NoFeatureDispatcher())
-    with pytest.raises(ValueError, match=r"cannot decode layer 1 .*logits_soft_cap=50.0.*'soft_cap'"):
-        TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers[::2],
+    with pytest.raises(ValueError, match=r"cannot run layer 1 .*logits_soft_cap=50.0.*'soft_cap'"):
+        TritonAttention(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers[::2],
                      dispatcher=_NoFeatureDispatcher())
-    ok = TritonDecode(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers)
+    ok = TritonAttention(16, 2, 4, 64, torch.float32, torch.device("cpu"), layers=layers)
     assert list(ok.plans) == [(), ("sliding_window",), ("soft_cap",)]
 
 

@@ -4,12 +4,14 @@ Block tables are random permutations of the pool, with blocks shared between seq
 sit at block edges; unused cache slots and output buffers hold large garbage.
 """
 
+import itertools
+
 import pytest
 import torch
 
 from helpers_checkpoint import make_llama
 from helpers_native import native_missing
-from runtime.attention import AttentionMetadata, PrefillSpan, TritonDecode
+from runtime.attention import AttentionMetadata, PrefillSpan, TritonAttention, VarlenBatch
 from runtime.decode_native import NativeDecode
 from runtime.decode_torch import TorchDecode
 from runtime.config import LayerAttention
@@ -153,19 +155,21 @@ def test_cpu_decode_reads_fp8_with_scales(name, fmt):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_triton_decode_backend_matches_float64():
+def test_triton_backend_decodes_against_float64():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
     case = random_paged_case(16, 2, 2, 64, [16, 17, 1, 40], seed=5)
     q, kc, vc, tables, seq_lens = (t.to(device) for t in case)
-    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0, block_tables=tables,
-                             seq_lens=seq_lens, max_seq_len=40)
-    backend = TritonDecode(16, 2, 4, 64, torch.float32, device)
+    starts = torch.arange(5, dtype=torch.int32, device=device)
+    meta = AttentionMetadata(slot_mapping=None, prefills=[], num_prefill_tokens=0,
+                             varlen=VarlenBatch(starts, seq_lens, tables, max_query_len=1, max_seq_len=40))
+    backend = TritonAttention(16, 2, 4, 64, torch.float32, device)
     backend.prepare(meta)
-    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, scale=0.125)
+    out = backend.attend(q, LayerKV(kc, vc, 1.0, 1.0, kc.dtype), meta, LayerAttention(0.125))
     torch.testing.assert_close(out.double().cpu(), reference_decode(*case, 0.125), rtol=1e-4, atol=1e-4)
+    assert backend.launches == 1
 
 
-def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1):
+def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1, triton=False):
     """One forward over a mixed batch on a garbage-filled cache of permuted, shared blocks.
 
     prompts[0] prefills its tokens after a cached prefix, prompts[1] prefills whole, prompts[2:]
@@ -173,6 +177,9 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
     ``sharers`` start with the same ``shared`` tokens (whole blocks): their block tables point at
     the same physical blocks for that prefix, written once, and the later tokens of each read it
     back. Every other block is its own, drawn from a random permutation of the pool.
+
+    With ``triton`` the step runs kgen's kernel over every row in one launch per layer (the
+    prefills' keys, cached and new, read from the cache).
 
     Returns logits of: the last token of each prefill, each decode token.
     """
@@ -226,6 +233,18 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
                              seq_lens=torch.tensor([len(prompts[i]) for i in dec], dtype=torch.int32),
                              max_seq_len=max(len(prompts[i]) for i in dec))
     backend = TorchDecode(bs, model.config.num_key_value_heads, model.config.head_dim)
+    if triton:
+        order = [0, 1] + dec  # the rows' order: the two prefills, then the decodes
+        q_lens = [len(prompts[0]) - cached[0], len(prompts[1])] + [1] * len(dec)
+        width = max(len(t) for t in tables)
+        meta.varlen = VarlenBatch(
+            torch.tensor([0] + list(itertools.accumulate(q_lens)), dtype=torch.int32),
+            torch.tensor([len(prompts[i]) for i in order], dtype=torch.int32),
+            torch.tensor([tables[i] + [0] * (width - len(tables[i])) for i in order], dtype=torch.int32),
+            max_query_len=max(q_lens), max_seq_len=max(len(p) for p in prompts))
+        c = model.config
+        backend = TritonAttention(bs, c.num_key_value_heads, c.num_attention_heads, c.head_dim,
+                                  model.dtype, torch.device("cpu"), layers=model.attention)
     backend.prepare(meta)
     return model.forward(torch.tensor(ids), torch.tensor(pos), cache, meta, backend, torch.tensor(rows)), tables
 
@@ -238,6 +257,22 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
 ])
 def test_mixed_prefill_and_decode_batch_matches_transformers(tmp_path, hidden, heads, kv_heads, head_dim, bs):
     """Sequences 0 (prefill after a cached prefix), 2 and 3 (decode) share their first blocks."""
+    _mixed_matches_transformers(tmp_path, hidden, heads, kv_heads, head_dim, bs, triton=False)
+
+
+@pytest.mark.parametrize("hidden,heads,kv_heads,head_dim,bs", [
+    (128, 4, 2, 64, 16),  # GQA group 2
+    (96, 6, 2, 64, 8),    # group 3, head_dim != hidden / heads, small blocks
+])
+def test_mixed_batch_in_one_kgen_launch_per_layer_matches_transformers(tmp_path, hidden, heads, kv_heads,
+                                                                        head_dim, bs):
+    """The same mixed step with the triton backend: one kgen launch per layer runs the extend,
+    the whole prefill and the decodes together, every key read from the (garbage-filled,
+    permuted, shared) cache."""
+    _mixed_matches_transformers(tmp_path, hidden, heads, kv_heads, head_dim, bs, triton=True)
+
+
+def _mixed_matches_transformers(tmp_path, hidden, heads, kv_heads, head_dim, bs, *, triton):
     hf = make_llama(tmp_path, hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, layers=3, vocab=128)
     model = load_model(tmp_path, device="cpu").model
     g = torch.Generator().manual_seed(heads)
@@ -251,7 +286,7 @@ def test_mixed_prefill_and_decode_batch_matches_transformers(tmp_path, hidden, h
     # decode token, 4 ends exactly on a block; 1 and 4 share nothing
     prompts = [prefix + tokens(bs + 3), tokens(bs if bs > 1 else 5), prefix + tokens(1),
                prefix + tokens(bs + 2 if bs > 1 else 3), tokens(2 * bs)]
-    logits, tables = mixed_step(model, prompts, bs, shared=shared)
+    logits, tables = mixed_step(model, prompts, bs, shared=shared, triton=triton)
     n_shared = shared // bs
     assert tables[0][:n_shared] == tables[2][:n_shared] == tables[3][:n_shared]
     flat = [b for i, t in enumerate(tables) for b in (t[n_shared:] if i in (0, 2, 3) else t)]

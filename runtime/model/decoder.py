@@ -6,8 +6,9 @@ a gated MLP (SwiGLU or GELU-tanh), tied or untied embeddings. What a family chan
 :mod:`runtime.model.families`; this file has no per-architecture branches beyond reading it.
 
 One forward runs a flat batch of tokens: the prefill tokens of several sequences followed by one
-decode token per running sequence. Projections run on the whole batch; attention is split into
-per-sequence prefill (SDPA) and one batched paged decode call per layer.
+decode token per running sequence. Projections run on the whole batch; attention
+(:func:`runtime.attention.attend_layer`) is one kgen launch per layer for all rows with the
+``triton`` backend, else per-sequence prefill (SDPA) and one batched paged decode call.
 
 The numerics follow transformers (fp32 norm statistics, RoPE angles in fp32, rotate-half
 convention, softmax in fp32) so that greedy decoding matches it token for token.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.attention import AttentionMetadata, prefill_attention
+from runtime.attention import AttentionMetadata, attend_layer
 from runtime.config import ModelConfig
 from runtime.kv_cache import LayerKV, PagedKVCache, storage_dtype
 from runtime.model.linear import Linear
@@ -140,7 +141,7 @@ class DecoderModel:
             else:  # a sliding-window prefill skips the positions its window has already left
                 kv_cache.write(li, k.index_select(0, meta.write_rows), v.index_select(0, meta.write_rows),
                                meta.slot_mapping)
-            attn = self._attention(q, k, v, kv_cache.layer(li), meta, decode_backend, li)
+            attn = attend_layer(decode_backend, q, k, v, kv_cache.layer(li), meta, self.attention[li])
             out = layer.o_proj(attn.reshape(num_tokens, heads * d))
             x, h = self._add_norm(x, out if layer.attn_out_norm is None else layer.attn_out_norm(out), layer.mlp_norm)
             gate_up = layer.gate_up(h)                                         # [T, 2 * intermediate]
@@ -174,18 +175,3 @@ class DecoderModel:
             return self.native_ops.rope_(qk, cos, sin)
         return qk * cos + rotate_half(qk) * sin
 
-    def _attention(self, q, k, v, layer_kv: LayerKV, meta: AttentionMetadata, decode_backend,
-                   li: int) -> torch.Tensor:
-        """Layer ``li``'s attention for the whole batch: per-sequence prefill, one batched decode."""
-        la = self.attention[li]
-        opts = dict(sliding_window=la.sliding_window, logits_soft_cap=la.logits_soft_cap)
-        npf, num_tokens = meta.num_prefill_tokens, q.shape[0]
-        if npf == num_tokens and len(meta.prefills) == 1:
-            return prefill_attention(q, k, v, layer_kv, meta.prefills[0], la.scale, **opts)
-        attn = torch.empty_like(q)
-        for span in meta.prefills:
-            s, e = span.start, span.end
-            attn[s:e] = prefill_attention(q[s:e], k[s:e], v[s:e], layer_kv, span, la.scale, **opts)
-        if npf < num_tokens:
-            attn[npf:] = decode_backend.decode(q[npf:], layer_kv, meta, la.scale, **opts)
-        return attn
