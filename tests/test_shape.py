@@ -65,7 +65,7 @@ def test_one_e4m3_rule_for_compile_targets_and_gpus():
 def test_one_kv_dtype_vocabulary_for_cli_generate_shape_and_vllm():
     """The same spellings are accepted, and the same refused, by every entry point."""
     from kgen.cli import main
-    from kgen.integrations.vllm_decode import layer_needs
+    from kgen.integrations.vllm_attention import layer_needs
     from runtime.kv_cache import parse_kv_cache_dtype
     from types import SimpleNamespace
 

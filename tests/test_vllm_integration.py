@@ -2,8 +2,9 @@
 
 A small random Llama (GQA 2, head dim 64, 2 layers) written with transformers runs through vLLM
 stock and with ``KGEN_VLLM_BACKEND=1`` (tests/helpers_vllm.py says how). Greedy tokens must be
-identical and every chosen token's logprob within ``LOGPROB_TOL`` of stock's; every decode step
-must have run kgen's kernel (exact call counts, the ``kgen decode`` log line naming the variant);
+identical and every chosen token's logprob within ``LOGPROB_TOL`` of stock's; every step of every
+layer (prefills, chunks, mixed batches and decodes alike) must have run kgen's kernel (exact call
+counts, the ``kgen attention`` log lines naming the variants) and vLLM's own attention op never;
 a deliberately mis-scaled kernel must miss the tolerance by far. Without the vLLM environment
 these tests fail and say how to make it, unless ``KGEN_SKIP_VLLM=1``.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers_vllm import (FP8_SCALES, LAYERS, MAX_TOKENS, PROMPTS, REPO,  # noqa: E402
+from helpers_vllm import (FP8_SCALES, LAYERS, MAX_TOKENS, PROMPTS, REPO, SERVED,  # noqa: E402
                           SWA_LAYERS, SWA_PROMPTS, SWA_WINDOW, WRONG_SCALE, cpu_runs_fp8,
                           find_vllm_python, max_logprob_diff, pick, run_stock_and_kgen)
 
@@ -56,23 +57,36 @@ def test_stock_run_is_left_alone_by_the_installed_plugin(runs):
     stock = runs["stock"]
     assert stock["plugin_loaded"]
     run = pick(stock, 32)
-    assert run["calls"] == {"decode_calls": 0, "stock_calls": 0}
-    assert "kgen decode" not in stock["log"]
+    assert run["calls"] == {"kgen_calls": 0, "kgen_multi_token_calls": 0, "stock_calls": 0}
+    assert "kgen attention" not in stock["log"]
     assert [len(t) for t in run["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
 
 
+# one step prefills the prompts together, then one decode step per further token
+STEP_CALLS = {"kgen_calls": MAX_TOKENS, "kgen_multi_token_calls": 1, "stock_calls": 0}
+
+
+def _calls(layers: int) -> dict:
+    return {k: layers * v for k, v in STEP_CALLS.items()}
+
+
+def _variants(log: str, block_size: int, suffix: str = "") -> list[str]:
+    """The variants kgen logged for the plain (or ``suffix``) model at this block size."""
+    return re.findall(rf"kgen attention: (paged_\w+-d64-b{block_size}-g2-\S+-fp32{suffix})$", log, re.M)
+
+
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_kgen_decode_matches_stock_vllm(runs, block_size):
+def test_kgen_attention_matches_stock_vllm(runs, block_size):
     stock, kgen = pick(runs["stock"], 32), pick(runs["kgen"], block_size)
     assert kgen["tokens"] == stock["tokens"]
     diff = max_logprob_diff(kgen, stock)
     print(f"block {block_size}: max |logprob kgen - stock| = {diff:.3g}")
     assert diff <= LOGPROB_TOL
-    # every decode step of every layer ran kgen's kernel; prefill stayed on the stock kernels
-    assert kgen["calls"] == {"decode_calls": LAYERS * (MAX_TOKENS - 1), "stock_calls": LAYERS}
-    lines = re.findall(rf"kgen decode: (paged_decode-d64-b{block_size}-g2-\S+-fp32)$", runs["kgen"]["log"],
-                       re.M)  # the plain variant: the sliding-window model's ends in -swa
-    assert len(lines) == 1, lines
+    # every step of every layer ran kgen's kernel, the prefill too
+    assert kgen["calls"] == _calls(LAYERS)
+    lines = _variants(runs["kgen"]["log"], block_size)  # the sliding-window model's end in -swa
+    assert {line.split("-")[0] for line in lines} <= {"paged_decode", "paged_attention"}
+    assert any(line.startswith("paged_attention-") for line in lines), lines  # the prefill's
 
 
 def test_sliding_window_model_matches_stock_vllm(runs):
@@ -83,12 +97,9 @@ def test_sliding_window_model_matches_stock_vllm(runs):
     diff = max_logprob_diff(kgen, stock)
     print(f"sliding window {SWA_WINDOW}: max |logprob kgen - stock| = {diff:.3g}")
     assert diff <= LOGPROB_TOL
-    # both prompts decode in one batch: one kgen call per layer and step, prefill on stock kernels
-    assert kgen["calls"] == {"decode_calls": SWA_LAYERS * (MAX_TOKENS - 1),
-                             "stock_calls": SWA_LAYERS}
-    lines = re.findall(r"kgen decode: (paged_decode-d64-b32-g2-\S+-fp32-swa)$", runs["kgen"]["log"],
-                       re.M)
-    assert len(lines) == 1, lines
+    # both prompts run in one batch: one kgen call per layer and step, the prefill too
+    assert kgen["calls"] == _calls(SWA_LAYERS)
+    assert _variants(runs["kgen"]["log"], 32, "-swa")
     assert "stay on CPU_ATTN's kernels" not in runs["kgen"]["log"]
 
 
@@ -103,16 +114,13 @@ def test_fp8_kv_cache_with_scales_matches_stock_vllm(runs):
     assert diff <= LOGPROB_TOL
     # the fp8 cache really changed the numbers (it is not a plain cache read under another name)
     assert max_logprob_diff(stock, pick(runs["stock"], 32, model="swa")) > 100 * LOGPROB_TOL
-    assert kgen["calls"] == {"decode_calls": SWA_LAYERS * (MAX_TOKENS - 1),
-                             "stock_calls": SWA_LAYERS}
-    lines = re.findall(r"kgen decode: (paged_decode-d64-b32-g2-\S+-fp32-kvfp8e4m3-swa)$",
-                       runs["kgen"]["log"], re.M)
-    assert len(lines) == 1, lines
+    assert kgen["calls"] == _calls(SWA_LAYERS)
+    assert _variants(runs["kgen"]["log"], 32, "-kvfp8e4m3-swa")
 
 
 def test_a_wrong_kernel_is_caught(runs):
     stock, wrong = pick(runs["stock"], 32), pick(runs["kgen"], 32, wrong=True)
-    assert wrong["calls"]["decode_calls"] == LAYERS * (MAX_TOKENS - 1)
+    assert wrong["calls"] == _calls(LAYERS)
     diff = max_logprob_diff(wrong, stock)
     print(f"scale x{WRONG_SCALE}: max |logprob wrong - stock| = {diff:.3g}")
     assert diff > 100 * LOGPROB_TOL
@@ -126,7 +134,39 @@ def test_vllm_cpu_cache_writer_is_read_back_by_kgen_views(runs):
 def test_custom_gpu_backend_is_wired_to_vllm_triton_backend(runs):
     assert runs["kgen"]["checks"]["gpu_wiring"] == {
         "name": "CUSTOM", "impl_is_triton_impl": True, "impl": "KgenAttentionImpl",
-        "builder_is_triton_builder": True, "full_cuda_graphs": "NEVER", "block_sizes": [16]}
+        "builder_is_triton_builder": True, "full_cuda_graphs": "ALWAYS", "block_sizes": [16]}
+
+
+def test_a_served_workload_runs_every_step_on_kgen_and_matches_stock(runs):
+    """Requests arriving while others decode, sharing a prefix (prefix caching on), prompts
+    chunked by a 48-token budget, 3 at a time, block 32: identical tokens, logprobs within the
+    tolerance, kgen's kernel in every step of every layer and vLLM's attention op in none."""
+    stock, kgen = runs["stock"]["served"]["plain"], runs["kgen"]["served"]["plain"]
+    assert kgen["tokens"] == stock["tokens"]
+    assert [len(t) for t in kgen["tokens"]] == [SERVED["max_tokens"]] * len(SERVED["prompts"])
+    diff = max_logprob_diff(kgen, stock)
+    print(f"served workload: max |logprob kgen - stock| = {diff:.3g}, {len(kgen['steps'])} steps")
+    assert diff <= LOGPROB_TOL
+    assert all(step["stock_op_calls"] > 0 and step["kgen_calls"] == 0 for step in stock["steps"])
+    assert all(step["kgen_calls"] == LAYERS and step["stock_op_calls"] == 0 and step["stock_calls"] == 0
+               for step in kgen["steps"]), kgen["steps"]
+    # chunked prefills and mixed batches happened: steps with more than one row per sequence,
+    # and more steps than the longest request needs alone
+    assert sum(step["kgen_multi_token_calls"] > 0 for step in kgen["steps"]) >= 3
+    assert len(kgen["steps"]) > -(-max(map(len, SERVED["prompts"])) // SERVED["max_num_batched_tokens"])
+
+
+def test_speculative_decoding_is_tested_or_said_unavailable(runs):
+    """n-gram speculative decoding (1 + 3 rows per sequence) when this vLLM-CPU runs it: the
+    same tokens as stock, kgen in every step; else both runs record why vLLM refused it."""
+    stock, kgen = runs["stock"]["served"]["ngram"], runs["kgen"]["served"]["ngram"]
+    if "error" in stock:
+        assert "error" in kgen
+        print(f"vLLM-CPU cannot run n-gram speculation here: {stock['error'][:300]}")
+        return
+    assert kgen["tokens"] == stock["tokens"]
+    assert max_logprob_diff(kgen, stock) <= LOGPROB_TOL
+    assert all(step["kgen_calls"] == LAYERS and step["stock_op_calls"] == 0 for step in kgen["steps"])
 
 
 def test_venv_script_leaves_a_working_environment_alone(runs):

@@ -3,7 +3,7 @@
 Used by tests/test_vllm_integration.py, which starts it with the vLLM test environment's python
 (tests/vllm_venv.sh), ``PYTHONPATH`` at the checkout under test, and the environment the engine
 needs set before start-up (TRITON_INTERPRET=1, VLLM_ENABLE_V1_MULTIPROCESSING=0, ...). Whether
-kgen decodes is decided by ``KGEN_VLLM_BACKEND`` as for a user; this script only drives vLLM.
+kgen runs is decided by ``KGEN_VLLM_BACKEND`` as for a user; this script only drives vLLM.
 
 For each ``--block-sizes`` entry it builds one ``vllm.LLM`` (fp32, eager, no tokenizer), generates
 greedily from ``--prompts`` and records the tokens, each chosen token's logprob, and kgen's call
@@ -13,6 +13,12 @@ dispatcher hands out wrapped to multiply the softmax scale by F (a deliberately 
 ``--swa-prompts`` and kgen's own kernels, in the same process (one vLLM start-up less than a
 process of its own): once per ``--swa-kv-cache-dtypes`` entry; an fp8 cache gets the KV scales
 ``--fp8-scales`` (set on every attention layer after loading: the random checkpoint has none).
+``--served`` then drives a served workload through ``LLM.llm_engine.add_request`` / ``step()``
+(block 32, chunked prefill with a small token budget, few sequences at once, prefix caching on):
+requests arrive while others decode, share a prefix, and their prompts are chunked; it records
+per request the tokens and logprobs, and per step kgen's calls and the calls of vLLM's own CPU
+attention op (``_custom_ops.cpu_attention_with_kv_cache``). ``--speculative`` runs the same
+workload with vLLM's n-gram speculative decoding, or records why this vLLM cannot.
 ``--check-cpu-packing`` writes K/V with vLLM's own cache writer and reads them back through kgen's
 views; ``--check-gpu-wiring`` imports the CUSTOM backend classes and reports how they are wired.
 """
@@ -42,13 +48,61 @@ def _generate(llm, prompts, max_tokens):
 
 
 def _counted(fn):
-    from kgen.integrations import vllm_decode
+    from kgen.integrations import vllm_attention
 
-    before = dict(vllm_decode.STATS)
+    before = dict(vllm_attention.STATS)
     t0 = time.time()
     result = fn()
-    calls = {k: vllm_decode.STATS[k] - before[k] for k in before}
+    calls = {k: vllm_attention.STATS[k] - before[k] for k in before}
     return result, calls, time.time() - t0
+
+
+class StockOpCounter:
+    """Counts calls of vLLM-CPU's own attention op (what must not run when kgen serves a layer)."""
+
+    def __init__(self) -> None:
+        from vllm import _custom_ops as ops
+
+        self.calls = 0
+        real = ops.cpu_attention_with_kv_cache
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        ops.cpu_attention_with_kv_cache = counted
+
+
+def served(llm, prompts, arrivals, max_tokens, op_counter) -> dict:
+    """Drive ``llm``'s engine step by step: request i is added before step ``arrivals[i]``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kgen.integrations import vllm_attention
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, detokenize=False,
+                            ignore_eos=True)
+    pending = sorted(zip(arrivals, range(len(prompts))))
+    done, steps = {}, []
+    t0 = time.time()
+    while pending or engine.has_unfinished_requests():
+        while pending and pending[0][0] <= len(steps):
+            _, i = pending.pop(0)
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompts[i]), params)
+        before, stock_before = dict(vllm_attention.STATS), op_counter.calls
+        for out in engine.step():
+            if out.finished:
+                comp = out.outputs[0]
+                done[int(out.request_id)] = (list(comp.token_ids),
+                                             [step[t].logprob for t, step in zip(comp.token_ids, comp.logprobs)])
+        steps.append({**{k: vllm_attention.STATS[k] - before[k] for k in before},
+                      "stock_op_calls": op_counter.calls - stock_before})
+        if len(steps) > 500:
+            raise RuntimeError("the served workload did not finish in 500 steps")
+    return {"tokens": [done[i][0] for i in range(len(prompts))],
+            "logprobs": [done[i][1] for i in range(len(prompts))], "steps": steps,
+            "seconds": round(time.time() - t0, 2)}
 
 
 def _wrong_kernels(factor: float):
@@ -149,6 +203,11 @@ def main() -> None:
     parser.add_argument("--swa-kv-cache-dtypes", default="auto",
                         help="comma list of vLLM --kv-cache-dtype values to run it with")
     parser.add_argument("--fp8-scales", default="0.5,0.25", help="k_scale,v_scale of fp8 caches")
+    parser.add_argument("--served", default=None,
+                        help='JSON {"prompts": [...], "arrivals": [...], "max_tokens": N, '
+                             '"max_num_seqs": N, "max_num_batched_tokens": N}: the served workload')
+    parser.add_argument("--speculative", action="store_true",
+                        help="also run the served workload with n-gram speculative decoding")
     parser.add_argument("--check-cpu-packing", action="store_true")
     parser.add_argument("--check-gpu-wiring", action="store_true")
     parser.add_argument("--out", required=True, help="JSON file to write")
@@ -194,6 +253,28 @@ def main() -> None:
                 _set_kv_scales(swa, k_scale, v_scale)
             run(swa, 32, swa_prompts, model="swa" if cache == "auto" else f"swa-{cache}")
             swa = None
+    if args.served:
+        spec = json.loads(args.served)
+        counter = StockOpCounter()
+        methods = [None] + (["ngram"] if args.speculative else [])
+        for method in methods:
+            extra = {}
+            if method:
+                extra["speculative_config"] = {"method": method, "num_speculative_tokens": 3,
+                                               "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+            try:
+                llm = LLM(model=args.model, dtype="float32", enforce_eager=True,
+                          skip_tokenizer_init=True, block_size=32, max_model_len=256, seed=0,
+                          max_num_seqs=spec["max_num_seqs"], enable_prefix_caching=True,
+                          max_num_batched_tokens=spec["max_num_batched_tokens"],
+                          enable_chunked_prefill=True, **extra)
+            except Exception as exc:  # this vLLM cannot run the method: say why, run nothing
+                result.setdefault("served", {})[method or "plain"] = {
+                    "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                continue
+            result.setdefault("served", {})[method or "plain"] = served(
+                llm, spec["prompts"], spec["arrivals"], spec["max_tokens"], counter)
+            llm = None
     result["plugin_loaded"] = "kgen.integrations.vllm" in sys.modules
     with open(args.out, "w") as f:
         json.dump(result, f)

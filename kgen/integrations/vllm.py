@@ -12,7 +12,7 @@ in every engine and worker process before it builds a model. :func:`register` th
   without it the plugin changes nothing.
 
 Both wrap the stock backend: prefill and mixed batches, cache writes and every layer kgen does not
-cover run vLLM's own kernels (see :mod:`kgen.integrations.vllm_decode` for what falls back and how
+cover run vLLM's own kernels (see :mod:`kgen.integrations.vllm_attention` for what falls back and how
 it is logged). The backend modules import vLLM's backends, so they are named here by class path
 only and imported by vLLM when it builds the first attention layer.
 """

