@@ -112,7 +112,7 @@ def _wrong_kernels(factor: float):
     """
     from kgen import plan
 
-    plain = plan.AttentionPlan.decode_kernel
+    plain = plan.AttentionPlan.kernel
 
     def kernel(self, *args, **kw):
         chosen = plain(self, *args, **kw)
@@ -122,7 +122,7 @@ def _wrong_kernels(factor: float):
 
         return mis_scaled
 
-    plan.AttentionPlan.decode_kernel = kernel
+    plan.AttentionPlan.kernel = kernel
     return plain
 
 
@@ -242,7 +242,7 @@ def main() -> None:
         plain = _wrong_kernels(args.wrong_scale)
         run(llm, bs, prompts, wrong=True)
         from kgen import plan
-        plan.AttentionPlan.decode_kernel = plain
+        plan.AttentionPlan.kernel = plain
     llm = None  # one engine at a time: dropping one tears down vLLM's process-wide state
     if args.swa_model:
         swa_prompts = json.loads(args.swa_prompts)
