@@ -13,28 +13,20 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from kgen.dtypes import normalize_dtype, normalize_kv_dtype
-from kgen.features import all_feature_sets
-from kgen.space import (ELEM_BYTES, SMEM_BUDGET_BYTES, SPLIT_KS, VECTOR_BYTES, count_space,
-                        iter_space, kv_elem_bytes, padded_head_dim, prune_fp32_fp8_stages,
-                        prune_registers, prune_stages)
-from kgen.variant import (BLOCK_SIZES, DTYPES, GROUP_SIZES, HEAD_DIMS, KV_DTYPES, NUM_STAGES,
-                          NUM_WARPS, TILE_TOKENS, parse_split_k)
+from kgen.space import AXES as DECODE_AXES
+from kgen.space import (ELEM_BYTES, SMEM_BUDGET_BYTES, VECTOR_BYTES, count_space,
+                        first_reason, iter_space, kv_elem_bytes, padded_head_dim,
+                        prune_fp32_fp8_stages, prune_registers, prune_stages)
+from kgen.variant import HEAD_DIMS, parse_split_k
 from kgen.variant_attention import Q_TILES, AttentionVariantConfig
 
-# Axis name -> allowed values, in AttentionVariantConfig field order.
-AXES: dict[str, tuple] = {
-    "head_dim": HEAD_DIMS,
-    "block_size": BLOCK_SIZES,
-    "group_size": GROUP_SIZES,
-    "q_tile": Q_TILES,
-    "split_k": SPLIT_KS,
-    "tile_tokens": TILE_TOKENS,
-    "num_warps": NUM_WARPS,
-    "num_stages": NUM_STAGES,
-    "dtype": DTYPES,
-    "kv_dtype": KV_DTYPES,
-    "features": all_feature_sets(),
-}
+# Axis name -> allowed values, in AttentionVariantConfig field order: the decode family's axes
+# (kgen.space.AXES) with the q tile after the group size.
+AXES: dict[str, tuple] = {}
+for _name, _values in DECODE_AXES.items():
+    AXES[_name] = _values
+    if _name == "group_size":
+        AXES["q_tile"] = Q_TILES
 
 # Registers per thread (4-byte units) the row state may take, as estimated by
 # :func:`row_registers`, where one thread may use 255 registers (up to 8 warps): beyond it ptxas
@@ -107,11 +99,7 @@ PRUNE_RULES: tuple[Callable, ...] = (prune_smem_rows, prune_registers, prune_row
 
 def prune_reason(config: AttentionVariantConfig) -> str | None:
     """The first prune rule's reason for rejecting ``config``, or None if it is kept."""
-    for rule in PRUNE_RULES:
-        reason = rule(config)
-        if reason:
-            return reason
-    return None
+    return first_reason(PRUNE_RULES, config)
 
 
 def is_pruned(config: AttentionVariantConfig) -> bool:

@@ -12,7 +12,8 @@ d     head_dim      as the decode family: 64, 80, 96, 112, 128, 192, 256
 b     block_size    as the decode family: 1, 8, 16, 32, 64, 128, 256
 g     group_size    query heads per KV head (GQA), 1..16
 m     q_tile        rows of the dot: query tokens x group heads packed, a power of two
-                    16..128 (q_tile // group_size query tokens per tile, at least 1)
+                    16..128 (q_tile // group_size query tokens per tile: at least 1, as
+                    groups have at most 16 heads)
 s     split_k       segments of the context for short queries (decode, speculative):
                     1 = never, ``auto`` (stored as 0) = planned per call, n = n segments
 t     tile_tokens   key tile: tokens per inner step, power of two 16..256
@@ -31,8 +32,7 @@ from dataclasses import dataclass
 
 from kgen.dtypes import KV_KEY_TAGS
 from kgen.features import SUFFIX_PATTERN, key_suffix
-from kgen.variant import (BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, NUM_STAGES, NUM_WARPS, SPLIT_AUTO,
-                          TILE_TOKENS, VariantConfig, VariantFields, normalize_variant_fields)
+from kgen.variant import SPLIT_AUTO, VariantConfig, VariantFields, normalize_variant_fields
 
 Q_TILES = (16, 32, 64, 128)
 KEY_PREFIX = "paged_attention"
@@ -55,7 +55,8 @@ class AttentionVariantConfig(VariantFields):
     q_tile : int
         Rows of the attention dot, one of :data:`Q_TILES`: ``q_tile // group_size`` query tokens
         times ``group_size`` heads of one KV head (row m is token m // group_size, head
-        m % group_size; rows past the last whole token are masked). Must be >= ``group_size``.
+        m % group_size; rows past the last whole token are masked). Every q tile (16+ rows) holds
+        at least one token of the largest group (16 heads).
         Long queries are cut into tiles of that many tokens; a call whose longest query fits
         one tile uses a row tile sized to it (at least 16 rows, at most ``q_tile``).
     split_k : int
@@ -86,15 +87,10 @@ class AttentionVariantConfig(VariantFields):
     KEY_PREFIX = KEY_PREFIX
     KEY_EXAMPLE = "paged_attention-d128-b16-g4-m64-sauto-t64-w4-st2-bf16"
     _KEY_RE = _KEY_RE
-    _AXES = (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
-             ("q_tile", Q_TILES), ("tile_tokens", TILE_TOKENS), ("num_warps", NUM_WARPS),
-             ("num_stages", NUM_STAGES))
+    _AXES = VariantConfig._AXES[:3] + (("q_tile", Q_TILES),) + VariantConfig._AXES[3:]
 
     def __post_init__(self) -> None:
         normalize_variant_fields(self, self._AXES)
-        if self.q_tile < self.group_size:
-            raise ValueError(f"q_tile={self.q_tile!r} holds no whole query token of "
-                             f"group_size={self.group_size} heads; use q_tile >= group_size")
 
     @property
     def key(self) -> str:

@@ -57,11 +57,10 @@ def _case(i, row):
                                       group_size=group, dtype=dtype, split_k=split, kv_dtype=kv,
                                       features=feats)
     if i % 2:  # a smaller q tile (more q tiles per query) and another key tile, still unpruned
-        q_tiles = [m for m in (16, 32) if m >= group] or [config.q_tile]
         wanted = (128, 16, 32)[i % 3]
         tiles = sorted((16, 32, 64, 128, 256), key=lambda t: (abs(t - wanted), t))
-        config = next(c for c in (config.replace(q_tile=q_tiles[0], tile_tokens=t) for t in tiles)
-                      if not is_pruned(c))
+        config = next(c for c in (config.replace(q_tile=16 if group < 8 or group == 16 else 32, tile_tokens=t)
+                                  for t in tiles) if not is_pruned(c))
     return config, (scales if kv != "auto" else None)
 
 
