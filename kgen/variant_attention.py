@@ -30,9 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.dtypes import KV_KEY_TAGS
-from kgen.features import SUFFIX_PATTERN, key_suffix
-from kgen.variant import SPLIT_AUTO, VariantConfig, VariantFields, normalize_variant_fields
+from kgen.features import SUFFIX_PATTERN
+from kgen.variant import SPLIT_AUTO, VariantConfig, VariantFields
 
 Q_TILES = (16, 32, 64, 128)
 KEY_PREFIX = "paged_attention"
@@ -88,19 +87,7 @@ class AttentionVariantConfig(VariantFields):
     KEY_EXAMPLE = "paged_attention-d128-b16-g4-m64-sauto-t64-w4-st2-bf16"
     _KEY_RE = _KEY_RE
     _AXES = VariantConfig._AXES[:3] + (("q_tile", Q_TILES),) + VariantConfig._AXES[3:]
-
-    def __post_init__(self) -> None:
-        normalize_variant_fields(self, self._AXES)
-
-    @property
-    def key(self) -> str:
-        """Readable unique name, e.g. ``paged_attention-d128-b16-g4-m64-sauto-t64-w4-st2-bf16``."""
-        split = "auto" if self.split_k == SPLIT_AUTO else str(self.split_k)
-        return (
-            f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-m{self.q_tile}"
-            f"-s{split}-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
-            + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
-        )
+    _KEY_PARTS = VariantConfig._KEY_PARTS[:3] + (("m", "q_tile"),) + VariantConfig._KEY_PARTS[3:]
 
     @property
     def tokens_per_q_tile(self) -> int:
