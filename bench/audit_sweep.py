@@ -25,11 +25,18 @@ Two more parts cover the KV-dtype and feature axes (not in the default ``--parts
 The full product of the new axes with the old sweep (x 3 KV dtypes x 16 feature sets) would be
 ~70 000 audits, days on this 2-core machine; these parts are the reduced sweep.
 
+``--kernel attention`` sweeps the any-query-length family (:mod:`kgen.space_attention`) instead,
+with the same parts: ``shapes`` (every head dim x block size x group 1, 4, 8, 16 x dtype, default
+launch parameters, segments auto), ``launch`` (every unpruned q tile / key tile / warps / stages
+for bf16, d128, b16, g4), ``fp8`` and ``features`` (as above, on the family's defaults); each
+audit compiles every row-tile shape the launcher may pick (see kgen.audit.capture_attention).
+
 Examples::
 
     python bench/audit_sweep.py --quick --json /tmp/audit.json              # < 1 minute
     python bench/audit_sweep.py --json bench/results/audit_sweep.json        # the plain sweep
     python bench/audit_sweep.py --parts fp8,features --json bench/results/audit_sweep_features.json
+    python bench/audit_sweep.py --kernel attention --quick --json /tmp/audit_attention.json
 """
 
 from __future__ import annotations
@@ -51,7 +58,10 @@ from kgen.audit import audit_many, parse_target  # noqa: E402
 from kgen.commands.inspect import format_bits  # noqa: E402
 from kgen.render import template_hash  # noqa: E402
 from kgen.space import default_config, enumerate_variants, target_prune_reason  # noqa: E402
-from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS, VariantConfig  # noqa: E402
+from kgen.space_attention import (default_attention_config,  # noqa: E402
+                                  enumerate_attention_variants)
+from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS  # noqa: E402
+from kgen.variant_attention import config_from_key  # noqa: E402
 
 GROUPS = (1, 8)
 SPLITS = (1, 4)
@@ -89,8 +99,34 @@ def sweep_configs(part: str, quick: bool) -> list:
                               split_k=1)
 
 
+def attention_configs(part: str, quick: bool) -> list:
+    """The attention family's variants of one part of the sweep (see the module docstring)."""
+    make = default_attention_config
+    if quick:
+        base = make(head_dim=128, block_size=16, group_size=4, dtype="bf16")
+        return [base, base.replace(split_k=1),
+                make(head_dim=80, block_size=1, group_size=8, dtype="fp16"),
+                make(head_dim=128, block_size=16, group_size=4, dtype="bf16", kv_dtype="fp8_e4m3",
+                     features=ALL_FEATURES)]
+    if part == "shapes":
+        return [make(head_dim=d, block_size=b, group_size=g, dtype=t)
+                for t, d, b, g in itertools.product(DTYPES, HEAD_DIMS, BLOCK_SIZES, (1, 4, 8, 16))]
+    if part == "fp8":
+        return [make(head_dim=d, block_size=b, group_size=8, dtype=t, kv_dtype=kv)
+                for kv, t, d, b in itertools.product(("fp8_e4m3", "fp8_e5m2"), DTYPES, HEAD_DIMS,
+                                                     (1, 16, 128))]
+    if part == "features":
+        return [make(head_dim=d, block_size=16, group_size=g, dtype=t, kv_dtype=kv,
+                     features=ALL_FEATURES)
+                for (t, kv), d, g in itertools.product(
+                    (("bf16", "fp8_e4m3"), ("bf16", "fp8_e5m2"), ("bf16", "auto"),
+                     ("fp16", "fp8_e5m2"), ("fp32", "fp8_e5m2")), (64, 128, 256), GROUPS)]
+    return enumerate_attention_variants(head_dim=128, block_size=16, group_size=4, dtype="bf16",
+                                        split_k="auto")
+
+
 KERNEL_FIELDS = ("name", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "kv_load_bits",
-                 "other_load_bits", "consistent")
+                 "other_load_bits", "consistent", "mma_instructions")
 
 
 def row_of(config, target, result) -> dict:
@@ -144,10 +180,11 @@ def _table(header, rows) -> list[str]:
 
 
 def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float, *,
-           every_row: bool = False) -> str:
+           every_row: bool = False, kernel: str = "decode") -> str:
     """Markdown: the per-target/dtype summary, every failing variant, and the d128/b16/g4 rows."""
-    lines = ["# Static audit sweep (kgen inspect, sm_80 / sm_90, no GPU)", "",
-             f"triton {machine.get('triton')}, templates {template_hash()}, "
+    family = "" if kernel == "decode" else f", {kernel} family"
+    lines = [f"# Static audit sweep (kgen inspect, sm_80 / sm_90, no GPU{family})", "",
+             f"triton {machine.get('triton')}, templates {template_hash(kernel)}, "
              f"{machine.get('host_cpu')}, {machine.get('date')}; "
              f"{len(rows)} audits in {seconds:.0f} s.", "",
              "K/V loads are global loads whose address derives from key_cache / value_cache (PTX "
@@ -175,9 +212,11 @@ def render(summary: list[dict], rows: list[dict], machine: dict, seconds: float,
                                                       and r.get("kv_dtype", "auto") != "auto")]
     lines += ["", "## Every variant audited" if every_row else
               "## d128 / b16 / g4 variants (and d128 / b16 / g8 fp8 variants)", ""]
-    lines += _table(("variant", "target", "regs", "spill B", "shared B", "K/V loads", "other loads"),
+    lines += _table(("variant", "target", "regs", "spill B", "shared B", "MMA", "K/V loads",
+                     "other loads"),
                     [(r["variant"], r["target"], r["registers"], r["spill_bytes"],
-                      r["shared_bytes"], format_bits({int(k): v for k, v in r["kv_load_bits"].items()}),
+                      r["shared_bytes"], r.get("mma_instructions"),
+                      format_bits({int(k): v for k, v in r["kv_load_bits"].items()}),
                       format_bits({int(k): v for k, v in r["other_load_bits"].items()}))
                      for r in note])
     if every_row:
@@ -202,6 +241,8 @@ def main(argv=None) -> int:
                         help="comma list of: shapes, launch, fp8, features (default shapes,launch)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="compile processes (default min(2, CPUs))")
+    parser.add_argument("--kernel", default="decode", choices=("decode", "attention"),
+                        help="kernel family to sweep (default decode)")
     parser.add_argument("--keys", default="",
                         help="comma list of variant keys to audit instead of --parts (each row "
                              "listed in the Markdown)")
@@ -211,10 +252,11 @@ def main(argv=None) -> int:
     for part in parts:
         if part not in PARTS:
             raise SystemExit(f"--parts: unknown part {part!r}; use {', '.join(PARTS)}")
-    configs = sweep_configs("quick", True) if args.quick else list(dict.fromkeys(
-        c for part in parts for c in sweep_configs(part, False)))
+    part_configs = attention_configs if args.kernel == "attention" else sweep_configs
+    configs = part_configs("quick", True) if args.quick else list(dict.fromkeys(
+        c for part in parts for c in part_configs(part, False)))
     if args.keys:
-        configs, parts = [VariantConfig.from_key(k.strip()) for k in args.keys.split(",") if k.strip()], []
+        configs, parts = [config_from_key(k.strip()) for k in args.keys.split(",") if k.strip()], []
     start = time.perf_counter()
     rows = [row_of(c, t, reason) for c in configs for t in targets
             if (reason := target_prune_reason(c, t))]
@@ -232,10 +274,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     machine = _common.machine_info()
     summary = summarize(rows)
-    text = render(summary, rows, machine, seconds, every_row=bool(args.keys))
+    text = render(summary, rows, machine, seconds, every_row=bool(args.keys), kernel=args.kernel)
     print(text)
     result = {"benchmark": "audit_sweep", "machine": machine, "quick": args.quick,
-              "parts": parts, "template_hash": template_hash(), "targets": targets,
+              "kernel": args.kernel, "parts": parts, "template_hash": template_hash(args.kernel),
+              "targets": targets,
               "seconds": round(seconds, 1), "summary": summary, "rows": rows}
     md = args.md or (str(Path(args.json).with_suffix(".md")) if args.json else None)
     _common.write_outputs(result, text, md_path=md)  # also stamps result's provenance

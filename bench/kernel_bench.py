@@ -18,6 +18,11 @@ partials vs merge). The issue-13 targets (:mod:`kernel_targets`) are judged over
 printed, and written into the JSON (``targets``) and the Markdown; JSON and Markdown are rewritten
 after every row, so a run cut short keeps what it measured.
 
+The ``paged_attention`` family (any query length) gets its own rows (bench/kernel_bench_attention.py,
+``--no-attention`` skips them): prefill chunks of 512 and 2048 over 0, 4k and 32k contexts vs
+SDPA, speculative q_len 4 and 8 at 8k and 32k vs the decode kernel run q_len times, and q_len 1
+vs the decode kernel.
+
 Two more kinds of rows (bench/kernel_bench_features.py): fp8-KV rows for every plain row
 (``--kv-dtypes``; bandwidth on the fp8 bytes, time as a fraction of the plain row's) and
 sliding-window rows (``--windows``: a fixed window over the contexts of ``--window-contexts``;
@@ -44,6 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+import kernel_bench_attention as attention  # noqa: E402
 import kernel_bench_features as features  # noqa: E402
 import kernel_targets  # noqa: E402
 import timing  # noqa: E402
@@ -232,6 +238,8 @@ def run(args, on_row=None) -> dict:
         del case
     result["window_rows"] = features.window_rows(torch, args, make_case=make_case, timer=timer,
                                                  copy_gbs=copy_gbs, gpu_name=gpu_name, device=device)
+    if not args.no_attention:
+        result["attention_rows"] = attention.attention_rows(torch, args, timer=timer, device=device)
     return result
 
 
@@ -268,6 +276,7 @@ def table(result: dict) -> str:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in r["tuned_kernel_us"].items())
             lines.append(f"| {r['dtype']} | {r['group_size']} | {r['batch']} x {r['context']} | {parts} |")
     lines += features.tables(result)
+    lines += attention.tables(result)
     if "targets" in result:
         lines += ["", kernel_targets.targets_markdown(result["targets"])]
     return "\n".join(lines)
@@ -320,6 +329,8 @@ def main(argv=None) -> int:
                              "32,64 without a GPU)")
     parser.add_argument("--window-batch", type=int, default=None,
                         help="sequences per window row (default 8; 2 without a GPU)")
+    parser.add_argument("--no-attention", action="store_true",
+                        help="skip the paged_attention (any query length) rows")
     parser.add_argument("--from-json", type=Path, metavar="PATH",
                         help="measure nothing: print (and with --md write) the table of a results "
                              "JSON written earlier")

@@ -23,7 +23,7 @@ _LOCK = threading.Lock()
 def module_name(config) -> str:
     """The ``sys.modules`` name of a variant's module, e.g. ``kgen_kernel_paged_decode_d128_...``
     or ``kgen_kernel_paged_attention_d128_...``."""
-    return "kgen_kernel_" + config.key.replace("-", "_")
+    return "kgen_kernel_" + as_config(config).key.replace("-", "_")
 
 
 def import_file(path, name: str) -> ModuleType:

@@ -126,13 +126,18 @@ PRUNE_RULES: tuple[Callable[[VariantConfig], str | None], ...] = (
     prune_smem, prune_registers, prune_stages, prune_fp32_fp8_stages)
 
 
-def prune_reason(config: VariantConfig) -> str | None:
-    """The first prune rule's reason for rejecting ``config``, or None if it is kept."""
-    for rule in PRUNE_RULES:
-        reason = rule(config)
+def first_reason(rules, *args) -> str | None:
+    """The first non-empty ``rule(*args)`` of ``rules`` (a rule's reason), or None."""
+    for rule in rules:
+        reason = rule(*args)
         if reason:
             return reason
     return None
+
+
+def prune_reason(config: VariantConfig) -> str | None:
+    """The first prune rule's reason for rejecting ``config``, or None if it is kept."""
+    return first_reason(PRUNE_RULES, config)
 
 
 def is_pruned(config: VariantConfig) -> bool:
@@ -161,11 +166,7 @@ TARGET_RULES: tuple[Callable, ...] = (prune_fp8_target,)
 
 def target_prune_reason(config: VariantConfig, target) -> str | None:
     """The first target rule's reason ``config`` cannot run on ``target``, or None."""
-    for rule in TARGET_RULES:
-        reason = rule(config, target)
-        if reason:
-            return reason
-    return None
+    return first_reason(TARGET_RULES, config, target)
 
 
 # ---- default and enumeration ------------------------------------------------------------------
@@ -244,17 +245,13 @@ def axis_values(name: str, wanted, axes: dict = AXES) -> tuple:
 def iter_space(make, axes: dict, prune_fn, *, prune: bool = True, target=None,
                filters: dict) -> Iterator:
     """Yield ``make(**fields)`` for the product of the filtered ``axes`` (a family's table),
-    skipping, with ``prune``, what ``prune_fn`` (and for a ``target`` the target rules) reject.
-    A combination ``make`` refuses (ValueError, e.g. a q tile smaller than the group) is skipped."""
+    skipping, with ``prune``, what ``prune_fn`` (and for a ``target`` the target rules) reject."""
     unknown = set(filters) - set(axes)
     if unknown:
         raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}; axes: {', '.join(axes)}")
     values = [axis_values(name, filters.get(name), axes) for name in axes]
     for combo in itertools.product(*values):
-        try:
-            config = make(**dict(zip(axes, combo)))
-        except ValueError:
-            continue
+        config = make(**dict(zip(axes, combo)))
         if not prune or (prune_fn(config) is None
                          and (target is None or target_prune_reason(config, target) is None)):
             yield config

@@ -13,28 +13,20 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from kgen.dtypes import normalize_dtype, normalize_kv_dtype
-from kgen.features import all_feature_sets
-from kgen.space import (ELEM_BYTES, SMEM_BUDGET_BYTES, SPLIT_KS, VECTOR_BYTES, count_space,
-                        iter_space, kv_elem_bytes, padded_head_dim, prune_fp32_fp8_stages,
-                        prune_registers, prune_stages)
-from kgen.variant import (BLOCK_SIZES, DTYPES, GROUP_SIZES, HEAD_DIMS, KV_DTYPES, NUM_STAGES,
-                          NUM_WARPS, TILE_TOKENS, parse_split_k)
+from kgen.space import AXES as DECODE_AXES
+from kgen.space import (ELEM_BYTES, SMEM_BUDGET_BYTES, VECTOR_BYTES, count_space,
+                        first_reason, iter_space, kv_elem_bytes, padded_head_dim,
+                        prune_fp32_fp8_stages, prune_registers, prune_stages)
+from kgen.variant import HEAD_DIMS, parse_split_k
 from kgen.variant_attention import Q_TILES, AttentionVariantConfig
 
-# Axis name -> allowed values, in AttentionVariantConfig field order.
-AXES: dict[str, tuple] = {
-    "head_dim": HEAD_DIMS,
-    "block_size": BLOCK_SIZES,
-    "group_size": GROUP_SIZES,
-    "q_tile": Q_TILES,
-    "split_k": SPLIT_KS,
-    "tile_tokens": TILE_TOKENS,
-    "num_warps": NUM_WARPS,
-    "num_stages": NUM_STAGES,
-    "dtype": DTYPES,
-    "kv_dtype": KV_DTYPES,
-    "features": all_feature_sets(),
-}
+# Axis name -> allowed values, in AttentionVariantConfig field order: the decode family's axes
+# (kgen.space.AXES) with the q tile after the group size.
+AXES: dict[str, tuple] = {}
+for _name, _values in DECODE_AXES.items():
+    AXES[_name] = _values
+    if _name == "group_size":
+        AXES["q_tile"] = Q_TILES
 
 # Registers per thread (4-byte units) the row state may take, as estimated by
 # :func:`row_registers`, where one thread may use 255 registers (up to 8 warps): beyond it ptxas
@@ -44,9 +36,11 @@ AXES: dict[str, tuple] = {
 # 76 B (d128 m64 t64 w4, fp32 d128 m32 t32 w4, fp32 d64 m16 t128 w4). 16 warps leave a thread
 # 128 registers (64K per SM), one warp spilled sooner (d64 m16 t32 w1: 4 B at an estimate of
 # 112): both get half the budget (:func:`row_register_budget`). fp32 queries (FMA dots, their
-# operands in registers) spilled from an estimate of 112 (d64 m32 t64 w4: 492 B) and compiled
-# at 104 (d128 m32 t64 w8: 128 registers): they get 13/16 of it, and at most
-# MAX_FP32_SCORE_TILE score elements (64 x 128 spilled 12 KB with 8 warps, 1.3 KB with 16).
+# operands in registers) spilled from an estimate of 104 (d128 m32 t64 w8 on sm_80: 352 B over
+# the 2D and segmented kernels; d64 m32 t64 w4 at 112: 492 B) and compiled at 100 (d128 m16
+# t32 w4: 122 registers): they get 25/32 of it (100), and at most MAX_FP32_SCORE_TILE score
+# elements (64 x 128 spilled 12 KB with 8 warps, 1.3 KB with 16), and never 16 warps (ptxas
+# gave d256 m16 t32 w16 64 registers and 32 B of spills on sm_80 at an estimate of 49).
 MAX_ROW_REGISTERS = 128
 MAX_FP32_SCORE_TILE = 2048
 
@@ -68,12 +62,12 @@ def row_registers(config: AttentionVariantConfig) -> int:
 
 def row_register_budget(num_warps: int, dtype: str = "fp16") -> int:
     """:data:`MAX_ROW_REGISTERS` scaled to the registers a thread may have at ``num_warps``
-    (65536 per SM over 32 * num_warps threads, at most 255), halved for a single warp, 13/16 of
+    (65536 per SM over 32 * num_warps threads, at most 255), halved for a single warp, 25/32 of
     that for fp32 queries."""
     cap = min(255, 65536 // (32 * num_warps))
     budget = MAX_ROW_REGISTERS * cap // 255
     budget = budget // 2 if num_warps == 1 else budget
-    return budget * 13 // 16 if dtype == "fp32" else budget
+    return budget * 25 // 32 if dtype == "fp32" else budget
 
 
 def prune_smem_rows(config: AttentionVariantConfig) -> str | None:
@@ -94,6 +88,8 @@ def prune_row_registers(config: AttentionVariantConfig) -> str | None:
     if config.dtype == "fp32" and config.q_tile * config.tile_tokens > MAX_FP32_SCORE_TILE:
         return (f"fp32 FMA dots of a {config.q_tile} x {config.tile_tokens} score tile spill "
                 f"(at most {MAX_FP32_SCORE_TILE} elements)")
+    if config.dtype == "fp32" and config.num_warps == 16:
+        return "fp32 FMA dots over 16 warps spill (ptxas keeps them at 64 registers)"
     if need > budget:
         return (f"about {need} registers per thread for {config.q_tile} rows' accumulator, "
                 f"scores, query and K/V tiles would spill (at most {budget} with "
@@ -107,11 +103,7 @@ PRUNE_RULES: tuple[Callable, ...] = (prune_smem_rows, prune_registers, prune_row
 
 def prune_reason(config: AttentionVariantConfig) -> str | None:
     """The first prune rule's reason for rejecting ``config``, or None if it is kept."""
-    for rule in PRUNE_RULES:
-        reason = rule(config)
-        if reason:
-            return reason
-    return None
+    return first_reason(PRUNE_RULES, config)
 
 
 def is_pruned(config: AttentionVariantConfig) -> bool:

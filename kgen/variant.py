@@ -78,10 +78,24 @@ def normalize_variant_fields(config, axes) -> None:
 
 
 class VariantFields:
-    """What every kernel family's variant dataclass shares: key parsing, dict round trips, the
-    KV-dtype and feature properties. A subclass (a frozen dataclass) sets ``family``,
-    ``KEY_PREFIX``, ``KEY_EXAMPLE``, ``_KEY_RE`` (named groups = its fields, plus
-    :data:`kgen.features.SUFFIX_PATTERN`'s) and defines ``key``."""
+    """What every kernel family's variant dataclass shares: validation, the key and its parsing,
+    dict round trips, the KV-dtype and feature properties. A subclass (a frozen dataclass) sets
+    ``family``, ``KEY_PREFIX``, ``KEY_EXAMPLE``, ``_AXES`` (the integer fields and their allowed
+    values), ``_KEY_PARTS`` (``(tag, field)`` in key order) and ``_KEY_RE`` (named groups = its
+    fields, plus :data:`kgen.features.SUFFIX_PATTERN`'s)."""
+
+    def __post_init__(self) -> None:
+        normalize_variant_fields(self, self._AXES)
+
+    @property
+    def key(self) -> str:
+        """Readable unique name: the family prefix, ``<tag><value>`` per key part (split-K 0 as
+        ``auto``), the dtype, then the KV dtype and feature suffixes, e.g.
+        ``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16``."""
+        parts = [f"{tag}{'auto' if name == 'split_k' and self.split_k == SPLIT_AUTO else getattr(self, name)}"
+                 for tag, name in self._KEY_PARTS]
+        return ("-".join([self.KEY_PREFIX, *parts, self.dtype])
+                + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features))
 
     @classmethod
     def from_key(cls, key: str):
@@ -196,18 +210,6 @@ class VariantConfig(VariantFields):
     _KEY_RE = _KEY_RE
     _AXES = (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
              ("tile_tokens", TILE_TOKENS), ("num_warps", NUM_WARPS), ("num_stages", NUM_STAGES))
-
-    def __post_init__(self) -> None:
-        normalize_variant_fields(self, self._AXES)
-
-    # ---- the readable key -------------------------------------------------------------------
-    @property
-    def key(self) -> str:
-        """Readable unique name, e.g. ``paged_decode-d128-b16-g4-s4-t64-w4-st2-bf16``."""
-        split = "auto" if self.split_k == SPLIT_AUTO else str(self.split_k)
-        return (
-            f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-s{split}"
-            f"-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
-            + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
-        )
+    _KEY_PARTS = (("d", "head_dim"), ("b", "block_size"), ("g", "group_size"), ("s", "split_k"),
+                  ("t", "tile_tokens"), ("w", "num_warps"), ("st", "num_stages"))
 

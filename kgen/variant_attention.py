@@ -12,7 +12,8 @@ d     head_dim      as the decode family: 64, 80, 96, 112, 128, 192, 256
 b     block_size    as the decode family: 1, 8, 16, 32, 64, 128, 256
 g     group_size    query heads per KV head (GQA), 1..16
 m     q_tile        rows of the dot: query tokens x group heads packed, a power of two
-                    16..128 (q_tile // group_size query tokens per tile, at least 1)
+                    16..128 (q_tile // group_size query tokens per tile: at least 1, as
+                    groups have at most 16 heads)
 s     split_k       segments of the context for short queries (decode, speculative):
                     1 = never, ``auto`` (stored as 0) = planned per call, n = n segments
 t     tile_tokens   key tile: tokens per inner step, power of two 16..256
@@ -29,10 +30,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kgen.dtypes import KV_KEY_TAGS
-from kgen.features import SUFFIX_PATTERN, key_suffix
-from kgen.variant import (BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS, NUM_STAGES, NUM_WARPS, SPLIT_AUTO,
-                          TILE_TOKENS, VariantConfig, VariantFields, normalize_variant_fields)
+from kgen.features import SUFFIX_PATTERN
+from kgen.variant import SPLIT_AUTO, VariantConfig, VariantFields
 
 Q_TILES = (16, 32, 64, 128)
 KEY_PREFIX = "paged_attention"
@@ -55,7 +54,8 @@ class AttentionVariantConfig(VariantFields):
     q_tile : int
         Rows of the attention dot, one of :data:`Q_TILES`: ``q_tile // group_size`` query tokens
         times ``group_size`` heads of one KV head (row m is token m // group_size, head
-        m % group_size; rows past the last whole token are masked). Must be >= ``group_size``.
+        m % group_size; rows past the last whole token are masked). Every q tile (16+ rows) holds
+        at least one token of the largest group (16 heads).
         Long queries are cut into tiles of that many tokens; a call whose longest query fits
         one tile uses a row tile sized to it (at least 16 rows, at most ``q_tile``).
     split_k : int
@@ -86,25 +86,8 @@ class AttentionVariantConfig(VariantFields):
     KEY_PREFIX = KEY_PREFIX
     KEY_EXAMPLE = "paged_attention-d128-b16-g4-m64-sauto-t64-w4-st2-bf16"
     _KEY_RE = _KEY_RE
-    _AXES = (("head_dim", HEAD_DIMS), ("block_size", BLOCK_SIZES), ("group_size", GROUP_SIZES),
-             ("q_tile", Q_TILES), ("tile_tokens", TILE_TOKENS), ("num_warps", NUM_WARPS),
-             ("num_stages", NUM_STAGES))
-
-    def __post_init__(self) -> None:
-        normalize_variant_fields(self, self._AXES)
-        if self.q_tile < self.group_size:
-            raise ValueError(f"q_tile={self.q_tile!r} holds no whole query token of "
-                             f"group_size={self.group_size} heads; use q_tile >= group_size")
-
-    @property
-    def key(self) -> str:
-        """Readable unique name, e.g. ``paged_attention-d128-b16-g4-m64-sauto-t64-w4-st2-bf16``."""
-        split = "auto" if self.split_k == SPLIT_AUTO else str(self.split_k)
-        return (
-            f"{KEY_PREFIX}-d{self.head_dim}-b{self.block_size}-g{self.group_size}-m{self.q_tile}"
-            f"-s{split}-t{self.tile_tokens}-w{self.num_warps}-st{self.num_stages}-{self.dtype}"
-            + key_suffix(KV_KEY_TAGS.get(self.kv_dtype), self.features)
-        )
+    _AXES = VariantConfig._AXES[:3] + (("q_tile", Q_TILES),) + VariantConfig._AXES[3:]
+    _KEY_PARTS = VariantConfig._KEY_PARTS[:3] + (("m", "q_tile"),) + VariantConfig._KEY_PARTS[3:]
 
     @property
     def tokens_per_q_tile(self) -> int:

@@ -2,7 +2,7 @@
 
 import torch
 
-from helpers_kernels import strided, strided_index_view
+from helpers_kernels import make_strided
 from kgen.build import load_kernel
 from kgen.reference_varlen import make_varlen_inputs, paged_attention_varlen_reference
 
@@ -41,15 +41,9 @@ def run_varlen(config, q_lens, context_lens, *, seed, scales=None, window=None, 
     """
     inputs = varlen_inputs(config, q_lens, context_lens, seed=seed, scales=scales, window=window)
     ref = paged_attention_varlen_reference(**inputs)
-    out = torch.full_like(inputs["query"], float("nan"))
-    if noncontig:
-        for name in ("query", "key_cache", "value_cache"):
-            inputs[name] = strided(inputs[name])
-        out = strided(out)
-    if index_views:
-        inputs["seq_lens"] = strided_index_view(inputs["seq_lens"], garbage=1)
-        inputs["block_tables"] = strided_index_view(inputs["block_tables"], garbage=0)
-        inputs["query_start_loc"] = strided_index_view(inputs["query_start_loc"], garbage=3)
+    out = make_strided(inputs, torch.full_like(inputs["query"], float("nan")), noncontig=noncontig,
+                       index_views=index_views, index_garbage=(("seq_lens", 1), ("block_tables", 0),
+                                                               ("query_start_loc", 3)))
     call.setdefault("validate", True)
     result = load_kernel(config).paged_attention(**inputs, out=out, **call)
     assert result is out

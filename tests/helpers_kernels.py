@@ -1,5 +1,10 @@
 """Helpers shared by the kernel tests: non-contiguous copies of the contract's tensors."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import torch
 
 # L18 orthogonal array, levels 1..3 (column 1 has two): the pairwise design of the feature suites.
@@ -31,3 +36,47 @@ def strided_index_view(t: torch.Tensor, garbage: int) -> torch.Tensor:
     view.copy_(t)
     assert not view.is_contiguous() and all(s % 2 == 0 for s in view.stride())
     return view
+
+
+def make_strided(inputs: dict, out: torch.Tensor, *, noncontig: bool, index_views: bool,
+                 index_garbage=(("seq_lens", 1), ("block_tables", 0))) -> torch.Tensor:
+    """Replace the contract's tensors in ``inputs`` by strided views holding the same values:
+    query and caches (and ``out``, returned) with ``noncontig``; the integer tensors named in
+    ``index_garbage`` (with the value between their elements) with ``index_views``."""
+    if noncontig:
+        for name in ("query", "key_cache", "value_cache"):
+            inputs[name] = strided(inputs[name])
+        out = strided(out)
+    if index_views:
+        for name, garbage in index_garbage:
+            inputs[name] = strided_index_view(inputs[name], garbage=garbage)
+    return out
+
+
+_RUN_EMITTED = textwrap.dedent('''
+    import importlib.util, sys
+    sys.modules["kgen"] = None  # any import of kgen now raises ImportError
+    import torch
+
+    spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inputs = torch.load(sys.argv[2])
+    out = torch.full_like(inputs["query"], float("nan"))
+    getattr(mod, sys.argv[4])(**inputs, out=out, validate=True)
+    torch.save(out, sys.argv[3])
+    print(mod.VARIANT_KEY)
+    assert "kgen" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+''')
+
+
+def run_emitted(path, inputs: dict, entry_point: str, folder) -> tuple[torch.Tensor, str]:
+    """Run the emitted module at ``path`` in a fresh process where ``import kgen`` fails:
+    ``entry_point(**inputs, out=NaN-filled, validate=True)``. Returns (out, the module's key)."""
+    torch.save(inputs, folder / "inputs.pt")
+    env = {**os.environ, "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-I", "-c", _RUN_EMITTED, str(path),
+                             str(folder / "inputs.pt"), str(folder / "out.pt"), entry_point],
+                            cwd=folder, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(folder / "out.pt"), result.stdout.strip()

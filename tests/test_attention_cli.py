@@ -3,36 +3,16 @@ a process where ``import kgen`` fails) and matches the float64 varlen reference;
 default is unchanged; bad combinations are one line and exit 2."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
-import torch
 
+from helpers_kernels import run_emitted
 from kgen.cli import main
+from test_cli_generator import test_bad_options_exit_2_with_one_line as one_line_exit_2
 from kgen.reference import within_tolerance
 from kgen.reference_varlen import make_varlen_inputs, paged_attention_varlen_reference
 from kgen.variant import VariantConfig
 from kgen.variant_attention import AttentionVariantConfig
-
-RUN_EMITTED = textwrap.dedent('''
-    import importlib.util, sys
-    sys.modules["kgen"] = None  # any import of kgen now raises ImportError
-    import torch
-
-    spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    inputs = torch.load(sys.argv[2])
-    out = torch.full_like(inputs["query"], float("nan"))
-    mod.paged_attention(**inputs, out=out, validate=True)
-    torch.save(out, sys.argv[3])
-    print(mod.VARIANT_KEY)
-    assert "kgen" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
-''')
-
 
 def test_emitted_attention_module_runs_without_kgen(tmp_path, capsys):
     path = tmp_path / "attention.py"
@@ -48,14 +28,8 @@ def test_emitted_attention_module_runs_without_kgen(tmp_path, capsys):
     inputs = make_varlen_inputs([3, 0, 1, 40], [20, 5, 70, 9], 6, 2, 64, 16, "fp16", seed=4,
                                 poison_unused=True, kv_dtype="fp8_e5m2", scale_kind="head",
                                 features=features, sliding_window=19)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-I", "-c", RUN_EMITTED, str(path),
-                             str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], cwd=tmp_path,
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == key
-    out = torch.load(tmp_path / "out.pt")
+    out, emitted_key = run_emitted(path, inputs, "paged_attention", tmp_path)
+    assert emitted_key == key
     assert within_tolerance(out, paged_attention_varlen_reference(**inputs), "fp16")
 
 
@@ -98,10 +72,4 @@ def test_decode_stays_the_default(tmp_path, capsys):
      "no --kernel attention records"),
 ])
 def test_bad_attention_options_exit_2_with_one_line(tmp_path, monkeypatch, argv, message):
-    monkeypatch.chdir(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "kgen.cli", *argv], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert not (tmp_path / "x.py").exists()
+    one_line_exit_2(tmp_path, monkeypatch, argv, message)

@@ -94,12 +94,12 @@ def _same_shapes(inputs, num_blocks, columns):
     return inputs
 
 
-@pytest.mark.parametrize("batches, max_query_len, segmented", [
-    (([1, 3, 0, 2], [2, 0, 3, 1]), 4, True),  # decode / speculative: the segmented path
-    (([40, 1, 0, 9], [5, 33, 12, 0]), 40, False),  # prefill chunks: the 2D path
+@pytest.mark.parametrize("batches, max_query_len, max_seq_len, segmented", [
+    (([1, 3, 0, 2], [2, 0, 3, 1]), 4, 4096, True),  # decode / speculative: the segmented path
+    (([40, 1, 0, 9], [5, 33, 12, 0]), 40, 160, False),  # prefill chunks: the 2D path
 ])
 def test_launches_depend_only_on_shapes_and_bounds(monkeypatch, batches, max_query_len,
-                                                   segmented):
+                                                   max_seq_len, segmented):
     config = AttentionVariantConfig(head_dim=64, block_size=16, group_size=4, q_tile=32,
                                     split_k=SPLIT_AUTO, tile_tokens=16, dtype="fp16",
                                     kv_dtype="fp8_e5m2", features=ALL)
@@ -112,7 +112,7 @@ def test_launches_depend_only_on_shapes_and_bounds(monkeypatch, batches, max_que
               for i, (q, c) in enumerate(zip(batches, contexts))]
     assert inputs[0]["query"].shape == inputs[1]["query"].shape
     assert not torch.equal(inputs[0]["seq_lens"], inputs[1]["seq_lens"])
-    bounds = dict(max_query_len=max_query_len, max_seq_len=4096)  # loose: bounds only plan
+    bounds = dict(max_query_len=max_query_len, max_seq_len=max_seq_len)
     calls = []
     for call in inputs:
         records.clear()
@@ -143,6 +143,21 @@ def test_more_than_64_segments_merge_correctly():
     assert within_tolerance(out, ref, "fp32")
 
 
+def test_queries_of_many_chunks_on_the_segmented_path_and_bounds_only_plan():
+    """A 24-token query (3 chunks of 8 tokens) after a longer context is segmented, and right; a
+    max_query_len bound that understates it (1) changes the plan, never the result."""
+    config = AttentionVariantConfig(head_dim=64, block_size=16, group_size=2, q_tile=16,
+                                    split_k=SPLIT_AUTO, tile_tokens=16, dtype="fp32",
+                                    features="sinks")
+    module = load_kernel(config)
+    q_lens, contexts = [24, 0, 3], [200, 7, 20]
+    assert module.plan_launch(3, 1, 24, 224)[2] > 1 and module.plan_launch(3, 1, 1, 224)[2] > 1
+    for bound in (24, 1):
+        out, ref, _ = run_varlen(config, q_lens, contexts, seed=9, validate=False,
+                                 max_query_len=bound, max_seq_len=224)
+        assert within_tolerance(out, ref, "fp32"), bound
+
+
 def test_planner_is_a_cost_model_not_a_cap():
     module = load_kernel(default_attention_config(head_dim=128, block_size=16, group_size=4,
                                                   dtype="bf16"))
@@ -159,7 +174,10 @@ def test_planner_is_a_cost_model_not_a_cap():
     # the row tile follows the query length: 16 rows for decode, the q tile for long queries
     assert module.row_tile(1) == (16, 4) and module.row_tile(5) == (32, 8)
     assert module.row_tile(16) == (64, 16) and module.row_tile(17) == (64, 16)
-    assert module.plan_launch(2, 8, 17, 32768)[2] == 1  # longer than a tile: the 2D kernel
+    # queries longer than one tile stay segmented while that pays (a few long sequences) ...
+    assert module.plan_launch(2, 8, 17, 32768)[2] > 1 and module.plan_launch(1, 8, 64, 50000)[2] > 1
+    # ... and prefill chunks, whose q tiles fill the GPU, or a full batch, take the 2D kernel
+    assert module.plan_launch(1, 8, 2048, 34816)[2] == 1 and module.plan_launch(64, 8, 17, 32768)[2] == 1
     window = module.plan_launch(1, 8, 1, 100000, window=100)[2]
     assert window == module.plan_segments(1, 8, 1, 100 + 64, 132, 2) < plan(1, 8, 1, 100000, 132, 2)
 

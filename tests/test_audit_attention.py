@@ -104,3 +104,24 @@ def test_inspect_attention_json_reports_mma(capsys):
     assert data["variant"] == config.key and data["mma_instructions"] > 0
     assert [k["name"] for k in data["kernels"]][:2] == ["_attention_kernel", "_attention_kernel"]
     assert all("mma_instructions" in k for k in data["kernels"])
+
+
+def test_audit_sweep_takes_the_attention_family(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    config, target = SAMPLE[1]
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "audit_sweep.py"), "--kernel",
+                           "attention", "--keys", config.key, "--targets", target, "--json",
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert data["kernel"] == "attention" and row["variant"] == config.key and row["passes"]
+    assert row["mma_instructions"] > 0 and row["spill_bytes"] == 0
+    assert {k["name"] for k in row["kernels"]} == {"_attention_kernel", "_attention_segment_kernel",
+                                                   "_merge_kernel"}
+    assert "attention family" in proc.stdout and f"| {config.key} | {target} |" in proc.stdout

@@ -46,6 +46,16 @@ def test_kernel_bench_runs_tiny_under_interpreter(tmp_path):
     assert all(w["window_max_err"] < 2e-2 and w["window_ms"] > 0 for w in windows)
     assert all(w["window_variant"].endswith("-swa") for w in windows)
     assert "| fp16 | fp8_e4m3 | 128 | 16 | 8 | 2 x 40 |" in result.stdout
+    # the paged_attention rows: prefill chunks vs SDPA, speculative and q_len 1 vs decode
+    rows = data["attention_rows"]
+    assert [(r["kind"], r["batch"], r["q_len"], r["context"]) for r in rows] == [
+        ("prefill", 1, 16, 0), ("prefill", 1, 16, 32), ("spec", 2, 2, 40), ("spec", 2, 4, 24),
+        ("decode", 2, 1, 40)]
+    assert all(r["max_err"] < 2e-2 and r["ms"] > 0 and r["baseline_ms"] > 0 for r in rows)
+    assert [r["baseline"] for r in rows] == ["enable_gqa", "enable_gqa", "decode x2", "decode x4",
+                                             "decode x1"]
+    assert all(r["variant"].startswith("paged_attention-d128-b16-g8-") for r in rows)
+    assert "| spec | fp16 | 128 | 16 | 8 | 2 x (4, 24) |" in result.stdout
 
 
 def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):

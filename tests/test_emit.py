@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from helpers_kernels import run_emitted
 from kgen.cli import main
 
 CHECK = textwrap.dedent('''
@@ -75,23 +76,6 @@ def test_emitted_module_runs_without_kgen(tmp_path, capsys, options, tol):
     assert result.stdout.startswith("paged_decode-")
 
 
-FEATURE_CHECK = textwrap.dedent('''
-    import importlib.util, sys
-    sys.modules["kgen"] = None  # any import of kgen now raises ImportError
-    import torch
-
-    spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    inputs = torch.load(sys.argv[2])
-    out = torch.full_like(inputs["query"], float("nan"))
-    mod.paged_attention_decode(**inputs, out=out, validate=True)
-    torch.save(out, sys.argv[3])
-    print(mod.VARIANT_KEY)
-    assert "kgen" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
-''')
-
-
 def test_emitted_feature_module_runs_without_kgen(tmp_path):
     """An fp8, every-feature module: run in a process without kgen on inputs made here, compared
     here with the float64 reference."""
@@ -107,12 +91,6 @@ def test_emitted_feature_module_runs_without_kgen(tmp_path):
     inputs = make_paged_inputs(4, 4, 2, 64, 16, [0, 9, 40, 90], "fp16", seed=2,
                                poison_unused=True, kv_dtype=kv_dtype, scale_kind="head",
                                features="sliding_window,soft_cap,alibi,sinks", sliding_window=33)
-    torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-I", "-c", FEATURE_CHECK, str(path),
-                             str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], cwd=tmp_path,
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith(f"fp16-kvfp8{kv_dtype[4:].replace('_', '')}-swa-cap-alibi-sinks")
-    out = torch.load(tmp_path / "out.pt")
+    out, key = run_emitted(path, inputs, "paged_attention_decode", tmp_path)
+    assert key.endswith(f"fp16-kvfp8{kv_dtype[4:].replace('_', '')}-swa-cap-alibi-sinks")
     assert within_tolerance(out, paged_attention_reference(**inputs), "fp16")

@@ -9,9 +9,9 @@ q tile and key tile other than the default's.
 Each case runs two launches, each checked against the reference:
 
 * a mixed batch in ONE launch: q_i = 0, 1, 2..17 and 33..300 new rows after cached contexts of
-  0..1000 keys (the 2D kernel: the longest query spans several q tiles);
+  0..1000 keys (the longest query spans several q tiles);
 * a short batch (every q_i <= the q tile's tokens: decode and speculative decode, 0 included),
-  which the segmented kernel and the merge serve when the variant segments.
+  which the segmented kernel and the merge serve when the variant segments (checked).
 
 Both have permuted pages shared between sequences, garbage (out-of-range) table entries past each
 sequence and before the earliest window of its rows, NaN in every cache slot no row may read and
@@ -25,6 +25,7 @@ import itertools
 import pytest
 
 from helpers_attention import run_varlen
+from kgen.build import load_kernel
 from helpers_kernels import L18
 from kgen.features import FEATURES
 from kgen.reference import TOLERANCES, max_abs_error, within_tolerance
@@ -57,11 +58,10 @@ def _case(i, row):
                                       group_size=group, dtype=dtype, split_k=split, kv_dtype=kv,
                                       features=feats)
     if i % 2:  # a smaller q tile (more q tiles per query) and another key tile, still unpruned
-        q_tiles = [m for m in (16, 32) if m >= group] or [config.q_tile]
         wanted = (128, 16, 32)[i % 3]
         tiles = sorted((16, 32, 64, 128, 256), key=lambda t: (abs(t - wanted), t))
-        config = next(c for c in (config.replace(q_tile=q_tiles[0], tile_tokens=t) for t in tiles)
-                      if not is_pruned(c))
+        config = next(c for c in (config.replace(q_tile=16 if group < 8 or group == 16 else 32, tile_tokens=t)
+                                  for t in tiles) if not is_pruned(c))
     return config, (scales if kv != "auto" else None)
 
 
@@ -104,6 +104,11 @@ def test_attention_matrix_matches_reference(index):
         out, ref, inputs = run_varlen(config, q_lens, contexts, seed=200 + index, scales=scales,
                                       window=window, noncontig=index % 3 == 2,
                                       index_views=index % 4 == 3, **bounds)
+        if batch == "short" and config.split_k != 1 and not window:  # the segmented path ran
+            plan = load_kernel(config).plan_launch(
+                len(q_lens), inputs["key_cache"].shape[2], bounds.get("max_query_len", max(q_lens)),
+                bounds.get("max_seq_len", max(q + c for q, c in zip(q_lens, contexts))), window=window)
+            assert plan[2] > 1, plan
         err = max_abs_error(out, ref)
         assert within_tolerance(out, ref, config.dtype), \
             f"{batch} batch: max abs err {err} > {TOLERANCES[config.dtype]}"

@@ -17,7 +17,7 @@ import itertools
 import pytest
 import torch
 
-from helpers_kernels import L18, strided, strided_index_view
+from helpers_kernels import L18, make_strided
 from kgen.build import load_kernel
 from kgen.features import FEATURES
 from kgen.reference import (TOLERANCES, make_paged_inputs, max_abs_error,
@@ -93,14 +93,8 @@ def run_case(config, lens, *, seed, scales=None, window=None, noncontig=False, i
                                poison_unused=True, kv_dtype=config.kv_dtype, scale_kind=scales,
                                features=config.features, sliding_window=window)
     ref = paged_attention_reference(**inputs)
-    out = torch.full_like(inputs["query"], float("nan"))
-    if noncontig:
-        for name in ("query", "key_cache", "value_cache"):
-            inputs[name] = strided(inputs[name])
-        out = strided(out)
-    if index_views:
-        inputs["seq_lens"] = strided_index_view(inputs["seq_lens"], garbage=1)
-        inputs["block_tables"] = strided_index_view(inputs["block_tables"], garbage=0)
+    out = make_strided(inputs, torch.full_like(inputs["query"], float("nan")), noncontig=noncontig,
+                       index_views=index_views)
     result = load_kernel(config).paged_attention_decode(**inputs, out=out, validate=True, **call)
     assert result is out
     return out, ref, inputs
