@@ -43,6 +43,7 @@ def _write(db, rows, template="0ld0ld0ld0ld0ld0", kgen=None):
     """rows: [(workload, config)] recorded as measured against ``template``."""
     prov = make_provenance(pseudo_device("synthetic"), method="test")
     prov["template_hash"] = template
+    prov["template_hashes"]["decode"] = template  # what a decode record is checked against
     if kgen:
         prov["kgen"] = kgen
     entries = {w.key: make_entry(w, c, time_ms=0.01, default_time_ms=0.02, provenance=prov,
@@ -148,3 +149,21 @@ def test_prune_needs_to_be_told_what(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["db", "prune", "--db", str(tmp_path)])
     assert exit_.value.code == 2 and "--stale" in capsys.readouterr().err
+
+
+def test_each_familys_records_are_checked_against_its_own_templates(tmp_path):
+    """A change to the attention family's templates leaves decode records current, and the other
+    way round: each record is measured against its own family's templates."""
+    from kgen.db.stale import not_current
+    from kgen.space_attention import default_attention_config
+
+    prov = make_provenance(pseudo_device("synthetic"), method="test")
+    decode = make_entry(W2, _config(1), time_ms=1.0, default_time_ms=2.0, provenance=prov, trials=1)
+    attention_w = W2.replace(kernel="attention", query_len=8)
+    attention = make_entry(attention_w, default_attention_config(**attention_w.variant_fields()),
+                           time_ms=1.0, default_time_ms=1.0, provenance=prov, trials=1)
+    assert not_current(decode) is None and not_current(attention) is None
+    other = dict(prov, template_hashes={**prov["template_hashes"], "attention": "0ld0ld0ld0ld0ld0"})
+    assert not_current({**decode, "provenance": other}) is None
+    assert "0ld0ld0ld0ld0ld0" in not_current({**attention, "provenance": other})
+    assert prov["template_hashes"] == {"decode": template_hash(), "attention": template_hash("attention")}

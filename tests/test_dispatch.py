@@ -151,8 +151,11 @@ def test_runtime_generate_uses_the_database_record(tmp_path, monkeypatch):
                         lambda self, *a, **k: seen.append(real_lookup(self, *a, **k)) or seen[-1])
     outs = runtime.generate(tmp_path / "m", prompts, SamplingParams(max_tokens=4), block_size=16,
                             backend="triton")
-    assert seen and all(r.config == odd and r.source in ("exact", "nearest") for r in seen)
-    assert all(r.path == str(tmp_path / "db" / "interpreter" / "best.json") for r in seen)
+    decode = [r for r in seen if r.workload.decode]  # prefill steps: the attention family's
+    assert decode and all(r.config == odd and r.source in ("exact", "nearest") for r in decode)
+    assert all(r.path == str(tmp_path / "db" / "interpreter" / "best.json") for r in decode)
+    prefill = [r for r in seen if not r.workload.decode]
+    assert prefill and all(r.config.family == "attention" and r.source == "heuristic" for r in prefill)
     ref = runtime.generate(tmp_path / "m", prompts, SamplingParams(max_tokens=4), block_size=16,
                            backend="torch")
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]

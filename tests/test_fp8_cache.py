@@ -133,7 +133,9 @@ def test_fp8_logits_stay_within_the_measured_bound(tmp_path):
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 def test_every_backend_decodes_the_same_fp8_cache(tmp_path, fmt):
     """torch, native and kgen's fp8 kernel (triton, under the interpreter on a CPU) read one fp8
-    cache the same way: the same greedy tokens and log probabilities within 1e-3."""
+    cache the same way: the same greedy tokens; log probabilities within 1e-3 for the backends
+    that prefill from the projections' full-precision K/V (torch, native), within 3e-2 for
+    triton, whose prompt rows attend over the fp8 cache as vLLM's do (largest measured: 1.35e-2)."""
     from helpers_native import native_missing
 
     make_llama(tmp_path, hidden=128, heads=4, kv_heads=2, head_dim=64, layers=1, vocab=128, seed=4)
@@ -146,5 +148,6 @@ def test_every_backend_decodes_the_same_fp8_cache(tmp_path, fmt):
     for name, outs in runs.items():
         assert outs.stats["backend"] == name and outs.stats["kv_cache_dtype"] == fmt
         assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref], name
+        tol = 3e-2 if name == "triton" else 1e-3
         for a, b in zip(outs, ref):
-            assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-3)
+            assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=tol)

@@ -11,7 +11,6 @@ from kgen.db.schema import DbFormatError
 from kgen.db.stale import stale_reasons
 from kgen.db.store import (BEST_FILE, JOURNAL_FILE, TRIALS_FILE, TuningStore, gpu_folders,
                            load_best, read_trials)
-from kgen.paths import template_hash
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,6 @@ def stale_records(db_dir, gpu: str | None = None) -> list[StaleRecord]:
     """Every stale entry of the database folder ``db_dir`` (of one GPU, or all)."""
     root = Path(db_dir)
     out = []
-    current = template_hash()
     for name in [gpu] if gpu else gpu_folders(root):
         path = root / name / BEST_FILE
         try:
@@ -109,7 +107,7 @@ def stale_records(db_dir, gpu: str | None = None) -> list[StaleRecord]:
         except (DbFormatError, OSError):
             continue  # reported by check_db
         for key, entry in sorted((table or {"entries": {}})["entries"].items()):
-            reasons = stale_reasons(entry, current)
+            reasons = stale_reasons(entry)
             if reasons:
                 out.append(StaleRecord(str(path), name, key, tuple(reasons)))
     return out

@@ -82,7 +82,9 @@ def make_provenance(device, *, method: str, sampler: str | None = None,
     prov = {"gpu": info["name"], "full_name": info["full_name"],
             "compute_capability": info["compute_capability"], "sm_count": info["sm_count"],
             "driver_version": info["driver_version"], "cuda_version": info["cuda_version"],
-            **software_versions(), "template_hash": template_hash(), "method": method,
+            **software_versions(), "template_hash": template_hash(),
+            "template_hashes": {family: template_hash(family) for family in ("decode", "attention")},
+            "method": method,
             "sampler": sampler, "seed": seed,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     return prov

@@ -35,6 +35,27 @@ from kgen.paths import template_hash
 from kgen.workload import Workload
 
 
+def entry_family(entry: dict) -> str:
+    """The kernel family of an entry's workload (``decode`` for records older than the field)."""
+    workload = entry.get("workload")
+    return workload.get("kernel", "decode") if isinstance(workload, dict) else "decode"
+
+
+def current_hash(entry: dict) -> str:
+    """Today's template hash of the entry's family (each family's records are measured against
+    its own templates, so a change to the other family's leaves them current)."""
+    return template_hash(entry_family(entry))
+
+
+def recorded_hash(entry: dict) -> str | None:
+    """The template hash the entry was measured against, for its family."""
+    prov = entry.get("provenance", {})
+    hashes = prov.get("template_hashes")
+    if isinstance(hashes, dict) and entry_family(entry) in hashes:
+        return hashes[entry_family(entry)]
+    return prov.get("template_hash") if entry_family(entry) == "decode" else None
+
+
 def _effective(entry: dict, current: str) -> dict:
     """The measurement that speaks for the entry: its re-measure under the current templates if
     there is one, else its own provenance."""
@@ -45,8 +66,9 @@ def _effective(entry: dict, current: str) -> dict:
 
 
 def not_current(entry: dict, current: str | None = None) -> str | None:
-    """Why ``entry`` may not be served under today's templates, or None if it may be."""
-    current = current or template_hash()
+    """Why ``entry`` may not be served under today's templates (of its family), or None if it
+    may be."""
+    current = current or current_hash(entry)
     remeasure = entry.get("remeasure")
     if isinstance(remeasure, dict) and remeasure.get("template_hash") == current:
         if remeasure.get("beats_default"):
@@ -54,7 +76,7 @@ def not_current(entry: dict, current: str | None = None) -> str | None:
         return (f"re-measured under the current templates {current}, the default "
                 f"{remeasure.get('default_config_key')} ({remeasure.get('default_time_ms')} ms) "
                 f"beats its {entry.get('config_key')} ({remeasure.get('time_ms')} ms)")
-    recorded = entry.get("provenance", {}).get("template_hash")
+    recorded = recorded_hash(entry)
     if recorded == current:
         return other_default(entry, entry.get("default_key"))
     return (f"measured against kernel templates {recorded}, these are {current} "
@@ -91,7 +113,7 @@ def version_tuple(text) -> tuple:
 
 def older_kgen(entry: dict, current: str | None = None) -> str | None:
     """Why the entry's measuring kgen is older than this one, or None."""
-    version = _effective(entry, current or template_hash()).get("kgen")
+    version = _effective(entry, current or current_hash(entry)).get("kgen")
     if version_tuple(version) < version_tuple(__version__):
         return f"measured by kgen {version}, this is kgen {__version__}"
     return None
@@ -99,5 +121,5 @@ def older_kgen(entry: dict, current: str | None = None) -> str | None:
 
 def stale_reasons(entry: dict, current: str | None = None) -> list[str]:
     """Every reason ``entry`` is stale (empty: it is current)."""
-    current = current or template_hash()
+    current = current or current_hash(entry)
     return [r for r in (not_current(entry, current), older_kgen(entry, current)) if r]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kgen.db.schema import DbFormatError
-from kgen.db.stale import not_current
+from kgen.db.stale import entry_family, not_current
 from kgen.db.store import BEST_FILE, block_size_defaults, gpu_folders, load_best
 from kgen.paths import db_layers, template_hash
 
@@ -68,7 +68,8 @@ class LayeredTables:
     def __init__(self, db_dir=None) -> None:
         self.layers = db_layers(db_dir)
         self.root = self.layers[0]
-        self.template_hash = template_hash()  # templates do not change under a running process
+        # per family: templates do not change under a running process
+        self.template_hashes = {family: template_hash(family) for family in ("decode", "attention")}
         self._cache: dict[str, tuple[tuple, GpuTable | None]] = {}
         self.errors: dict[str, str] = {}
 
@@ -101,7 +102,7 @@ class LayeredTables:
                 continue
             merged = merged or GpuTable()
             for key, entry in table["entries"].items():
-                reason = not_current(entry, self.template_hash)
+                reason = not_current(entry, self.template_hashes.get(entry_family(entry)))
                 merged.paths[key] = str(path)
                 for part in (merged.entries, merged.held, merged.stale):
                     part.pop(key, None)

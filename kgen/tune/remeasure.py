@@ -32,7 +32,7 @@ def remeasure_entry(entry: dict, measurer: Measurer) -> tuple[dict, list[dict]]:
     record = measurer.measure(config, workload)
     base = record if default == config else measurer.measure(default, workload)
     beats = record.ok and (default == config or not base.ok or record.time_ms <= base.time_ms)
-    block = {"template_hash": template_hash(), **software_versions(),
+    block = {"template_hash": template_hash(workload.kernel), **software_versions(),
              "time_ms": record.time_ms, "status": record.status, "reason": record.reason,
              "default_config_key": default.key, "default_time_ms": base.time_ms,
              "beats_default": bool(beats), "method": measurer.method, "host": HOST,

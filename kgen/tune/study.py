@@ -108,7 +108,7 @@ def open_study(workload: Workload, storage, sampler) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=workload.key, storage=storage.optuna, sampler=sampler,
                                 direction="minimize", load_if_exists=True)
-    current = template_hash()
+    current = template_hash(workload.kernel)
     recorded = study.user_attrs.get(TEMPLATE_ATTR)
     if recorded is None:
         study.set_user_attr(TEMPLATE_ATTR, current)
