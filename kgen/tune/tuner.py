@@ -83,7 +83,7 @@ class TuneSettings:
 @dataclass
 class WorkloadResult:
     workload: Workload
-    best: VariantConfig | None
+    best: object | None  # a VariantConfig or AttentionVariantConfig
     time_ms: float | None
     default_time_ms: float | None
     trials: int

@@ -20,7 +20,7 @@ import torch
 
 from runtime.attention import AttentionMetadata, attend_layer
 from runtime.config import ModelConfig
-from runtime.kv_cache import LayerKV, PagedKVCache, storage_dtype
+from runtime.kv_cache import PagedKVCache, storage_dtype
 from runtime.model.linear import Linear
 from runtime.model.native_ops import NativeOps
 from runtime.model.ops import ACTIVATIONS, RMSNorm, rotate_half
