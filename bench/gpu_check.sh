@@ -11,10 +11,15 @@
 #      generate() on compiled kernels), which the CPU suite skips
 #   4. decode steps per second with and without CUDA graphs (bench/decode_steps.py)
 #   5. the end-to-end decode throughput benchmark (runtime.generate vs HF generate)
+#   6. the runtime's prefill throughput with kgen's kernels against its SDPA prefill
+#      (bench/prefill_throughput.py), and vLLM's CUSTOM (kgen) backend against stock TRITON_ATTN,
+#      steps/s at batch 1, 8, 64 with and without full CUDA graphs (bench/vllm_gpu_steps.py;
+#      it records "not run" where vLLM is not installed)
 # Every result lands, with provenance (bench/_common.py: commit, dirty, date, machine, command; set
 # KGEN_COMMIT where the checkout has no .git), in files that can be committed:
 #   bench/results/<gpu>/{env.json,tune.log,kernel_bench.{json,md},kernel_tests.log,gpu_tests.log,
-#                        decode_steps.{json,md},e2e_throughput.{json,md}}
+#                        decode_steps.{json,md},e2e_throughput.{json,md},prefill_throughput.{json,md},
+#                        vllm_gpu_steps.{json,md}}
 #   tuning_db/<gpu>/...
 # It needs only torch and triton on the machine (python3 with both). Other dependencies
 # (optuna and what it needs) are installed from wheels given in $KGEN_WHEELS (default ./.whl) when
@@ -26,13 +31,13 @@
 # Without a GPU it runs the same steps at a tiny size under the Triton interpreter (a smoke test
 # of the script itself; its timings mean nothing). Environment overrides: KGEN_RESULTS (results
 # folder), KGEN_DB (tuning database folder), T_TUNE / T_BENCH / T_TESTS / T_GPU_TESTS / T_STEPS /
-# T_E2E (step limits, s; they add up to 560 s).
+# T_E2E / T_PREFILL / T_VLLM (step limits, s; they add up to 560 s).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 QUICK=${1:-}
-T_TESTS=${T_TESTS:-70}; T_GPU_TESTS=${T_GPU_TESTS:-90}; T_TUNE=${T_TUNE:-100}; T_BENCH=${T_BENCH:-200}
-T_STEPS=${T_STEPS:-60}; T_E2E=${T_E2E:-40}
+T_TESTS=${T_TESTS:-60}; T_GPU_TESTS=${T_GPU_TESTS:-80}; T_TUNE=${T_TUNE:-90}; T_BENCH=${T_BENCH:-160}
+T_STEPS=${T_STEPS:-50}; T_E2E=${T_E2E:-30}; T_PREFILL=${T_PREFILL:-30}; T_VLLM=${T_VLLM:-60}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -66,10 +71,12 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
     TUNE_ARGS="--head-dim 128 --block-size 16 --dtype bf16 --group-size 8 --batch 1 --context 32768 --trials 4 --no-audit"
     BENCH_ARGS="--suite --dtypes bf16"
     STEPS_ARGS="--batches 1,4"
+    PREFILL_ARGS="--cases 1x2048,8x512"
   else  # the suite's small-batch rows (and their neighbours), where a tuned variant can win
     TUNE_ARGS="--head-dim 128 --block-size 16 --dtype bf16 --group-size 8,1 --batch 1,4 --context 32768,8192 --trials 4 --no-audit"
     BENCH_ARGS="--suite"
     STEPS_ARGS=""
+    PREFILL_ARGS=""
   fi
   TEST_ARGS=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 else  # no GPU: the same steps, tiny, under the interpreter
@@ -78,6 +85,7 @@ else  # no GPU: the same steps, tiny, under the interpreter
   TUNE_ARGS="--head-dim 64 --block-size 16 --dtype fp16 --group-size 2 --batch 1 --context 16 --trials 2"
   BENCH_ARGS="--quick --cpu --dtypes fp16 --groups 8 --shapes 2x40"
   STEPS_ARGS="--quick --cpu --batches 1"
+  PREFILL_ARGS="--quick --cpu"
   TEST_ARGS="-k d64-b16"
 fi
 RES=${KGEN_RESULTS:-bench/results/$GPU}
@@ -134,6 +142,14 @@ step "5. end-to-end decode throughput"
 timeout "$T_E2E" $PY bench/e2e_throughput.py --quick --json "$RES/e2e_throughput.json" \
     --md "$RES/e2e_throughput.md" 2>&1 | tail -n 20
 check e2e
+
+step "6. prefill throughput (kgen vs SDPA) and vLLM CUSTOM vs TRITON_ATTN"
+timeout "$T_PREFILL" $PY bench/prefill_throughput.py $PREFILL_ARGS --json "$RES/prefill_throughput.json" \
+    --md "$RES/prefill_throughput.md" 2>&1 | tail -n 12
+check prefill_throughput
+timeout "$T_VLLM" $PY bench/vllm_gpu_steps.py --json "$RES/vllm_gpu_steps.json" \
+    --md "$RES/vllm_gpu_steps.md" 2>&1 | tail -n 12
+check vllm_gpu_steps
 
 step "done in $(( $(date +%s) - START ))s; failed steps:${FAILED:- none}"
 pack

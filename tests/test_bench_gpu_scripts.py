@@ -73,8 +73,13 @@ def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
     assert "failed steps: none" in result.stdout
     res = tmp_path / "res"
     for name in ("env.json", "tune.log", "kernel_bench.json", "kernel_tests.log", "gpu_tests.log",
-                 "decode_steps.json", "e2e_throughput.json"):
+                 "decode_steps.json", "e2e_throughput.json", "prefill_throughput.json",
+                 "vllm_gpu_steps.json"):
         assert (res / name).stat().st_size > 0, name
+    prefill = json.loads((res / "prefill_throughput.json").read_text())
+    assert prefill["rows"] and all(r["identical"] and r["triton"]["tokens_per_s"] > 0
+                                   for r in prefill["rows"])
+    assert "not importable" in json.loads((res / "vllm_gpu_steps.json").read_text())["skipped"]
     steps = json.loads((res / "decode_steps.json").read_text())
     assert [r["batch"] for r in steps["rows"]] == [1] and steps["rows"][0]["eager"]["steps_per_s"] > 0
     assert "1 passed" in (res / "kernel_tests.log").read_text()
