@@ -28,6 +28,7 @@ import jinja2
 from kgen import __version__
 from kgen.dtypes import KV_TORCH_NAMES, TORCH_NAMES
 from kgen.paths import cache_dir, template_hash, templates_dir
+from kgen.render_attention import attention_kernel_names, attention_slots, attention_template_parts
 from kgen.space import kv_elem_bytes, padded_group, padded_head_dim
 from kgen.variant import MAX_SPLIT_K, VariantConfig
 from kgen.variant_attention import AttentionVariantConfig, as_config
@@ -60,8 +61,6 @@ def _environment(folder: str) -> jinja2.Environment:
 def kernel_names(config) -> tuple[str, ...]:
     """Names of the module-level ``@triton.jit`` kernels a variant's module launches."""
     if isinstance(config, AttentionVariantConfig):
-        from kgen.render_attention import attention_kernel_names
-
         return attention_kernel_names(config)
     return SPLIT_KERNELS if config.split_k != 1 else SINGLE_PASS_KERNELS
 
@@ -80,10 +79,9 @@ def slots(config, *, generated_at: str | None = None,
     caller has it already (None: compute it).
     """
     if isinstance(config, AttentionVariantConfig):
-        from kgen.render_attention import attention_slots
-
-        return attention_slots(config, generated_at=generated_at, command_line=command_line,
-                               template_digest=template_digest)
+        return attention_slots(config, shared_slots(config, generated_at=generated_at,
+                                                    command_line=command_line,
+                                                    template_digest=template_digest))
     if not isinstance(config, VariantConfig):
         raise ValueError(f"config={config!r} is not a VariantConfig or an AttentionVariantConfig")
     return {**shared_slots(config, generated_at=generated_at, command_line=command_line,
@@ -151,8 +149,6 @@ def plan_slots(config: VariantConfig, d_pad: int) -> dict:
 def template_parts(config) -> tuple[str, ...]:
     """Template names making up the variant's module, in order."""
     if isinstance(config, AttentionVariantConfig):
-        from kgen.render_attention import attention_template_parts
-
         return attention_template_parts(config)
     middle = ("decode_partial.py.j2", "merge.py.j2") if config.split_k != 1 else ()
     return ("header.py.j2", "attend.py.j2", "decode.py.j2", *middle, "plan.py.j2",

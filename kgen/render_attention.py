@@ -1,13 +1,12 @@
 """The ``paged_attention`` family's part of rendering: its template parts, kernels and slots.
 
-:func:`kgen.render.slots` dispatches here for an :class:`AttentionVariantConfig`; the values both
-families print come from :func:`kgen.render.shared_slots`, and this module adds the family's own
-(the q tile and the segment planner's partial cost).
+:func:`kgen.render.slots` dispatches here for an :class:`AttentionVariantConfig`; it computes the
+values both families print (:func:`kgen.render.shared_slots`) and passes them in, and this module
+adds the family's own (the q tile and the segment planner's partial cost).
 """
 
 from __future__ import annotations
 
-from kgen.render import shared_slots
 from kgen.space import kv_elem_bytes
 from kgen.variant_attention import AttentionVariantConfig
 
@@ -30,14 +29,13 @@ def attention_template_parts(config: AttentionVariantConfig) -> tuple[str, ...]:
             "launch_features.py.j2", "attention_launcher.py.j2")
 
 
-def attention_slots(config: AttentionVariantConfig, *, generated_at=None, command_line=None,
-                    template_digest=None) -> dict:
-    """Every value the attention templates print, computed from ``config``."""
+def attention_slots(config: AttentionVariantConfig, shared: dict) -> dict:
+    """Every value the attention templates print: ``shared`` (both families' slots of
+    ``config``) and the family's own, computed from ``config``."""
     tile_bytes = 2 * config.tile_tokens * config.head_dim * kv_elem_bytes(config)  # K and V of a tile
     row_partial_bytes = 2 * (config.head_dim + 2) * 4  # a row's fp32 m, l, acc: written, then read
     return {
-        **shared_slots(config, generated_at=generated_at, command_line=command_line,
-                       template_digest=template_digest),
+        **shared,
         "q_tile": config.q_tile,
         "row_partial_tiles": repr(round(row_partial_bytes / tile_bytes, 6)),
     }

@@ -13,54 +13,21 @@ Used by :mod:`kgen.audit` to compile a variant for a GPU target on a machine wit
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import inspect
 import itertools
-import os
 import sys
-from dataclasses import dataclass
 
+from kgen.audit.capture_attention import capture_attention_launches
+from kgen.audit.recording import (AUTO_SPLITS, Launch, Recorder, _bind, interpreter_off,  # noqa: F401
+                                  mark_kv_args, workload)
 from kgen.families import family_of
-from kgen.variant import SPLIT_AUTO, VariantConfig
+from kgen.variant import SPLIT_AUTO
 
 _TYPE_NAMES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
                "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8",
                "bool": "i1", "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5"}
-_AUTO_SPLITS = 4  # partitions requested for split "auto" variants, so partial + merge launch
 _WIDE_MERGE_SPLITS = 64  # and a call whose merge reads its widest step (64 partitions, 8 warps)
 _module_ids = itertools.count()
-
-
-@dataclass
-class Launch:
-    """One captured kernel launch: the JITFunction, its arguments and the K/V parameter names."""
-
-    name: str
-    fn: object
-    grid: object
-    args: tuple
-    kwargs: dict
-    kv_args: frozenset = frozenset()
-
-
-@contextlib.contextmanager
-def interpreter_off():
-    """Clear ``TRITON_INTERPRET`` (and an in-process knob override) for the duration."""
-    from triton import knobs
-
-    saved_env = os.environ.pop("TRITON_INTERPRET", None)
-    knob_dict = knobs.runtime.__dict__
-    had_knob, saved_knob = "interpret" in knob_dict, knob_dict.get("interpret")
-    if had_knob:
-        knob_dict["interpret"] = False
-    try:
-        yield
-    finally:
-        if saved_env is not None:
-            os.environ["TRITON_INTERPRET"] = saved_env
-        if had_knob:
-            knob_dict["interpret"] = saved_knob
 
 
 def load_jit_module(path, entry_point: str = "paged_attention_decode"):
@@ -94,64 +61,11 @@ def load_jit_module(path, entry_point: str = "paged_attention_decode"):
     return module
 
 
-def workload(config: VariantConfig, *, num_seqs: int = 2, num_kv_heads: int = 2, seed: int = 0):
-    """Small random CPU inputs of a representative decode batch for ``config``.
-
-    Contiguous NHD caches ``[8, block_size, num_kv_heads, head_dim]`` (the variant's KV dtype);
-    block tables ``[num_seqs, ceil(max_len / block_size)]`` int32 pointing (with repeats) into
-    those 8 pages; context lengths long enough that every split-K partition gets tiles, capped at
-    16384 tokens; the arguments of the variant's features (per-KV-head scale tensors for fp8
-    caches, so the audited kernel reads them on the device; a window of half the context).
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    splits = config.split_k if config.split_k != SPLIT_AUTO else _AUTO_SPLITS
-    max_len = min(16384, max(2 * splits * config.tile_tokens, 3 * config.block_size) + 3)
-    num_heads = config.group_size * num_kv_heads
-    cols = -(-max_len // config.block_size)
-    shape = (8, config.block_size, num_kv_heads, config.head_dim)
-    dtype, kv_dtype = config.torch_dtype, config.kv_torch_dtype
-    inputs = {
-        "query": torch.randn(num_seqs, num_heads, config.head_dim, generator=gen).to(dtype),
-        "key_cache": torch.randn(shape, generator=gen).to(kv_dtype),
-        "value_cache": torch.randn(shape, generator=gen).to(kv_dtype),
-        "block_tables": torch.randint(0, 8, (num_seqs, cols), generator=gen, dtype=torch.int32),
-        "seq_lens": torch.tensor([max_len] + [max_len - 1 - i for i in range(num_seqs - 1)],
-                                 dtype=torch.int32),
-    }
-    if config.kv_fp8:
-        inputs["k_scale"] = torch.rand(num_kv_heads, generator=gen) + 0.5
-        inputs["v_scale"] = torch.rand(num_kv_heads, generator=gen) + 0.5
-    if config.has("sliding_window"):
-        inputs["sliding_window"] = max(1, max_len // 2)
-    if config.has("soft_cap"):
-        inputs["logits_soft_cap"] = 30.0
-    for feature, name in (("alibi", "alibi_slopes"), ("sinks", "sinks")):
-        if config.has(feature):
-            inputs[name] = torch.rand(num_heads, generator=gen)
-    return inputs
-
-
-class Recorder:
-    """Stands in for a module's jit kernel: each launch is appended to ``sink`` as a Launch."""
-
-    def __init__(self, name, fn, sink):
-        self.name, self.fn, self.sink = name, fn, sink
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.sink.append(Launch(self.name, self.fn, grid, args, kwargs))
-        return launch
-
-
 def capture_launches(module, config) -> list[Launch]:
     """Record the launches of a variant's representative calls (its family's): for decode,
     ``module.paged_attention_decode`` on :func:`workload` inputs; for attention,
     :func:`kgen.audit.capture_attention.capture_attention_launches`."""
     if family_of(config).name == "attention":
-        from kgen.audit.capture_attention import capture_attention_launches
-
         return capture_attention_launches(module, config)
     inputs = workload(config)
     sink: list[Launch] = []
@@ -159,7 +73,7 @@ def capture_launches(module, config) -> list[Launch]:
     try:
         for name, fn in saved.items():
             setattr(module, name, Recorder(name, fn, sink))
-        calls = [{"num_splits": _AUTO_SPLITS} if config.split_k == SPLIT_AUTO else {}]
+        calls = [{"num_splits": AUTO_SPLITS} if config.split_k == SPLIT_AUTO else {}]
         if config.split_k != 1:  # a split variant runs the single-pass kernel when splits == 1
             calls.append({"num_splits": 1})
         with interpreter_off():  # the launcher may pick interpreter-only paths from the env
@@ -177,24 +91,6 @@ def capture_launches(module, config) -> list[Launch]:
     if not sink:
         raise ValueError(f"{config.key}: paged_attention_decode launched no kernel")
     return mark_kv_args(sink, inputs)
-
-
-def mark_kv_args(launches: list, inputs: dict) -> list:
-    """Set each launch's ``kv_args``: the parameters bound to the K/V caches of ``inputs``."""
-    kv_ptrs = {inputs["key_cache"].data_ptr(), inputs["value_cache"].data_ptr()}
-    for launch in launches:
-        bound = _bind(launch.fn, launch.args, launch.kwargs)[0]
-        launch.kv_args = frozenset(n for n, v in bound.items()
-                                   if hasattr(v, "data_ptr") and v.data_ptr() in kv_ptrs)
-    return launches
-
-
-def _bind(fn, args, kwargs):
-    sig = inspect.signature(fn.fn)
-    options = {k: v for k, v in kwargs.items() if k not in sig.parameters}
-    bound = sig.bind(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
-    bound.apply_defaults()
-    return dict(bound.arguments), options
 
 
 def _spec_value(param, value):

@@ -12,7 +12,7 @@ kept once.
 
 from __future__ import annotations
 
-from kgen.audit.capture import Recorder, interpreter_off, mark_kv_args, workload
+from kgen.audit.recording import Recorder, interpreter_off, mark_kv_args, workload
 from kgen.variant_attention import AttentionVariantConfig
 
 NARROW_MERGE, WIDE_MERGE = 4, 64  # segments of the calls whose merge reads 16 / 64 per step
