@@ -85,6 +85,16 @@ def kernel_key(fn) -> str | None:
     return getattr(fn, "__globals__", {}).get("VARIANT_KEY")
 
 
+def torch_device(force_cpu: bool = False):
+    """(cuda, device name, sync) for a runtime benchmark: the GPU unless ``force_cpu`` or there is
+    none (then the interpreter, set before any kernel module loads)."""
+    use_interpreter_without_gpu(force=force_cpu)
+    import torch
+
+    cuda = torch.cuda.is_available() and not force_cpu
+    return cuda, "cuda" if cuda else "cpu", torch.cuda.synchronize if cuda else (lambda: None)
+
+
 def add_output_args(ap) -> None:
     """The ``--json`` / ``--md`` options every script writes its results to."""
     ap.add_argument("--json", type=Path, help="write the results as JSON here")

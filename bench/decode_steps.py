@@ -142,10 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     _common.add_output_args(ap)
     args = ap.parse_args(argv)
-    _common.use_interpreter_without_gpu(force=args.cpu)
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.cpu
+    cuda, device, sync = _common.torch_device(args.cpu)
     small = args.quick or not cuda
     preset_name = args.preset or ("tiny" if small else "llama8b")
     batches = [int(b) for b in (args.batches or ("1,2" if small else "1,4,16")).split(",")]
@@ -155,8 +152,6 @@ def main(argv=None) -> int:
     for name, value in (("--prompt", prompt), ("--steps", steps)):
         if value < 1:
             ap.error(f"{name}={value} must be >= 1")
-    device = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     loaded = random_model(PRESETS[preset_name], device=device)
     result = dict(machine=_common.machine_info(), template_hash=template_hash(), device=device,
                   preset_name=preset_name,

@@ -85,10 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     _common.add_output_args(ap)
     args = ap.parse_args(argv)
-    _common.use_interpreter_without_gpu(force=args.cpu)
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.cpu
+    cuda, device, sync = _common.torch_device(args.cpu)
     small = args.quick or not cuda
     preset = args.preset or ("tiny" if small else "llama8b")
     cases = args.cases or ("2x24" if small else "1x2048,1x8192,8x512,32x512")
@@ -97,8 +94,6 @@ def main(argv=None) -> int:
     except ValueError:
         ap.error(f"--cases={cases!r}: give BATCHxPROMPT items, e.g. 8x512")
     budget = args.budget or (16 if small else 8192)
-    device = "cuda" if cuda else "cpu"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     loaded = random_model(PRESETS[preset], device=device)
     result = dict(machine=_common.machine_info(), template_hash=template_hash("attention"),
                   device=device, preset_name=preset, preset=PRESETS[preset], budget=budget, rows=[])
