@@ -26,8 +26,8 @@ The full product of the new axes with the old sweep (x 3 KV dtypes x 16 feature 
 ~70 000 audits, days on this 2-core machine; these parts are the reduced sweep.
 
 ``--kernel attention`` sweeps the any-query-length family (:mod:`kgen.space_attention`) instead,
-with the same parts: ``shapes`` (every head dim x block size x group 1, 4, 8, 16 x dtype, default
-launch parameters, segments auto), ``launch`` (every unpruned q tile / key tile / warps / stages
+with the same parts: ``shapes`` (every head dim x block sizes 1, 16, 128 x groups 1, 3, 8, 16 x
+dtype, default launch parameters, segments auto), ``launch`` (every unpruned q tile / key tile / warps / stages
 for bf16, d128, b16, g4), ``fp8`` and ``features`` (as above, on the family's defaults); each
 audit compiles every row-tile shape the launcher may pick (see kgen.audit.capture_attention).
 
@@ -64,6 +64,10 @@ from kgen.variant import BLOCK_SIZES, DTYPES, HEAD_DIMS  # noqa: E402
 from kgen.variant_attention import config_from_key  # noqa: E402
 
 GROUPS = (1, 8)
+# The attention family's shapes part: block sizes of one page per token, a typical one and a large
+# one; groups 1, 3 (not a power of two: rows past the last whole token are masked), 8 and 16.
+ATTENTION_BLOCKS = (1, 16, 128)
+ATTENTION_GROUPS = (1, 3, 8, 16)
 SPLITS = (1, 4)
 PARTS = ("shapes", "launch", "fp8", "features")
 ALL_FEATURES = ("sliding_window", "soft_cap", "alibi", "sinks")
@@ -108,9 +112,10 @@ def attention_configs(part: str, quick: bool) -> list:
                 make(head_dim=80, block_size=1, group_size=8, dtype="fp16"),
                 make(head_dim=128, block_size=16, group_size=4, dtype="bf16", kv_dtype="fp8_e4m3",
                      features=ALL_FEATURES)]
-    if part == "shapes":
+    if part == "shapes":  # each audit compiles every row-tile shape: a smaller grid than decode's
         return [make(head_dim=d, block_size=b, group_size=g, dtype=t)
-                for t, d, b, g in itertools.product(DTYPES, HEAD_DIMS, BLOCK_SIZES, (1, 4, 8, 16))]
+                for t, d, b, g in itertools.product(DTYPES, HEAD_DIMS, ATTENTION_BLOCKS,
+                                                    ATTENTION_GROUPS)]
     if part == "fp8":
         return [make(head_dim=d, block_size=b, group_size=8, dtype=t, kv_dtype=kv)
                 for kv, t, d, b in itertools.product(("fp8_e4m3", "fp8_e5m2"), DTYPES, HEAD_DIMS,
