@@ -68,7 +68,7 @@ def test_gpu_check_runs_end_to_end_under_interpreter(tmp_path):
                KGEN_DB=str(tmp_path / "db"), KGEN_WHEELS=str(tmp_path / "no-wheels"))
     env.pop("OUT", None)
     result = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh")], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "failed steps: none" in result.stdout
     res = tmp_path / "res"
