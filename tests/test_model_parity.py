@@ -165,7 +165,7 @@ def test_triton_decode_backend_matches_float64():
     torch.testing.assert_close(out.double().cpu(), reference_decode(*case, 0.125), rtol=1e-4, atol=1e-4)
 
 
-def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1):
+def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1, backend=None):
     """One forward over a mixed batch on a garbage-filled cache of permuted, shared blocks.
 
     prompts[0] prefills its tokens after a cached prefix, prompts[1] prefills whole, prompts[2:]
@@ -174,7 +174,8 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
     the same physical blocks for that prefix, written once, and the later tokens of each read it
     back. Every other block is its own, drawn from a random permutation of the pool.
 
-    Returns logits of: the last token of each prefill, each decode token.
+    Returns logits of: the last token of each prefill, each decode token; decoded by ``backend``
+    (default: the torch backend).
     """
     assert shared % bs == 0 and all(prompts[i][:shared] == prompts[sharers[0]][:shared] for i in sharers)
     assert all(len(prompts[i]) > shared for i in sharers)  # the shared blocks stay full and read-only
@@ -225,7 +226,7 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1)
                                                        dtype=torch.int32),
                              seq_lens=torch.tensor([len(prompts[i]) for i in dec], dtype=torch.int32),
                              max_seq_len=max(len(prompts[i]) for i in dec))
-    backend = TorchDecode(bs, model.config.num_key_value_heads, model.config.head_dim)
+    backend = backend or TorchDecode(bs, model.config.num_key_value_heads, model.config.head_dim)
     backend.prepare(meta)
     return model.forward(torch.tensor(ids), torch.tensor(pos), cache, meta, backend, torch.tensor(rows)), tables
 
