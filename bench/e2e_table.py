@@ -3,7 +3,23 @@ cores, the thread settings of every run, the token comparison, and where the num
 
 from __future__ import annotations
 
+import re
+
 import e2e_parity
+
+KEY_LINES = (r"core ids=", r"reserve_cpu_num=", r"Torch threads", r"Enforce eager|Warming up model for the compilation",
+             r"compiled function|Compil")
+"""vLLM's log lines the table quotes (the JSON keeps every matching line): its computing cores,
+reserved CPUs, torch threads and whether it compiled."""
+
+
+def key_lines(logs: list[str]) -> list[str]:
+    picked = []
+    for pattern in KEY_LINES:
+        hit = next((ln for ln in logs if re.search(pattern, ln)), None)
+        if hit is not None and hit not in picked:
+            picked.append(hit.split("] ", 1)[-1].strip()[:120])
+    return picked
 
 
 def _threads(row: dict) -> str:
@@ -64,7 +80,7 @@ def table(results: dict) -> str:
     for name, res in results["dtypes"].items():
         lines += dtype_table(name, res, w["requests"]) + [""]
     if prov.get("vllm_logs"):
-        lines.append("vLLM's own lines about threads and compilation (first 4 per run):")
+        lines.append("vLLM's own lines about threads and compilation (all matching lines are in the JSON):")
         for run, logs in prov["vllm_logs"].items():
-            lines += [f"- {run}: " + " / ".join(ln.split("] ", 1)[-1][:140] for ln in logs[:4])]
+            lines += [f"- {run}: " + " / ".join(key_lines(logs))]
     return "\n".join(lines)

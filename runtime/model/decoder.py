@@ -181,6 +181,8 @@ class DecoderModel:
         npf, num_tokens = meta.num_prefill_tokens, q.shape[0]
         if npf == num_tokens and len(meta.prefills) == 1:
             return prefill_attention(q, k, v, layer_kv, meta.prefills[0], la.scale, **opts)
+        if npf == 0:  # a decode-only step: the backend's output is the whole batch's
+            return decode_backend.decode(q, layer_kv, meta, la.scale, **opts)
         attn = torch.empty_like(q)
         for span in meta.prefills:
             s, e = span.start, span.end

@@ -3,8 +3,8 @@
  * copy).
  *
  * Per sequence, two passes. Scores: slot by slot, all KV heads of a slot at once (a block is read
- * front to back), each K chunk loaded once for up to 4 query heads of its group; the K rows AHEAD
- * slots on and the slot's V rows are prefetched, since blocks sit anywhere in the pool and the
+ * front to back), each K chunk loaded once for up to 4 query heads of its group; the K rows 4 KB
+ * on and the slot's V rows are prefetched, since blocks sit anywhere in the pool and the
  * hardware prefetcher cannot guess the next one. Softmax per head over its row of scores. Values:
  * per KV head, up to 4 query heads x 64 output floats are held in vector registers while the V
  * rows (now in L2) stream past once. Times per layer against the torch backend:
@@ -71,7 +71,14 @@ enum { E_SHAPE = 1, E_TYPE = 2, E_SEQ = 16 };
 enum { K_BLOCK = 0, K_RANGE = 1, K_WORK = 2 };
 
 typedef f32x16 v16;
-#define AHEAD 8 /* slots; 4-32 measured within 6% of each other on the mixed benchmark's batch */
+#define AHEAD_BYTES 4096 /* K rows prefetched this far ahead: 8 slots of 2 KV heads x 64 floats (4-32 slots
+                          * measured within 6% of each other on the mixed benchmark's float32 batch) */
+
+/* Slots to prefetch K rows ahead: AHEAD_BYTES of rows, at least 1, at most the n slots there are. */
+INLINE int64_t ahead_slots(int64_t row_bytes, int64_t n) {
+    const int64_t a = AHEAD_BYTES / row_bytes > 1 ? AHEAD_BYTES / row_bytes : 1;
+    return a < n ? a : n;
+}
 
 /* Chunk `c` (16 values) of a K or V row of a cache of type KT, as floats: a float32 load, a
  * bfloat16 or float16 widened, or fp8 codes looked up in `lut`. */
@@ -134,7 +141,7 @@ static inline __attribute__((always_inline)) void scores_all(
     const int64_t d = NC * LANES, group = heads / kv_heads;
     const int64_t row_bytes = kv_heads * d * (int64_t)type_size(KT);
     SlotCursor cur = cursor_at(table, block_size, start);
-    const int64_t ahead = AHEAD < n ? AHEAD : n;  /* K rows are prefetched this many slots ahead */
+    const int64_t ahead = ahead_slots(row_bytes, n);
     SlotCursor pre = cursor_at(table, block_size, start + ahead - (ahead == n));
     for (int64_t t = 0; t < n; t++) {
         const int64_t slot = cursor_next(&cur);
@@ -175,7 +182,7 @@ static inline __attribute__((always_inline)) void scores_all_dpbf16(
         int64_t block_size, float scale, float *restrict work) {
     const int64_t d = NC * LANES, group = heads / kv_heads, row_bytes = kv_heads * d * 2;
     SlotCursor cur = cursor_at(table, block_size, start);
-    const int64_t ahead = AHEAD < n ? AHEAD : n;
+    const int64_t ahead = ahead_slots(row_bytes, n);
     SlotCursor pre = cursor_at(table, block_size, start + ahead - (ahead == n));
     for (int64_t t = 0; t < n; t++) {
         const int64_t slot = cursor_next(&cur);
