@@ -150,13 +150,22 @@ class VllmPeer:
         out = self._read()
         return out["tokens"], out["seconds"], {"useful_tokens": self.useful, "computed_tokens": self.useful}
 
-    def computing_cores(self) -> int | None:
-        """The cores vLLM's worker computes on, from its ``core ids=[...]`` log line."""
+    def _listed(self, key: str) -> int | None:
+        """How many ids vLLM's ``key=[...]`` log line lists (None without one)."""
         for line in self.log_lines:
-            m = re.search(r"core ids=\[([0-9, ]*)\]", line)
+            m = re.search(key + r"=\[([0-9, ]*)\]", line)
             if m:
                 return len([c for c in m.group(1).split(",") if c.strip()])
         return None
+
+    def computing_cores(self) -> int | None:
+        """The cores vLLM's worker computes on, from its ``core ids=[...]`` log line."""
+        return self._listed("core ids")
+
+    def cpus_used(self) -> int | None:
+        """Computing cores plus the CPUs vLLM reserves for its frontend (``reserved_cpus=[...]``)."""
+        cores, reserved = self.computing_cores(), self._listed("reserved_cpus")
+        return None if cores is None else cores + (reserved or 0)
 
     def close(self) -> None:
         if self.proc.poll() is None:

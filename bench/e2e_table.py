@@ -31,8 +31,9 @@ def _threads(row: dict) -> str:
     peer = row.get("peer")
     if peer:
         env = {k: v for k, v in peer["env"].items() if v is not None and k != "VLLM_CPU_KVCACHE_SPACE"}
-        cores = row.get("computing_cores")
-        return (f"computes on {cores if cores is not None else '?'} core(s)"
+        cores, cpus = row.get("computing_cores"), row.get("cpus_used")
+        reserved = "" if cores is None or cpus is None or cpus == cores else f" + {cpus - cores} reserved"
+        return (f"computes on {cores if cores is not None else '?'} core(s){reserved}"
                 + "".join(f", {k}={v}" for k, v in env.items()))
     return ""
 
@@ -53,8 +54,11 @@ def dtype_table(name: str, res: dict, requests: int) -> list[str]:
     head = res["headline"]
     lines.append("")
     for c, h in head["equal_cores"].items():
-        lines.append(f"- Equal cores ({c}): {h['ours']} / {h['vllm']} (vLLM's fastest on {c} core(s)) = "
+        lines.append(f"- Equal cores ({c}): {h['ours']} / {h['vllm']} (vLLM's fastest computing on {c} core(s)) = "
                      f"**{h['ratio']:.2f}x**")
+    for c, h in head.get("equal_cpus", {}).items():
+        lines.append(f"- Equal CPUs ({c}): {h['ours']} / {h['vllm']} (vLLM's fastest occupying {c} CPU(s), its "
+                     f"frontend's included) = **{h['ratio']:.2f}x**")
     if "vs_vllm_best" in head:
         h = head["vs_vllm_best"]
         lines.append(f"- vLLM's fastest setting here: {h['vllm']} on {h['cores']} core(s); {h['ours']} / it = "

@@ -21,8 +21,10 @@ the repeats (nothing can be reused across repeats: no engine keeps a prompt's bl
 repeat runs every engine once, in turn, so that the machine's load hits all of them alike; the
 best of ``--repeats`` is reported with all times and the load average around each run.
 
-Headline: at equal cores, ours at N threads over the fastest vLLM variant computing on N cores,
-and ours over vLLM's fastest variant at its cores. Tokens are compared with ``hf_static``; where
+Headline: at equal cores, ours at N threads over the fastest vLLM variant computing on N cores;
+at equal CPUs, over the fastest vLLM variant occupying N CPUs (vLLM's default reserves one CPU
+for its frontend besides the cores it computes on); and ours over vLLM's fastest variant at its
+computing cores. Tokens are compared with ``hf_static``; where
 an engine parts from it, bench/e2e_parity.py's float32 report says whether a near-tie explains
 it (bfloat16 rounding). Results record the commit, the environment that matters, vLLM's log lines
 about threads and compilation, and the load average (``e2e_provenance``). Usage::
@@ -146,7 +148,8 @@ def run_dtype(args, dtype, folder: Path, work_dir: Path, prompts, new_tokens, va
                        "tokens_per_s": facts[ename]["useful_tokens"] / best, "times_s": times[ename],
                        "loadavg": loads[ename], **facts[ename]}
         if ename in peers:
-            rows[ename].update(peer=peers[ename].info, computing_cores=peers[ename].computing_cores())
+            rows[ename].update(peer=peers[ename].info, computing_cores=peers[ename].computing_cores(),
+                               cpus_used=peers[ename].cpus_used())
             provenance["vllm_logs"][f"{ename}_{name}"] = peers[ename].log_lines
         if "hf_static" in tokens and ename != "hf_static":
             rows[ename].update(e2e_parity.identical(tokens[ename], tokens["hf_static"]))
@@ -159,16 +162,18 @@ def run_dtype(args, dtype, folder: Path, work_dir: Path, prompts, new_tokens, va
 
 
 def headline(rows: dict) -> dict:
-    """Ours over vLLM at equal cores (the fastest vLLM variant on those cores), and ours over
-    vLLM's fastest variant at its cores."""
+    """Ours at N threads over the fastest vLLM variant computing on N cores (``equal_cores``) and
+    over the fastest occupying N CPUs, its frontend's reserved CPU included (``equal_cpus``); and
+    ours over vLLM's fastest variant at its computing cores (``vs_vllm_best``)."""
     vllm = {k: r for k, r in rows.items() if k.startswith("vllm_") and r.get("computing_cores")}
     ours = {r["computing_cores"]: (k, r) for k, r in rows.items() if k.startswith("ours_")}
-    out = {"equal_cores": {}}
-    for c, (oname, orow) in sorted(ours.items()):
-        same = [(k, r) for k, r in vllm.items() if r["computing_cores"] == c]
-        if same:
-            vname, vrow = max(same, key=lambda kv: kv[1]["tokens_per_s"])
-            out["equal_cores"][c] = {"ours": oname, "vllm": vname, "ratio": orow["tokens_per_s"] / vrow["tokens_per_s"]}
+    out = {"equal_cores": {}, "equal_cpus": {}}
+    for key, field in (("equal_cores", "computing_cores"), ("equal_cpus", "cpus_used")):
+        for c, (oname, orow) in sorted(ours.items()):
+            same = [(k, r) for k, r in vllm.items() if r.get(field) == c]
+            if same:
+                vname, vrow = max(same, key=lambda kv: kv[1]["tokens_per_s"])
+                out[key][c] = {"ours": oname, "vllm": vname, "ratio": orow["tokens_per_s"] / vrow["tokens_per_s"]}
     if vllm:
         vname, vrow = max(vllm.items(), key=lambda kv: kv[1]["tokens_per_s"])
         if vrow["computing_cores"] in ours:

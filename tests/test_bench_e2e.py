@@ -22,6 +22,7 @@ class LLM:
         reserved = int(os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", "1"))
         cores = list(range(2 - reserved))
         print(f"INFO [ompmultiprocessing.py:185] local_rank=0, core ids={cores}", flush=True)
+        print(f"INFO [ompmultiprocessing.py:185] reserved_cpus={list(range(2 - reserved, 2))}", flush=True)
         print(f"WARNING [vllm.py:1] eager={kw['enforce_eager']}: torch.compile off" if kw["enforce_eager"]
               else "INFO [compilation.py:1] torch.compile on", flush=True)
     def generate(self, prompts, params, use_tqdm=False):
@@ -69,6 +70,10 @@ def test_quick_run_with_peers_writes_json_and_markdown(tmp_path, capsys, monkeyp
         assert engines["vllm_bound"]["peer"]["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
         assert engines["vllm_compiled"]["peer"]["dtype"] == dtype
         assert engines["vllm_compiled"]["identical_requests"] == 0          # the stand-in repeats a prompt token
+        assert engines["vllm_compiled"]["cpus_used"] == 2 and engines["vllm_eager_allcores"]["cpus_used"] == 2
+        cpus = res["headline"]["equal_cpus"]["2"]   # all three vLLM runs occupy both CPUs
+        fastest = max(("vllm_compiled", "vllm_eager_allcores", "vllm_bound"), key=lambda k: engines[k]["tokens_per_s"])
+        assert cpus["vllm"] == fastest and "1" not in res["headline"]["equal_cpus"]
         eq = res["headline"]["equal_cores"]
         assert eq["2"]["vllm"] == "vllm_eager_allcores" and eq["2"]["ours"] == "ours_2thr"
         assert eq["2"]["ratio"] == engines["ours_2thr"]["tokens_per_s"] / engines["vllm_eager_allcores"]["tokens_per_s"]
@@ -77,5 +82,6 @@ def test_quick_run_with_peers_writes_json_and_markdown(tmp_path, capsys, monkeyp
         assert any("core ids=[0, 1]" in ln for ln in prov["vllm_logs"][f"vllm_eager_allcores_{dtype}"])
     table = out_md.read_text()
     assert "### float32" in table and "### bfloat16" in table and "| hf_continuous |" in table
-    assert "Equal cores (2): ours_2thr / vllm_eager_allcores" in table
+    assert "Equal cores (2): ours_2thr / vllm_eager_allcores" in table and "Equal CPUs (2): ours_2thr" in table
+    assert "computes on 1 core(s) + 1 reserved" in table
     assert table.strip() in capsys.readouterr().out
