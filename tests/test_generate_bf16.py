@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runtime
-from helpers_checkpoint import make_llama, random_prompts
+from helpers_checkpoint import make_family, make_llama, random_prompts
 from runtime.native_build import native_info
 from test_model_parity import NATIVE, mixed_step
 
@@ -33,12 +33,13 @@ def _model(path):
 
 
 def hf_greedy_tokens(hf, prompts, n):
+    """transformers' greedy tokens, one prompt at a time, stopping at EOS as generate() does."""
     outs = []
     for p in prompts:
         ids = torch.tensor([p])
         with torch.no_grad():
             seq = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                              min_new_tokens=n, pad_token_id=0)
+                              pad_token_id=0)
         outs.append(seq[0, len(p):].tolist())
     return outs
 
@@ -65,6 +66,22 @@ def test_low_precision_generate_takes_the_native_path_and_matches_transformers(t
     got = [o.outputs[0].token_ids for o in outs]
     ref = hf_greedy_tokens(hf.to(dtype), PROMPTS, 24)
     assert_parts_only_at_near_ties(hf.float(), PROMPTS, ref, got, dtype)
+
+
+@pytest.mark.parametrize("family,config", [
+    ("mistral", dict(sliding_window=8)),                                       # a window the kernel honours
+    ("qwen2", {}),                                                             # biased q/k/v projections
+    ("qwen3", dict(head_dim=32)),                                              # per-head q/k norms in torch
+    ("gemma2", dict(sliding_window=8, head_dim=64, query_pre_attn_scalar=48, attn_logit_softcapping=20.0,
+                    final_logit_softcapping=30.0)),                            # soft-caps, (1 + w) norms in fp32
+])
+def test_bf16_families_match_transformers_up_to_near_ties(tmp_path, family, config):
+    hf = make_family(tmp_path, family, hidden=128, heads=4, kv_heads=2, layers=3, init_std=0.1, **config)
+    prompts = random_prompts([5, 19, 33], 128, seed=1)
+    outs = runtime.generate(tmp_path, prompts, runtime.SamplingParams(max_tokens=16), dtype=torch.bfloat16)
+    assert outs.stats["backend"] == "native" and outs.stats["cpu_path"]["elementwise"].startswith("native")
+    ref = hf_greedy_tokens(hf.to(torch.bfloat16), prompts, 16)
+    assert_parts_only_at_near_ties(hf.float(), prompts, ref, [o.outputs[0].token_ids for o in outs], torch.bfloat16)
 
 
 def test_bf16_build_without_bf16_instructions_agrees(tmp_path):
