@@ -168,6 +168,30 @@ INLINE void vstore16(void *p, int64_t i, f32x16 v, const int T) {
         *(f32x16 *)((float *)p + i) = v;
 }
 
+/* 32 bfloat16 values from p as two float32 vectors: the even elements (0, 2, ..., 30) and the
+ * odd ones. A 32-bit lane holds an even element in its low half and the next odd one in its top
+ * half, so one load and one op per vector widen them (against a widening load and a shift per
+ * 16 in order); sums over all 32 do not care about the order, and weighted sums of rows are put
+ * back in order once at the end (vinterleave). */
+INLINE void vbf16_pairs(const uint16_t *p, f32x16 *even, f32x16 *odd) {
+    const u32x16 raw = *(const u32x16 *)p;
+    *even = (f32x16)(raw << 16);
+    *odd = (f32x16)(raw & 0xffff0000u);
+}
+
+/* Even and odd elements back in order: out[0] = elements 0-15, out[1] = 16-31. */
+INLINE void vinterleave(f32x16 even, f32x16 odd, f32x16 out[2]) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    out[0] = __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    out[1] = __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+    for (int l = 0; l < LANES; l++) {
+        out[l / 8][(2 * l) % LANES] = even[l];
+        out[l / 8][(2 * l) % LANES + 1] = odd[l];
+    }
+#endif
+}
+
 /* Elements [i, i + c) (c <= 16), the other lanes zero: a whole vector, or a row's tail through a
  * zeroed buffer (so one formula serves both). */
 INLINE f32x16 vload(const void *p, int64_t i, int64_t c, const int T) {

@@ -226,6 +226,30 @@ static inline __attribute__((always_inline)) void values_tile(
         int64_t block_size, const float *restrict work, float *restrict o, const int KT) {
     v16 acc[4][4] = {{0}};
     SlotCursor cur = cursor_at(table, block_size, start);
+    if (KT == T_BF16 && CC % 2 == 0) {  /* bfloat16 rows 32 values a load, as even and odd elements */
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *row = (const uint16_t *)v_cache + (cursor_next(&cur) * kv_heads + h) * d + c0 * LANES;
+#pragma GCC unroll 2
+            for (int c = 0; c < CC; c += 2) {
+                v16 even, odd;
+                vbf16_pairs(row + c * LANES, &even, &odd);
+#pragma GCC unroll 4
+                for (int g = 0; g < TG; g++) {
+                    const float p = work[(i0 + g) * n + t];
+                    acc[g][c] += p * even;
+                    acc[g][c + 1] += p * odd;
+                }
+            }
+        }
+        for (int g = 0; g < TG; g++)
+            for (int c = 0; c < CC; c += 2) {
+                v16 ordered[2];
+                vinterleave(acc[g][c], acc[g][c + 1], ordered);
+                *(v16 *)(o + (i0 + g) * d + (c0 + c) * LANES) = ordered[0];
+                *(v16 *)(o + (i0 + g) * d + (c0 + c + 1) * LANES) = ordered[1];
+            }
+        return;
+    }
     for (int64_t t = 0; t < n; t++) {
         const int64_t row = cursor_next(&cur) * kv_heads + h;
 #pragma GCC unroll 4
