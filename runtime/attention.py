@@ -96,6 +96,8 @@ def attend_layer(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
     npf, num_tokens = meta.num_prefill_tokens, q.shape[0]
     if npf == num_tokens and len(meta.prefills) == 1:
         return prefill_attention(q, k, v, layer, meta.prefills[0], la.scale, **opts)
+    if npf == 0:  # a decode-only step: the backend's output is the whole batch's (no copy)
+        return backend.decode(q, layer, meta, la.scale, **opts)
     out = torch.empty_like(q)
     for span in meta.prefills:
         s, e = span.start, span.end

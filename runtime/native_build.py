@@ -35,7 +35,7 @@ import torch
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
 SOURCES = tuple(NATIVE_DIR / name for name in ("paged_decode.c", "layer_ops.c"))
-HEADERS = (NATIVE_DIR / "elem.h",)
+HEADERS = (NATIVE_DIR / "elem.h", NATIVE_DIR / "decode_passes.h")
 _MATH = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
 FLAG_SETS = (  # tried in order: OpenMP threads, then without OpenMP (SIMD pragmas only)
     ([*_MATH, "-fopenmp"], ["-fopenmp", "-lm"]),

@@ -169,7 +169,8 @@ def test_triton_backend_decodes_against_float64():
     assert backend.launches == 1
 
 
-def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1, triton=False):
+def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1, backend=None,
+               triton=False):
     """One forward over a mixed batch on a garbage-filled cache of permuted, shared blocks.
 
     prompts[0] prefills its tokens after a cached prefix, prompts[1] prefills whole, prompts[2:]
@@ -178,10 +179,9 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1,
     the same physical blocks for that prefix, written once, and the later tokens of each read it
     back. Every other block is its own, drawn from a random permutation of the pool.
 
-    With ``triton`` the step runs kgen's kernel over every row in one launch per layer (the
-    prefills' keys, cached and new, read from the cache).
-
-    Returns logits of: the last token of each prefill, each decode token.
+    Returns logits of: the last token of each prefill, each decode token; decoded by ``backend``
+    (default: the torch backend). With ``triton`` the step runs kgen's kernel over every row in
+    one launch per layer (the prefills' keys, cached and new, read from the cache).
     """
     assert shared % bs == 0 and all(prompts[i][:shared] == prompts[sharers[0]][:shared] for i in sharers)
     assert all(len(prompts[i]) > shared for i in sharers)  # the shared blocks stay full and read-only
@@ -232,7 +232,7 @@ def mixed_step(model, prompts, bs, *, shared, sharers=(0, 2, 3), decode_extra=1,
                                                        dtype=torch.int32),
                              seq_lens=torch.tensor([len(prompts[i]) for i in dec], dtype=torch.int32),
                              max_seq_len=max(len(prompts[i]) for i in dec))
-    backend = TorchDecode(bs, model.config.num_key_value_heads, model.config.head_dim)
+    backend = backend or TorchDecode(bs, model.config.num_key_value_heads, model.config.head_dim)
     if triton:
         order = [0, 1] + dec  # the rows' order: the two prefills, then the decodes
         q_lens = [len(prompts[0]) - cached[0], len(prompts[1])] + [1] * len(dec)

@@ -115,3 +115,39 @@ def test_the_usual_build_says_what_it_uses():
     has_bf16 = " avx512_bf16" in flags and native_build.extra_flags() == []
     assert info["bf16_dot"] == has_bf16 and (info["isa"] == "avx512_bf16") == has_bf16
     assert info["float16"] and "-ffast-math" not in info["cflags"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_portable_avx2_build_decodes_and_rounds_like_torch(dtype):
+    """The library an AVX2 CPU gets (no AVX-512: the generic 16-lane code widens and rounds
+    bfloat16 and float16 with integer ops): decode within rounding of float64, RoPE with torch's
+    bits, SiLU x up with torch's bits but for rare one-ulp exp differences."""
+    import platform
+
+    from runtime.model.native_ops import NativeOps
+    from runtime.model.ops import rotate_half
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 build flag")
+    lib, fn = build_variant(["-march=x86-64-v3"])
+    assert lib.info["isa"] == "avx2" and lib.info["bf16_dot"] is False
+    lens = [70, 1, 33, 16, 17]
+    q, kc, vc, tables, seq_lens, meta, backend = decode_case(dtype, 16, 2, 4, 64, lens, seed=13)
+    backend.fn = fn
+    prepare_on_threads(backend, meta, 2)
+    out = backend.decode(q, LayerKV(kc, vc, 1.0, 1.0, dtype), meta, scale=0.125, logits_soft_cap=2.0)
+    assert_rounded_close(out, reference_decode(q, kc, vc, tables, seq_lens, 0.125, cap=2.0), dtype)
+    ops = NativeOps(lib, dtype)
+    g = torch.Generator().manual_seed(2)
+    qk = (torch.randn(9, 10, 40, generator=g) * 3).to(dtype)          # half 20: a 4-lane tail
+    emb = torch.rand(9, 20, generator=g).repeat(1, 2) * 50
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    want = qk * cos + rotate_half(qk) * sin
+    assert torch.equal(ops.rope_(qk, cos, sin), want)
+    gate_up = (torch.randn(7, 2 * 100, generator=g) * 4).to(dtype)
+    gate_up[0, :3] = torch.tensor([-200.0, 200.0, float("nan")])
+    gate, up = gate_up.chunk(2, dim=-1)
+    got, want = ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up
+    assert got[0, 2].isnan() and torch.equal(got[0, :2], want[0, :2])
+    apart = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()[want.isfinite()]
+    assert int(apart.max()) <= 1 and float((apart > 0).float().mean()) <= 0.01

@@ -174,4 +174,3 @@ class DecoderModel:
         if self.native_ops is not None:
             return self.native_ops.rope_(qk, cos, sin)
         return qk * cos + rotate_half(qk) * sin
-

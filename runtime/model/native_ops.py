@@ -96,7 +96,7 @@ class NativeOps:
         if x.stride(2) != 1 or x.stride(1) != d or x.dtype != self.dtype:
             raise ValueError(f"rope_: x {tuple(x.shape)} {x.dtype} strides {x.stride()} need contiguous "
                              f"{self.dtype} heads")
-        cos, sin = cos.reshape(tokens, d).to(self.dtype).contiguous(), sin.reshape(tokens, d).to(self.dtype).contiguous()
+        cos, sin = (t.reshape(tokens, d).to(self.dtype).contiguous() for t in (cos, sin))
         _call(self.rope_fn, x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, heads, d,
               torch.get_num_threads(), self.code)
         return x

@@ -168,6 +168,30 @@ INLINE void vstore16(void *p, int64_t i, f32x16 v, const int T) {
         *(f32x16 *)((float *)p + i) = v;
 }
 
+/* 32 bfloat16 values from p as two float32 vectors: the even elements (0, 2, ..., 30) and the
+ * odd ones. A 32-bit lane holds an even element in its low half and the next odd one in its top
+ * half, so one load and one op per vector widen them (against a widening load and a shift per
+ * 16 in order); sums over all 32 do not care about the order, and weighted sums of rows are put
+ * back in order once at the end (vinterleave). */
+INLINE void vbf16_pairs(const uint16_t *p, f32x16 *even, f32x16 *odd) {
+    const u32x16 raw = *(const u32x16 *)p;
+    *even = (f32x16)(raw << 16);
+    *odd = (f32x16)(raw & 0xffff0000u);
+}
+
+/* Even and odd elements back in order: out[0] = elements 0-15, out[1] = 16-31. */
+INLINE void vinterleave(f32x16 even, f32x16 odd, f32x16 out[2]) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    out[0] = __builtin_shufflevector(even, odd, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    out[1] = __builtin_shufflevector(even, odd, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#else
+    for (int l = 0; l < LANES; l++) {
+        out[l / 8][(2 * l) % LANES] = even[l];
+        out[l / 8][(2 * l) % LANES + 1] = odd[l];
+    }
+#endif
+}
+
 /* Elements [i, i + c) (c <= 16), the other lanes zero: a whole vector, or a row's tail through a
  * zeroed buffer (so one formula serves both). */
 INLINE f32x16 vload(const void *p, int64_t i, int64_t c, const int T) {
@@ -242,10 +266,10 @@ INLINE void hsum4(const f32x16 a[4], float out[4]) {
     typedef float v8 __attribute__((vector_size(32)));
     typedef float v4 __attribute__((vector_size(16)));
     /* [a0 | a1] with each 256-bit half folded: lanes 0-7 partials of a0, 8-15 of a1 */
-    const f32x16 p01 = __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                       __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    const f32x16 p23 = __builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-                       __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+#define FOLD(x, y) (__builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) + \
+                    __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+    const f32x16 p01 = FOLD(a[0], a[1]), p23 = FOLD(a[2], a[3]);
+#undef FOLD
     /* lanes 4g..4g+3: four partials of a[g] */
     const f32x16 q = __builtin_shufflevector(p01, p23, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                      __builtin_shufflevector(p01, p23, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);

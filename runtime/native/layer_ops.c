@@ -19,7 +19,12 @@
 
 #include "elem.h"
 
-#define PARALLEL_MIN 32768 /* elements: below this one thread finishes before others would wake */
+/* Elements below which a call runs on the calling thread: at a decode step's 64 rows of the e2e
+ * model RMSNorm (32K elements) and RoPE (41K) took as long on 2 threads as on 1
+ * (bench/results/cpu_kernels.md), so waking a second thread only added a barrier, and a barrier
+ * costs a whole time slice when another process holds the partner's core; SiLU x up (88K) still
+ * gained (0.042 -> 0.024 ms) and still splits. */
+#define PARALLEL_MIN 65536
 
 /* One row: x += delta, then (w != NULL) out = norm(x) * w. A weight of the row's type T is
  * Llama's w * round(norm(x)) (two roundings); a float32 weight WT with a lower-precision T is

@@ -3,12 +3,12 @@
  * copy).
  *
  * Per sequence, two passes. Scores: slot by slot, all KV heads of a slot at once (a block is read
- * front to back), each K chunk loaded once for up to 4 query heads of its group; the K rows AHEAD
- * slots on and the slot's V rows are prefetched, since blocks sit anywhere in the pool and the
+ * front to back), each K chunk loaded once for up to 4 query heads of its group; the K rows 4 KB
+ * on and the slot's V rows are prefetched, since blocks sit anywhere in the pool and the
  * hardware prefetcher cannot guess the next one. Softmax per head over its row of scores. Values:
  * per KV head, up to 4 query heads x 64 output floats are held in vector registers while the V
- * rows (now in L2) stream past once. Times per layer against the torch backend:
- * bench/results/cpu_kernels.md.
+ * rows (now in L2) stream past once (the passes live in decode_passes.h). Times per layer against
+ * the torch backend: bench/results/cpu_kernels.md.
  *
  * Element types (elem.h): q and out float32, bfloat16 or float16; the cache float32, bfloat16,
  * float16 or fp8 codes with a 256-entry table `lut` giving each code's value. All arithmetic is
@@ -42,9 +42,10 @@
  * NaN or +inf score makes the head's output NaN.
  *
  * Returns 0 after writing `out`, or before reading anything (then `out` is left as it was) a
- * positive code (decode_error() below): a shape it cannot run, or the first sequence whose live
- * range is wrong (start outside [0, len], len beyond the table's table_stride * block_size
- * positions), names a block outside [0, num_blocks), or needs more scratch than work_stride.
+ * positive code (runtime/decode_native.py names each): a shape it cannot run, or the first
+ * sequence whose live range is wrong (start outside [0, len], len beyond the table's
+ * table_stride * block_size positions), names a block outside [0, num_blocks), or needs more
+ * scratch than work_stride.
  */
 #include <float.h>
 #include <math.h>
@@ -52,12 +53,6 @@
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
-#define KGEN_DPBF16 1
-#else
-#define KGEN_DPBF16 0
 #endif
 
 #include "elem.h"
@@ -70,197 +65,7 @@
 enum { E_SHAPE = 1, E_TYPE = 2, E_SEQ = 16 };
 enum { K_BLOCK = 0, K_RANGE = 1, K_WORK = 2 };
 
-typedef f32x16 v16;
-#define AHEAD 8 /* slots; 4-32 measured within 6% of each other on the mixed benchmark's batch */
-
-/* Chunk `c` (16 values) of a K or V row of a cache of type KT, as floats: a float32 load, a
- * bfloat16 or float16 widened, or fp8 codes looked up in `lut`. */
-INLINE v16 load16(const void *restrict cache, const float *restrict lut, int64_t row, int64_t d, int64_t c,
-                  const int KT) {
-    const int64_t at = row * d + c * LANES;
-    if (KT == T_FP8) {
-        const uint8_t *codes = (const uint8_t *)cache + at;
-        v16 x;
-        for (int l = 0; l < LANES; l++)
-            x[l] = lut[codes[l]];
-        return x;
-    }
-    return vload16(cache, at, KT);
-}
-
-/* Walks a sequence's slots position by position, block by block (no division per position). */
-typedef struct {
-    const int32_t *table;
-    int64_t block_size, blk, off, slot;
-} SlotCursor;
-
-static inline SlotCursor cursor_at(const int32_t *table, int64_t block_size, int64_t pos) {
-    SlotCursor c = {table, block_size, pos / block_size, pos % block_size, 0};
-    c.slot = (int64_t)table[c.blk] * block_size + c.off;
-    return c;
-}
-
-/* The slot of the cursor's position, then one position on. */
-static inline int64_t cursor_next(SlotCursor *c) {
-    if (c->off == c->block_size) {
-        c->off = 0;
-        c->slot = (int64_t)c->table[++c->blk] * c->block_size;
-    }
-    c->off++;
-    return c->slot++;
-}
-
-/* The K and V rows of the slot `t` positions on are prefetched (K rows AHEAD slots on). */
-static inline __attribute__((always_inline)) void prefetch_rows(const void *restrict k_cache,
-                                                                const void *restrict v_cache, int64_t slot,
-                                                                SlotCursor *pre, int ahead_left, int64_t row_bytes) {
-    const char *vrow = (const char *)v_cache + slot * row_bytes;
-    for (int64_t b = 0; b < row_bytes; b += 64)
-        __builtin_prefetch(vrow + b, 0, 2);
-    if (ahead_left) {
-        const char *krow = (const char *)k_cache + cursor_next(pre) * row_bytes;
-        for (int64_t b = 0; b < row_bytes; b += 64)
-            __builtin_prefetch(krow + b, 0, 3);
-    }
-}
-
-/* Scores of every query head against the n K rows, slot by slot (a slot's K rows for all KV heads
- * are contiguous, so each block is read front to back); work[i * n + t] = scale * q_i . k_t, with
- * q float32. The slot's V rows are prefetched for the values pass. */
-static inline __attribute__((always_inline)) void scores_all(
-        const float *restrict qs, const void *restrict k_cache, const void *restrict v_cache,
-        const float *restrict lut, const int32_t *restrict table, int64_t start, int64_t n, int64_t heads,
-        int64_t kv_heads, const int64_t NC, int64_t block_size, float scale, float *restrict work, const int KT) {
-    const int64_t d = NC * LANES, group = heads / kv_heads;
-    const int64_t row_bytes = kv_heads * d * (int64_t)type_size(KT);
-    SlotCursor cur = cursor_at(table, block_size, start);
-    const int64_t ahead = AHEAD < n ? AHEAD : n;  /* K rows are prefetched this many slots ahead */
-    SlotCursor pre = cursor_at(table, block_size, start + ahead - (ahead == n));
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t slot = cursor_next(&cur);
-        prefetch_rows(k_cache, v_cache, slot, &pre, t + ahead < n, row_bytes);
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const int64_t row = slot * kv_heads + h;
-            int64_t i = h * group;
-            for (; i + 4 <= (h + 1) * group; i += 4) {
-                v16 acc[4] = {0};
-                for (int64_t c = 0; c < NC; c++) {
-                    const v16 k = load16(k_cache, lut, row, d, c, KT);
-#pragma GCC unroll 4
-                    for (int g = 0; g < 4; g++)
-                        acc[g] += *(const v16 *)(qs + (i + g) * d + c * LANES) * k;
-                }
-                float sums[4];
-                hsum4(acc, sums);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++)
-                    work[(i + g) * n + t] = sums[g] * scale;
-            }
-            for (; i < (h + 1) * group; i++) {
-                v16 acc = {0};
-                for (int64_t c = 0; c < NC; c++)
-                    acc += *(const v16 *)(qs + i * d + c * LANES) * load16(k_cache, lut, row, d, c, KT);
-                work[i * n + t] = hsum(acc) * scale;
-            }
-        }
-    }
-}
-
-#if KGEN_DPBF16
-/* scores_all for a bfloat16 q (qb, [heads, d]) against a bfloat16 cache: VDPBF16PS multiplies 32
- * bfloat16 pairs (exactly, in float32) and adds each pair's sum into 16 float32 lanes. */
-static inline __attribute__((always_inline)) void scores_all_dpbf16(
-        const uint16_t *restrict qb, const uint16_t *restrict k_cache, const void *restrict v_cache,
-        const int32_t *restrict table, int64_t start, int64_t n, int64_t heads, int64_t kv_heads, const int64_t NC,
-        int64_t block_size, float scale, float *restrict work) {
-    const int64_t d = NC * LANES, group = heads / kv_heads, row_bytes = kv_heads * d * 2;
-    SlotCursor cur = cursor_at(table, block_size, start);
-    const int64_t ahead = AHEAD < n ? AHEAD : n;
-    SlotCursor pre = cursor_at(table, block_size, start + ahead - (ahead == n));
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t slot = cursor_next(&cur);
-        prefetch_rows(k_cache, v_cache, slot, &pre, t + ahead < n, row_bytes);
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const uint16_t *krow = k_cache + (slot * kv_heads + h) * d;
-            int64_t i = h * group;
-            for (; i + 4 <= (h + 1) * group; i += 4) {
-                f32x16 acc[4] = {{0}};
-                for (int64_t c = 0; c < NC; c += 2) {  /* 32 values a step: d is a multiple of 32 here */
-                    const __m512bh k = (__m512bh)_mm512_loadu_si512(krow + c * LANES);
-#pragma GCC unroll 4
-                    for (int g = 0; g < 4; g++)
-                        acc[g] = (f32x16)_mm512_dpbf16_ps((__m512)acc[g],
-                                                          (__m512bh)_mm512_loadu_si512(qb + (i + g) * d + c * LANES), k);
-                }
-                float sums[4];
-                hsum4(acc, sums);
-#pragma GCC unroll 4
-                for (int g = 0; g < 4; g++)
-                    work[(i + g) * n + t] = sums[g] * scale;
-            }
-            for (; i < (h + 1) * group; i++) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t c = 0; c < NC; c += 2)
-                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + i * d + c * LANES),
-                                           (__m512bh)_mm512_loadu_si512(krow + c * LANES));
-                work[i * n + t] = _mm512_reduce_add_ps(acc) * scale;
-            }
-        }
-    }
-}
-#endif
-
-/* o[i] = sum_t p_i[t] v_t for query heads [i0, i0 + TG) of KV head h over V chunks [c0, c0 + CC):
- * TG x CC vector accumulators stay in registers while each V chunk is loaded once. */
-static inline __attribute__((always_inline)) void values_tile(
-        const void *restrict v_cache, const float *restrict lut, const int32_t *restrict table, int64_t start,
-        int64_t n, int64_t kv_heads, int64_t h, int64_t i0, const int TG, int64_t c0, const int CC, int64_t d,
-        int64_t block_size, const float *restrict work, float *restrict o, const int KT) {
-    v16 acc[4][4] = {{0}};
-    SlotCursor cur = cursor_at(table, block_size, start);
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t row = cursor_next(&cur) * kv_heads + h;
-#pragma GCC unroll 4
-        for (int c = 0; c < CC; c++) {
-            const v16 v = load16(v_cache, lut, row, d, c0 + c, KT);
-#pragma GCC unroll 4
-            for (int g = 0; g < TG; g++)
-                acc[g][c] += work[(i0 + g) * n + t] * v;
-        }
-    }
-    for (int g = 0; g < TG; g++)
-        for (int c = 0; c < CC; c++)
-            *(v16 *)(o + (i0 + g) * d + (c0 + c) * LANES) = acc[g][c];
-}
-
-/* Softmax numerators of one head's n scores in place, with torch's rule for non-finite scores
- * (see the top of the file); returns their sum, or 0 when the head attends to nothing. */
-static inline float softmax_row(float *restrict w, int64_t n, float soft_cap) {
-    if (soft_cap > 0.0f) {
-        const float inv = 1.0f / soft_cap;
-        for (int64_t t = 0; t < n; t++)
-            w[t] = soft_cap * tanhf(w[t] * inv);
-    }
-    v16 mv = (v16){0} - INFINITY;  /* x > m is false for NaN: NaN scores never become the maximum */
-    for (int64_t t = 0; t < n; t += LANES) {
-        const int64_t c = CHUNK(n, t);
-        const v16 x = vload(w, t, c, T_F32);
-        mv = (v16)vselect(vfirst(c) & (x > mv), (u32x16)x, (u32x16)mv);
-    }
-    float m = -INFINITY;
-    for (int l = 0; l < LANES; l++)
-        m = mv[l] > m ? mv[l] : m;
-    if (m == -INFINITY)
-        return 0.0f;
-    v16 tot = {0};
-    for (int64_t t = 0; t < n; t += LANES) {
-        const int64_t c = CHUNK(n, t);
-        const v16 e = (v16)vselect(vfirst(c), (u32x16)vexp(vload(w, t, c, T_F32) - m), usplat(0));
-        vstore(w, t, e, c, T_F32);
-        tot += e;
-    }
-    return hsum(tot);
-}
+#include "decode_passes.h"
 
 /* One sequence, all its heads, d = NC * 16: scores, softmax, values (see the top of the file).
  * q and o are float32 here; qb is the bfloat16 q when the caller has one (the VDPBF16PS scores). */
