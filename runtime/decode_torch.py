@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.config import layer_windows
-from runtime.sdpa import attend
+from runtime.sdpa import attend, attend_padded
 
 GROUP_TOKENS = 4096
 """Most ``sequences x padded length`` rows one group gathers: 2k-8k were alike on the 2-core EPYC;
@@ -42,7 +42,7 @@ one group for the whole 64-sequence mixed batch (the old path) is 2.1x slower on
 class _Group:
     rows: torch.Tensor | None      # int64 [b]: which decode rows; None = all rows in order
     gather: torch.Tensor           # int64 [b * kvh * S]: cache rows of head_dim values
-    bias: torch.Tensor | None      # [b, 1, 1, S] additive mask, None when no padding
+    bias: torch.Tensor | None      # [b, 1, 1, S] bool, True where live; None when no padding
     size: int
     length: int
 
@@ -107,10 +107,8 @@ class TorchDecode:
             blocks = tables.index_select(0, rows).long().gather(1, pos // bs)
             gather = ((blocks * bs + pos % bs)[:, None, :] * kvh + heads).reshape(-1)
             bias = None
-            if int(cnt.min()) < length:
-                pad = offs >= cnt[:, None]
-                bias = torch.zeros(pad.shape, dtype=self.dtype, device=dev).masked_fill_(pad, float("-inf"))
-                bias = bias[:, None, None, :]
+            if int(cnt.min()) < length:  # [b, 1, 1, S]: True where a position is live
+                bias = (offs < cnt[:, None])[:, None, None, :]
             whole = i == 0 and j == len(sorted_counts) and bool((order == torch.arange(j, device=dev)).all())
             groups.append(_Group(None if whole else rows, gather, bias, j - i, length))
         return groups
@@ -134,7 +132,10 @@ class TorchDecode:
                 k, v = k.to(q.dtype), v.to(q.dtype)
             qg = q if g.rows is None else q.index_select(0, g.rows)
             qg = qg.reshape(g.size, kvh, heads // kvh, d)                           # [b, kvh, g, D]
-            o = attend(qg, k, v, g.bias, scale * layer.k_scale, logits_soft_cap)
+            if g.bias is None:
+                o = attend(qg, k, v, None, scale * layer.k_scale, logits_soft_cap)
+            else:  # padded rows: SDPA's answer for an unpadded row, also for NaN scores
+                o = attend_padded(qg, k, v, g.bias, scale * layer.k_scale, logits_soft_cap)
             o = o.reshape(g.size, heads, d)
             if layer.v_scale != 1.0:
                 o = o * layer.v_scale
