@@ -87,8 +87,8 @@ def test_padded_attention_answers_as_sdpa_does_for_each_unpadded_row():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(3, 2, 4, 16, generator=gen) for _ in range(3))
     k[0, 1, :, 5] = float("nan")   # sequence 0, KV head 1: every score NaN
-    k[2, 0, 1] = float("inf")      # sequence 2: an inf key in its padding only
-    lens = [5, 16, 2]
+    k[2, 0, 3] = float("inf")      # sequence 2 (length 2): an inf key in its padding only
+    lens = [4, 16, 2]   # sequence 0 sees only its four NaN keys
     k, v = torch.cat([k, torch.randn(3, 2, 12, 16, generator=gen)], 2), \
         torch.cat([v, torch.randn(3, 2, 12, 16, generator=gen)], 2)
     visible = (torch.arange(16)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
