@@ -115,6 +115,12 @@ def run_hf_continuous(model, prompts, new_tokens, block_size=16):
     return tokens, elapsed, facts
 
 
+PEER_KV_GIB = 1
+"""vLLM's KV cache space per peer (GiB). The mixed workload's whole cache, every request at its
+longest at once, is under 0.5 GiB in fp32; four peers live side by side during a run, and at 4 GiB
+each they filled a 24 GiB machine and swapped."""
+
+
 class VllmPeer:
     """A vllm_peer.py worker in vLLM's venv: started once, one timed ``generate`` per ``run()``.
 
@@ -126,8 +132,8 @@ class VllmPeer:
                  work_dir: Path, max_model_len: int, tag: str) -> None:
         spec = work_dir / f"vllm_workload_{tag}.json"
         spec.write_text(json.dumps({"prompts": prompts, "max_tokens": new_tokens, "max_model_len": max_model_len,
-                                    "kv_cache_gib": int(env.get("VLLM_CPU_KVCACHE_SPACE", 4)), **settings}))
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_PLUGINS": "", **env}
+                                    "kv_cache_gib": int(env.get("VLLM_CPU_KVCACHE_SPACE", PEER_KV_GIB)), **settings}))
+        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(PEER_KV_GIB), "VLLM_PLUGINS": "", **env}
         self.settings, self.extra_env, self.log_lines = dict(settings), dict(env), []
         self.useful = sum(new_tokens)
         self.log_path = work_dir / f"vllm_{tag}.log"
