@@ -4,11 +4,11 @@ How a figure is written (docs/benchmarks.md says the same for writers)
 -----------------------------------------------------------------------
 A measured figure is a Markdown link to its results JSON whose *title* names the field::
 
-    ours ran [1252 tok/s][e2e-ours] on two cores ...
+    ours ran [1619 tok/s][e2e-ours] on two cores ...
 
-    [e2e-ours]: ../bench/results/e2e_throughput.json "engines.ours.tokens_per_s"
+    [e2e-ours]: ../bench/results/e2e_throughput.json "dtypes.bfloat16.engines.ours_2thr.tokens_per_s"
 
-(or inline: ``[1252 tok/s](bench/results/e2e_throughput.json "engines.ours.tokens_per_s")``).
+(or inline: ``[1619 tok/s](bench/results/e2e_throughput.json "dtypes.bfloat16.engines.ours_2thr.tokens_per_s")``).
 Rendered, the figure is a link to its results file and the field shows on hover; reference
 definitions, kept at the bottom of each page, are invisible. The field is a path into the JSON:
 
@@ -185,10 +185,10 @@ def test_a_changed_or_missing_results_file_fails(tmp_path):
     tie = next(t for t in all_ties(root) if "e2e_throughput" in t.target)
     results = (tie.doc.parent / tie.target).resolve()
     rerun = json.loads(results.read_text())
-    rerun["engines"]["ours"]["tokens_per_s"] *= 1.1  # the file is rewritten by a new run
+    rerun["dtypes"]["bfloat16"]["engines"]["ours_2thr"]["tokens_per_s"] *= 1.1  # rewritten by a new run
     results.write_text(json.dumps(rerun))
     problems = check(doc_paths(root), template_hash())
-    assert any("engines.ours.tokens_per_s" in p and "changed" in p for p in problems), problems
+    assert any("engines.ours_2thr.tokens_per_s" in p and "changed" in p for p in problems), problems
     results.unlink()
     problems = check(doc_paths(root), template_hash())
     assert any("no such results file" in p for p in problems), problems
