@@ -27,6 +27,12 @@ SAMPLE = [  # (variant, target): fp16, bf16, e5m2 on sm_80, e4m3 on sm_90, featu
     (_default(head_dim=128, group_size=4, dtype="fp16", kv_dtype="fp8_e5m2", features=ALL), "sm_80"),
     (_default(head_dim=128, group_size=8, dtype="bf16", kv_dtype="fp8_e4m3", features=ALL), "sm_90"),
     (_default(head_dim=256, group_size=3, dtype="bf16", features=ALL).replace(block_size=1), "sm_80"),
+    # defaults the full sweep once found spilling (fp32 one-token blocks spilled 352 B on sm_90;
+    # padded head dims at group 16 and head dims padded to 256 spilled with two stages)
+    (default_attention_config(head_dim=128, block_size=1, group_size=8, dtype="fp32"), "sm_90"),
+    (default_attention_config(head_dim=64, block_size=1, group_size=3, dtype="fp32"), "sm_80"),
+    (default_attention_config(head_dim=96, block_size=128, group_size=16, dtype="bf16"), "sm_80"),
+    (default_attention_config(head_dim=192, block_size=16, group_size=3, dtype="fp16"), "sm_90"),
 ]
 
 
