@@ -119,11 +119,12 @@ def default_attention_config(*, head_dim: int, block_size: int, group_size: int,
     segments ``auto`` (planned per call: one pass when the batch fills the GPU, many segments for a
     few long decodes). 16-bit queries: 64-row q tiles with 64-token key tiles over 8 warps (prefill
     tiles that read each K/V tile once per 64 / group query tokens; short queries use a row tile
-    sized to them whatever q_tile is), 32-row tiles with 32-token key tiles at head dims padded to
-    256; 2 stages, except one at head dims padded to 256 and at groups of 16 or more, where the
-    second stage's K/V tile spilled. fp32 queries: 16-row tiles, 32-token key tiles, 8 warps, one
-    stage (4 warps or 2 stages spilled up to 352 B on sm_90 with one-token blocks). An fp8 cache
-    keeps at least 16 fp8 elements per thread in a key tile (one 16-byte load).
+    sized to them whatever q_tile is), 2 stages (one at groups of 16 or more, where the second
+    stage spilled at padded head dims); at head dims padded to 256, 32-row tiles with 16-token key
+    tiles (32-token ones spilled with 2 stages, and with 1 stage once every feature was on). fp32
+    queries: 16-row tiles, 32-token key tiles, 8 warps, one stage (4 warps spilled up to 352 B on
+    sm_90 with one-token blocks). An fp8 cache keeps at least 16 fp8 elements per thread in a key
+    tile (one 16-byte load).
     """
     dtype, kv_dtype = normalize_dtype(dtype), normalize_kv_dtype(kv_dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
@@ -132,7 +133,7 @@ def default_attention_config(*, head_dim: int, block_size: int, group_size: int,
     elif d_pad <= 128:
         q_tile, tile, warps, stages = 64, 64, 8, (1 if group_size >= 16 else 2)
     else:
-        q_tile, tile, warps, stages = 32, 32, 8, 1
+        q_tile, tile, warps, stages = 32, 16, 8, 2
     if kv_dtype != "auto":
         tile = max(tile, VECTOR_BYTES * 32 * warps // d_pad)
     config = AttentionVariantConfig(

@@ -58,11 +58,12 @@ def test_attention_variant_passes_the_audit(results, index):
     # every row-tile shape the launcher may launch was compiled: 2D and segmented kernels with
     # 16 rows and with the q tile (one when they coincide), the merge's narrow and wide steps
     names = [k.name for k in result.kernels]
-    assert names.count("_merge_kernel") == 2 and names.count("_attention_kernel") == 2
-    assert names.count("_attention_segment_kernel") == 2
+    tiles = 1 if config.q_tile == 16 else 2
+    assert names.count("_merge_kernel") == 2 and names.count("_attention_kernel") == tiles
+    assert names.count("_attention_segment_kernel") == tiles
     assert len(plan_shapes(config)) == 5
     dots = [k for k in result.kernels if k.kv_load_bits]  # the kernels that read K/V attend
-    assert dots and all(k.mma_instructions > 0 for k in dots)
+    assert dots and (config.dtype == "fp32" or all(k.mma_instructions > 0 for k in dots))  # 16-bit: tensor cores
     assert result.mma_instructions == sum(k.mma_instructions for k in result.kernels)
     assert passes(result) and failures(result) == []
     assert AuditResult.from_dict(json.loads(result.to_json())) == result
