@@ -114,26 +114,33 @@ def default_attention_config(*, head_dim: int, block_size: int, group_size: int,
                              kv_dtype="auto", features=(), split_k="auto") -> AttentionVariantConfig:
     """A sound untuned variant for a workload shape (any query lengths).
 
-    Rule (checked by the full static audit sweep, ``bench/results/audit_sweep_attention_defaults.md``:
-    no spill, 16-byte K/V loads, tensor-core dots for 16-bit queries, on sm_80 and sm_90):
-    segments ``auto`` (planned per call: one pass when the batch fills the GPU, many segments for a
-    few long decodes). 16-bit queries: 64-row q tiles with 64-token key tiles over 8 warps (prefill
-    tiles that read each K/V tile once per 64 / group query tokens; short queries use a row tile
-    sized to them whatever q_tile is), 2 stages (one at groups of 16 or more, where the second
-    stage spilled at padded head dims); at head dims padded to 256, 32-row tiles with 16-token key
-    tiles (32-token ones spilled with 2 stages, and with 1 stage once every feature was on). fp32
-    queries: 16-row tiles, 32-token key tiles, 8 warps, one stage (4 warps spilled up to 352 B on
-    sm_90 with one-token blocks). An fp8 cache keeps at least 16 fp8 elements per thread in a key
-    tile (one 16-byte load).
+    Rule (checked by the static audit sweep ``bench/results/audit_sweep_attention_defaults.md``, on
+    sm_80 and sm_90: 16-byte K/V loads and tensor-core dots everywhere; the few defaults that
+    still spill a few bytes are listed there): segments ``auto`` (planned per call: one pass when
+    the batch fills the GPU, many segments for a few long decodes). 16-bit queries: 64-row q tiles
+    with 64-token key tiles over 8 warps (prefill tiles that read each K/V tile once per 64 / group
+    query tokens; short queries use a row tile sized to them whatever q_tile is), 2 stages, one at
+    groups of 16 or more; at head dims padded to 256, 32-row tiles with 16-token key tiles.
+    fp32 queries: 16-row tiles and 32-token key tiles over 4 warps (8 at groups of 16), 2 stages;
+    16-token key tiles over 8 warps at head dims padded to 256; with one-token blocks 32-token
+    tiles over 8 warps and one stage (4 warps spilled up to 352 B on sm_90); one stage over an fp8
+    cache at head dims padded to 128+ (see :func:`kgen.space.prune_fp32_fp8_stages`). An fp8
+    cache keeps at least 16 fp8 elements per thread in a key tile (one 16-byte load).
     """
     dtype, kv_dtype = normalize_dtype(dtype), normalize_kv_dtype(kv_dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
-    if dtype == "fp32":
+    if dtype != "fp32" and d_pad <= 128:
+        q_tile, tile, warps, stages = 64, 64, 8, (1 if group_size >= 16 else 2)
+    elif dtype != "fp32":
+        q_tile, tile, warps, stages = 32, 16, 8, 2
+    elif block_size == 1:  # a page per token: 4 warps or 2 stages spilled up to 352 B on sm_90
         q_tile, tile, warps, stages = 16, 32, 8, 1
     elif d_pad <= 128:
-        q_tile, tile, warps, stages = 64, 64, 8, (1 if group_size >= 16 else 2)
+        q_tile, tile, warps, stages = 16, 32, 8 if group_size >= 16 else 4, 2
     else:
-        q_tile, tile, warps, stages = 32, 16, 8, 2
+        q_tile, tile, warps, stages = 16, 16, 8, 2
+    if dtype == "fp32" and kv_dtype != "auto" and d_pad >= 128:
+        stages = 1  # see kgen.space.prune_fp32_fp8_stages
     if kv_dtype != "auto":
         tile = max(tile, VECTOR_BYTES * 32 * warps // d_pad)
     config = AttentionVariantConfig(
