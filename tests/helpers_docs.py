@@ -142,6 +142,18 @@ def _load(path: Path, cache: dict):
     return cache[path]
 
 
+def family_hash(data: dict, decode_hash: str) -> str:
+    """Today's template hash for the kernel family a results file was made from: ``decode_hash``
+    for the decode family (files without a ``kernel`` field are decode's), the family's own
+    template hash otherwise (each family's hash covers only its own templates)."""
+    family = data.get("kernel") or "decode"
+    if family == "decode":
+        return decode_hash
+    from kgen.paths import template_hash
+
+    return template_hash(family)
+
+
 def check_tie(tie: Tie, current_hash: str, cache: dict) -> list[str]:
     where = f"{tie.doc.name}: [{tie.text}]({tie.target})"
     figures = FIGURE.findall(tie.text)
@@ -168,6 +180,7 @@ def check_tie(tie: Tie, current_hash: str, cache: dict) -> list[str]:
                         f"(the results file changed, or the figure was swapped or moved)")
     made_with = data.get("template_hash") if isinstance(data, dict) else None
     if made_with:
+        current_hash = family_hash(data, current_hash)
         stale = made_with != current_hash
         labelled = STALE_WORDS in tie.block and made_with[:8] in tie.block
         if stale and not labelled:

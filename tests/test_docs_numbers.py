@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_docs import blocks, check, printed_matches, resolve, ties
+from helpers_docs import blocks, check, family_hash, printed_matches, resolve, ties
 from kgen.paths import template_hash
 
 REPO = Path(__file__).resolve().parent.parent
@@ -232,11 +232,27 @@ def test_results_of_other_templates_must_be_labelled_stale(tmp_path):
     assert any("drop the label" in p for p in problems), problems
 
 
+def test_staleness_follows_each_results_files_kernel_family(tmp_path):
+    """An attention-family result is judged by the attention templates' hash, not decode's."""
+    root = copy_tree(tmp_path)
+    tie = next(t for t in all_ties(root) if t.target.endswith("audit_sweep_attention_defaults.json"))
+    results = (tie.doc.parent / tie.target).resolve()
+    data = json.loads(results.read_text())
+    assert data["kernel"] == "attention" and data["template_hash"] != template_hash()
+    mine = lambda problems: [p for p in problems if f"[{tie.text}]" in p and "templates" in p]  # noqa: E731
+    data["template_hash"] = template_hash("attention")
+    results.write_text(json.dumps(data))
+    assert mine(check([tie.doc], template_hash())) == []
+    data["template_hash"] = template_hash()  # the decode family's: stale for an attention file
+    results.write_text(json.dumps(data))
+    assert any("older templates" in p for p in mine(check([tie.doc], template_hash())))
+
+
 def test_the_docs_label_every_stale_result_they_quote(tmp_path):
     """On the real docs: dropping the labels makes each stale figure fail, naming its hash."""
-    made_with = {t.target: json.loads((t.doc.parent / t.target).resolve().read_text()).get("template_hash")
-                 for t in all_ties(REPO)}
-    stale = {target: h for target, h in made_with.items() if h and h != template_hash()}
+    data = {t.target: json.loads((t.doc.parent / t.target).resolve().read_text()) for t in all_ties(REPO)}
+    stale = {target: d["template_hash"] for target, d in data.items()
+             if d.get("template_hash") and d["template_hash"] != family_hash(d, template_hash())}
     if not stale:
         pytest.skip("the docs quote no result made with older templates")
     root = copy_tree(tmp_path)
