@@ -46,7 +46,17 @@ def _timer(totals: dict, name: str, fn):
 
 
 def run_batch(loaded, batch: int, prompt: int, warmup: int, steps: int, threads: int) -> dict:
-    """``steps`` decode-only steps of ``batch`` sequences; seconds per phase and per step."""
+    """``steps`` decode-only steps of ``batch`` sequences on ``threads`` torch threads (warm-up
+    included; the caller's count is restored); seconds per phase and per step."""
+    import torch
+
+    from runtime.threads import torch_threads
+
+    with torch_threads(threads), torch.inference_mode():
+        return _timed_steps(loaded, batch, prompt, warmup, steps)
+
+
+def _timed_steps(loaded, batch: int, prompt: int, warmup: int, steps: int) -> dict:
     import torch
 
     import runtime.engine as engine_mod
@@ -74,12 +84,10 @@ def run_batch(loaded, batch: int, prompt: int, warmup: int, steps: int, threads:
     original_build = engine_mod.build_batch
     engine_mod.build_batch = _timer(totals, "batch", original_build)
     try:
-        with torch.inference_mode():
-            torch.set_num_threads(threads)
-            start = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        elapsed = time.perf_counter() - start
     finally:
         engine_mod.build_batch = original_build
     totals["other"] = elapsed - sum(v for k, v in totals.items() if k != "other")

@@ -21,7 +21,10 @@ def test_fit_recovers_a_line_and_its_least_squares_slope():
 
 
 def test_quick_run_times_every_phase_and_writes_its_results(tmp_path):
+    import torch
+
     out = tmp_path / "h.json"
+    before = torch.get_num_threads()
     assert host_overhead.main(["--quick", "--json", str(out), "--md", str(tmp_path / "h.md")]) == 0
     res = json.loads(out.read_text())
     assert [r["batch"] for r in res["rows"]] == [1, 4] and res["provenance"]["commit"]
@@ -32,6 +35,7 @@ def test_quick_run_times_every_phase_and_writes_its_results(tmp_path):
         assert min(ph[p] for p in ("schedule", "batch", "model", "sample")) > 0
         assert r["us_per_seq_step"] == pytest.approx(r["us_per_step"] / r["batch"])
     assert "| batch | us/step |" in (tmp_path / "h.md").read_text()
+    assert torch.get_num_threads() == before  # the run's thread count does not leak
 
 
 def test_bad_batches_are_refused_naming_the_value(capsys):
