@@ -140,3 +140,24 @@ def test_load_kernel_takes_either_family(tmp_path):
     assert module.__name__ == module_name(KEY) == "kgen_kernel_" + KEY.replace("-", "_")
     assert module.KERNELS == ("_attention_kernel", "_attention_segment_kernel", "_merge_kernel")
     assert callable(module.plan_launch) and callable(module.plan_segments)
+
+
+def test_audited_defaults_are_live_and_sound(monkeypatch):
+    """Every audited exception is taken by default_attention_config, is not pruned, and differs
+    from what the rule alone gives (no stale entry)."""
+    from kgen import space_attention_audited
+
+    table = dict(space_attention_audited.AUDITED_DEFAULTS)
+    assert table
+
+    def launch(config):
+        return config.q_tile, config.tile_tokens, config.num_warps, config.num_stages
+
+    shapes = {key: dict(head_dim=key[3], block_size=key[4], group_size=key[5], dtype=key[0],
+                        kv_dtype=key[1], features=key[2]) for key in table}
+    for key, kw in shapes.items():
+        config = default_attention_config(**kw)
+        assert launch(config) == table[key] and prune_reason(config) is None
+    monkeypatch.setattr(space_attention_audited, "AUDITED_DEFAULTS", {})
+    for key, kw in shapes.items():
+        assert launch(default_attention_config(**kw)) != table[key], key
