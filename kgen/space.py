@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from kgen.dtypes import KV_ELEM_BYTES, kv_dtype_target_problem, normalize_kv_dtype
 from kgen.features import all_feature_sets, normalize_features
+from kgen.space_audited import audited_launch
 from kgen.variant import (BLOCK_SIZES, DTYPES, GROUP_SIZES, HEAD_DIMS, KV_DTYPES, NUM_STAGES,
                           NUM_WARPS, SPLIT_AUTO, TILE_TOKENS, VariantConfig, normalize_dtype,
                           parse_split_k)
@@ -190,6 +191,9 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     32-token tiles and one stage (see :func:`prune_fp32_fp8_stages`), 8 warps, or 4 with
     features (8 stopped at 64 registers and spilled 8 bytes at block size 1 on sm_90); never
     fewer than 16 fp8 elements per thread (one 16-byte load).
+
+    Shapes where this rule's choice spilled in the static audit take the launch recorded in
+    :mod:`kgen.space_audited` (fp32 group 8 at block 16: 8 warps).
     """
     dtype = normalize_dtype(dtype)
     d_pad = padded_head_dim(head_dim) if head_dim in HEAD_DIMS else head_dim
@@ -209,6 +213,10 @@ def default_config(*, head_dim: int, block_size: int, group_size: int, dtype,
     config = VariantConfig(head_dim=head_dim, block_size=block_size, group_size=group_size,
                            split_k=parse_split_k(split_k), tile_tokens=tile, num_warps=warps,
                            num_stages=stages, dtype=dtype, kv_dtype=kv_dtype, features=features)
+    audited = audited_launch(config)
+    if audited is not None:  # the rule's choice spilled for this shape (kgen/space_audited.py)
+        tile, warps, stages = audited
+        config = config.replace(tile_tokens=tile, num_warps=warps, num_stages=stages)
     reason = prune_reason(config)
     if reason:  # pragma: no cover - guarded by tests over the whole shape space
         raise AssertionError(f"default variant {config.key} is pruned: {reason}")

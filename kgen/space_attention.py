@@ -17,7 +17,7 @@ from kgen.space import AXES as DECODE_AXES
 from kgen.space import (ELEM_BYTES, SMEM_BUDGET_BYTES, VECTOR_BYTES, count_space,
                         first_reason, iter_space, kv_elem_bytes, padded_head_dim,
                         prune_fp32_fp8_stages, prune_registers, prune_stages)
-from kgen.space_attention_audited import audited_launch
+from kgen.space_audited import audited_launch
 from kgen.variant import HEAD_DIMS, parse_split_k
 from kgen.variant_attention import Q_TILES, AttentionVariantConfig
 
@@ -118,7 +118,7 @@ def default_attention_config(*, head_dim: int, block_size: int, group_size: int,
     Rule (checked by the static audit sweeps ``bench/results/audit_sweep_attention_defaults.md``
     and ``..._features.md`` on sm_80 and sm_90: no spills, 16-byte K/V loads, tensor-core dots for
     16-bit queries; the shapes where the rule's choice spilled take the audited launch parameters
-    of :mod:`kgen.space_attention_audited`): segments ``auto`` (planned per call: one pass when
+    of :mod:`kgen.space_audited`): segments ``auto`` (planned per call: one pass when
     the batch fills the GPU, many segments for a few long decodes). 16-bit queries: 64-row q tiles
     with 64-token key tiles over 8 warps (prefill tiles that read each K/V tile once per 64 / group
     query tokens; short queries use a row tile sized to them whatever q_tile is), 2 stages, one at
@@ -149,8 +149,7 @@ def default_attention_config(*, head_dim: int, block_size: int, group_size: int,
         head_dim=head_dim, block_size=block_size, group_size=group_size, q_tile=q_tile,
         split_k=parse_split_k(split_k), tile_tokens=tile, num_warps=warps, num_stages=stages,
         dtype=dtype, kv_dtype=kv_dtype, features=features)
-    audited = audited_launch(config.dtype, config.kv_dtype, config.features, config.head_dim,
-                             config.block_size, config.group_size)
+    audited = audited_launch(config)
     if audited is not None:  # the rule's choice spilled for this shape: the audited one instead
         q_tile, tile, warps, stages = audited
         config = config.replace(q_tile=q_tile, tile_tokens=tile, num_warps=warps, num_stages=stages)

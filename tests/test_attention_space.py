@@ -145,9 +145,9 @@ def test_load_kernel_takes_either_family(tmp_path):
 def test_audited_defaults_are_live_and_sound(monkeypatch):
     """Every audited exception is taken by default_attention_config, is not pruned, and differs
     from what the rule alone gives (no stale entry)."""
-    from kgen import space_attention_audited
+    from kgen import space_audited
 
-    table = dict(space_attention_audited.AUDITED_DEFAULTS)
+    table = dict(space_audited.AUDITED_ATTENTION)
     assert table
 
     def launch(config):
@@ -158,6 +158,27 @@ def test_audited_defaults_are_live_and_sound(monkeypatch):
     for key, kw in shapes.items():
         config = default_attention_config(**kw)
         assert launch(config) == table[key] and prune_reason(config) is None
-    monkeypatch.setattr(space_attention_audited, "AUDITED_DEFAULTS", {})
+    monkeypatch.setattr(space_audited, "AUDITED_ATTENTION", {})
     for key, kw in shapes.items():
         assert launch(default_attention_config(**kw)) != table[key], key
+
+
+def test_audited_decode_defaults_are_live_and_sound(monkeypatch):
+    """The decode family's audited exceptions: taken by default_config, not pruned, and different
+    from the rule's own choice."""
+    from kgen import space_audited
+    from kgen.space import default_config
+    from kgen.space import prune_reason as decode_prune_reason
+
+    table = dict(space_audited.AUDITED_DECODE)
+    assert table
+    shapes = {key: dict(head_dim=key[3], block_size=key[4], group_size=key[5], dtype=key[0],
+                        kv_dtype=key[1], features=key[2]) for key in table}
+    for key, kw in shapes.items():
+        config = default_config(**kw)
+        assert (config.tile_tokens, config.num_warps, config.num_stages) == table[key]
+        assert decode_prune_reason(config) is None
+    monkeypatch.setattr(space_audited, "AUDITED_DECODE", {})
+    for key, kw in shapes.items():
+        config = default_config(**kw)
+        assert (config.tile_tokens, config.num_warps, config.num_stages) != table[key], key

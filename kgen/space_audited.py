@@ -1,23 +1,29 @@
-"""Audited exceptions to :func:`kgen.space_attention.default_attention_config`'s rule: data.
+"""Audited exceptions to the default-variant rules of both kernel families: data.
 
-The rule (a few plain cases by dtype, head dim, block size and group) leaves some shapes whose
-default spills registers on sm_80 or sm_90; ptxas's spills at these sizes do not follow a rule
-that fits in a few lines (the same tile spills at group 3 and not at groups 1, 8 or 16). The
-static audit sweeps at commit 64a43d4 (``bench/results/audit_sweep_attention_defaults.json`` and
-``..._features.json``) listed them; for each, candidate launch parameters were compiled for both
+:func:`kgen.space.default_config` (decode) and
+:func:`kgen.space_attention.default_attention_config` (any query length) are a few plain cases
+by dtype, head dim, block size and group. They leave some shapes whose default spills registers
+on sm_80 or sm_90, and ptxas's spills at these sizes follow no rule that fits in a few lines (the
+same tile spills at group 3 and not at groups 1, 8 or 16; at block 16 and not at 8 or 32). The
+static audit sweeps listed them; for each, candidate launch parameters were compiled for both
 targets and the first that compiled without spills on both, with 16-byte K/V loads and (16-bit
-queries) tensor-core dots, is recorded here. The sweeps rerun after this table (the same files)
-show every default passing.
+queries) tensor-core dots, is recorded here:
+
+- attention: the sweeps at commit 64a43d4 (``bench/results/audit_sweep_attention_defaults.json``
+  and ``..._features.json``, rerun since with this table: every default passes);
+- decode: ``bench/results/audit_sweep.json`` (fp32 group 8 block 16 spilled 16 B on sm_90);
+  ``bench/results/audit_decode_defaults_fixed.json`` audits the recorded launches.
 
 Key: (dtype, kv_dtype, features, head_dim, block_size, group_size); ``ALL`` is the four features
-together, the set the features sweep audits. Value: (q_tile, tile_tokens, num_warps, num_stages).
+together, the set the features sweeps audit. Value: attention (q_tile, tile_tokens, num_warps,
+num_stages); decode (tile_tokens, num_warps, num_stages).
 """
 
 from __future__ import annotations
 
 ALL = ("sliding_window", "soft_cap", "alibi", "sinks")
 
-AUDITED_DEFAULTS: dict[tuple, tuple[int, int, int, int]] = {
+AUDITED_ATTENTION: dict[tuple, tuple[int, int, int, int]] = {
     ('bf16', 'auto', (), 192, 1, 8): (16, 32, 8, 2),
     ('bf16', 'auto', (), 256, 128, 3): (16, 32, 8, 2),
     ('bf16', 'fp8_e4m3', (), 80, 128, 8): (64, 64, 8, 1),
@@ -87,7 +93,17 @@ AUDITED_DEFAULTS: dict[tuple, tuple[int, int, int, int]] = {
 }
 
 
-def audited_launch(dtype: str, kv_dtype: str, features: tuple, head_dim: int, block_size: int,
-                   group_size: int) -> tuple[int, int, int, int] | None:
-    """(q_tile, tile_tokens, num_warps, num_stages) recorded for this shape, or None (the rule's)."""
-    return AUDITED_DEFAULTS.get((dtype, kv_dtype, tuple(features), head_dim, block_size, group_size))
+AUDITED_DECODE: dict[tuple, tuple[int, int, int]] = {
+    ("fp32", "auto", (), 80, 16, 8): (32, 8, 2),
+    ("fp32", "auto", (), 96, 16, 8): (32, 8, 2),
+    ("fp32", "auto", (), 112, 16, 8): (32, 8, 2),
+    ("fp32", "auto", (), 128, 16, 8): (32, 8, 2),
+}
+
+
+def audited_launch(config) -> tuple | None:
+    """The launch parameters recorded for ``config``'s shape (a VariantConfig or an
+    AttentionVariantConfig, fields normalised), or None: the rule's choice stands."""
+    table = AUDITED_ATTENTION if hasattr(config, "q_tile") else AUDITED_DECODE
+    return table.get((config.dtype, config.kv_dtype, tuple(config.features), config.head_dim,
+                      config.block_size, config.group_size))
