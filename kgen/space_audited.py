@@ -11,8 +11,9 @@ queries) tensor-core dots, is recorded here:
 
 - attention: the sweeps at commit 64a43d4 (``bench/results/audit_sweep_attention_defaults.json``
   and ``..._features.json``, rerun since with this table: every default passes);
-- decode: ``bench/results/audit_sweep.json`` (fp32 group 8 block 16 spilled 16 B on sm_90);
-  ``bench/results/audit_decode_defaults_fixed.json`` audits the recorded launches.
+- decode: the sweep at commit 7864ce7 (fp32 group 8 block 16 spilled 16 B on sm_90);
+  ``bench/results/audit_decode_defaults_fixed.json`` audits the recorded launches and
+  ``bench/results/audit_sweep.json``, rerun since, has no default spilling.
 
 Key: (dtype, kv_dtype, features, head_dim, block_size, group_size); ``ALL`` is the four features
 together, the set the features sweeps audit. Value: attention (q_tile, tile_tokens, num_warps,
