@@ -22,7 +22,7 @@ num_stages); decode (tile_tokens, num_warps, num_stages).
 
 from __future__ import annotations
 
-ALL = ("sliding_window", "soft_cap", "alibi", "sinks")
+from kgen.features import FEATURES as ALL
 
 AUDITED_ATTENTION: dict[tuple, tuple[int, int, int, int]] = {
     ("bf16", "auto", (), 192, 1, 8): (16, 32, 8, 2),
@@ -105,6 +105,6 @@ AUDITED_DECODE: dict[tuple, tuple[int, int, int]] = {
 def audited_launch(config) -> tuple | None:
     """The launch parameters recorded for ``config``'s shape (a VariantConfig or an
     AttentionVariantConfig, fields normalised), or None: the rule's choice stands."""
-    table = AUDITED_ATTENTION if hasattr(config, "q_tile") else AUDITED_DECODE
+    table = AUDITED_ATTENTION if config.family == "attention" else AUDITED_DECODE
     return table.get((config.dtype, config.kv_dtype, tuple(config.features), config.head_dim,
                       config.block_size, config.group_size))

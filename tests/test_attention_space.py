@@ -142,43 +142,28 @@ def test_load_kernel_takes_either_family(tmp_path):
     assert callable(module.plan_launch) and callable(module.plan_segments)
 
 
-def test_audited_defaults_are_live_and_sound(monkeypatch):
-    """Every audited exception is taken by default_attention_config, is not pruned, and differs
-    from what the rule alone gives (no stale entry)."""
-    from kgen import space_audited
+@pytest.mark.parametrize("table_name, fields", [
+    ("AUDITED_ATTENTION", ("q_tile", "tile_tokens", "num_warps", "num_stages")),
+    ("AUDITED_DECODE", ("tile_tokens", "num_warps", "num_stages"))])
+def test_audited_defaults_are_live_and_sound(monkeypatch, table_name, fields):
+    """Every audited exception of either family is taken by its default function, is not
+    pruned, and differs from what the rule alone gives (no stale entry)."""
+    from kgen import space, space_audited
 
-    table = dict(space_audited.AUDITED_ATTENTION)
+    attention = table_name == "AUDITED_ATTENTION"
+    default = default_attention_config if attention else space.default_config
+    pruned = prune_reason if attention else space.prune_reason
+    table = dict(getattr(space_audited, table_name))
     assert table
 
     def launch(config):
-        return config.q_tile, config.tile_tokens, config.num_warps, config.num_stages
+        return tuple(getattr(config, f) for f in fields)
 
     shapes = {key: dict(head_dim=key[3], block_size=key[4], group_size=key[5], dtype=key[0],
                         kv_dtype=key[1], features=key[2]) for key in table}
     for key, kw in shapes.items():
-        config = default_attention_config(**kw)
-        assert launch(config) == table[key] and prune_reason(config) is None
-    monkeypatch.setattr(space_audited, "AUDITED_ATTENTION", {})
+        config = default(**kw)
+        assert launch(config) == table[key] and pruned(config) is None
+    monkeypatch.setattr(space_audited, table_name, {})
     for key, kw in shapes.items():
-        assert launch(default_attention_config(**kw)) != table[key], key
-
-
-def test_audited_decode_defaults_are_live_and_sound(monkeypatch):
-    """The decode family's audited exceptions: taken by default_config, not pruned, and different
-    from the rule's own choice."""
-    from kgen import space_audited
-    from kgen.space import default_config
-    from kgen.space import prune_reason as decode_prune_reason
-
-    table = dict(space_audited.AUDITED_DECODE)
-    assert table
-    shapes = {key: dict(head_dim=key[3], block_size=key[4], group_size=key[5], dtype=key[0],
-                        kv_dtype=key[1], features=key[2]) for key in table}
-    for key, kw in shapes.items():
-        config = default_config(**kw)
-        assert (config.tile_tokens, config.num_warps, config.num_stages) == table[key]
-        assert decode_prune_reason(config) is None
-    monkeypatch.setattr(space_audited, "AUDITED_DECODE", {})
-    for key, kw in shapes.items():
-        config = default_config(**kw)
-        assert (config.tile_tokens, config.num_warps, config.num_stages) != table[key], key
+        assert launch(default(**kw)) != table[key], key

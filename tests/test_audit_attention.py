@@ -33,7 +33,8 @@ SAMPLE = [  # (variant, target): fp16, bf16, e5m2 on sm_80, e4m3 on sm_90, featu
     (default_attention_config(head_dim=64, block_size=1, group_size=3, dtype="fp32"), "sm_80"),
     (default_attention_config(head_dim=96, block_size=128, group_size=16, dtype="bf16"), "sm_80"),
     (default_attention_config(head_dim=192, block_size=16, group_size=3, dtype="fp16"), "sm_90"),
-    # audited exceptions (kgen.space_audited): the rule's choice spilled 8, 20 and 112 B
+    # audited exceptions (kgen.space_audited): the rule's choices spilled on sm_80 (16-bit and fp32
+    # d256) and sm_90 (fp32 over e4m3); fp32 d256's first replacement spilled on sm_90
     (default_attention_config(head_dim=256, block_size=128, group_size=3, dtype="fp16"), "sm_80"),
     (default_attention_config(head_dim=256, block_size=128, group_size=3, dtype="fp32"), "sm_90"),
     (default_attention_config(head_dim=80, block_size=16, group_size=8, dtype="fp32",
