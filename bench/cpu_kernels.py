@@ -2,10 +2,11 @@
 
 Each of the first three runs per dtype of ``--dtypes`` (float32 and bfloat16 by default):
 
-1. ``linear``: ``F.linear`` (MKL sgemm in float32, oneDNN in bfloat16) against the oneDNN-packed
-   weight that ``runtime/model/linear.py`` uses, for the e2e model's projection shapes (hidden
-   512: qkv, o, gate_up, down, lm_head) and 1-2048 rows, at 1 and 2 threads; the time of all five
-   shapes summed.
+1. ``linear``: ``F.linear`` (MKL sgemm in float32, oneDNN in bfloat16), the oneDNN-packed weight
+   (``KGEN_CPU_LINEAR=onednn``; bfloat16's path) and, in float32, kgen's GEMM
+   (``runtime/native/gemm.c``, float32's default path), for the e2e model's projection shapes
+   (hidden 512: qkv, o, gate_up, down, lm_head) and 1-2048 rows, at 1 and 2 threads; the time of
+   all five shapes summed, warm (weights in cache) and, up to 256 rows, cold (weights from DRAM).
 2. ``decode``: one layer's paged decode for a 64-sequence batch with contexts 16-768 (block 16,
    2 KV heads x 64, 8 query heads; q and cache in the dtype): the torch backend (grouped gather +
    SDPA; one group, the old path, and the default grouping) against the native C kernel, at 1 and
@@ -25,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -49,29 +51,84 @@ def best_ms(fn, repeats: int, inner: int) -> float:
     return best * 1e3
 
 
+def _linears(dtype, copies: int, path: str) -> list[list]:
+    """``copies`` sets of the five projections (random weights) on KGEN_CPU_LINEAR=``path``."""
+    import torch
+
+    from runtime.model.linear import Linear
+
+    with _linear_path(path):
+        return [[Linear((torch.randn(n, k) * k ** -0.5).to(dtype)) for n, k in SHAPES.values()] for _ in range(copies)]
+
+
+@contextlib.contextmanager
+def _linear_path(path: str):
+    """KGEN_CPU_LINEAR=path while Linear objects are made, then as it was."""
+    saved = os.environ.get("KGEN_CPU_LINEAR")
+    os.environ["KGEN_CPU_LINEAR"] = path
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("KGEN_CPU_LINEAR")
+        else:
+            os.environ["KGEN_CPU_LINEAR"] = saved
+
+
 def bench_linear(rows_list, threads_list, repeats, dtype) -> list[dict]:
+    """Per row count: the five shapes summed through F.linear, oneDNN's packed weight and (float32)
+    kgen's native GEMM, warm (the same weights every call, so from cache) and cold (8 sets of
+    weights in turn, 150 MB in float32: from DRAM, as in a decode step)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    paths = {"onednn": _linears(dtype, 8, "onednn")}
+    if dtype == torch.float32:
+        paths["native"] = _linears(dtype, 8, "native")
+    _check_linear(paths, dtype, tol)
+    dense = [(torch.randn(n, k) * k ** -0.5).to(dtype) for n, k in SHAPES.values()]
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for rows in rows_list:
+            xs = {k: torch.randn(rows, k).to(dtype) for _, k in SHAPES.values()}
+            inner = 2 if rows >= 1024 else 10
+            row = {"dtype": _name(dtype), "threads": threads, "rows": rows, "loadavg": os.getloadavg()[0],
+                   "aten_ms": sum(best_ms(lambda: F.linear(xs[w.shape[1]], w), repeats, inner) for w in dense)}
+            for name, sets in paths.items():
+                row[f"{name}_path"] = sets[0][0].path
+                row[f"{name}_ms"] = sum(best_ms(lambda: lin(xs[k]), repeats, inner)
+                                        for lin, (_, k) in zip(sets[0], SHAPES.values()))
+                if rows <= 256:  # cold: one pass over the 8 sets per call of best_ms, per set
+                    row[f"{name}_cold_ms"] = best_ms(lambda: [lin(xs[k]) for one in sets
+                                                              for lin, (_, k) in zip(one, SHAPES.values())],
+                                                     repeats, 1) / len(sets)
+            row["speedup"] = row["aten_ms"] / row["onednn_ms"]
+            if "native_ms" in row:
+                row["native_vs_onednn"] = row["onednn_ms"] / row["native_ms"]
+                if "native_cold_ms" in row:
+                    row["native_vs_onednn_cold"] = row["onednn_cold_ms"] / row["native_cold_ms"]
+            out.append(row)
+    return out
+
+
+def _check_linear(paths: dict, dtype, tol: dict) -> None:
+    """Every timed path gives F.linear's result on its own weights (a wrong kernel is not timed as
+    a fast one)."""
     import torch
     import torch.nn.functional as F
 
     from runtime.model.linear import Linear
 
-    out = []
-    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for threads in threads_list:
-        torch.set_num_threads(threads)
-        for rows in rows_list:
-            aten = onednn = 0.0
-            for n, k in SHAPES.values():
-                x, w = torch.randn(rows, k).to(dtype), (torch.randn(n, k) * k ** -0.5).to(dtype)
-                packed = Linear(w.clone())
-                torch.testing.assert_close(packed(x), F.linear(x, w), **tol)
-                inner = 2 if rows >= 1024 else 10
-                aten += best_ms(lambda: F.linear(x, w), repeats, inner)
-                onednn += best_ms(lambda: packed(x), repeats, inner)
-            out.append({"dtype": _name(dtype), "threads": threads, "rows": rows, "aten_ms": aten,
-                        "onednn_ms": onednn, "speedup": aten / onednn, "path": packed.path,
-                        "loadavg": os.getloadavg()[0]})
-    return out
+    for name, sets in paths.items():
+        for n, k in SHAPES.values():
+            w = (torch.randn(n, k) * k ** -0.5).to(dtype)
+            with _linear_path(name):
+                fresh = Linear(w.clone())
+            assert fresh.path == sets[0][0].path, (name, fresh.path)
+            x = torch.randn(37, k).to(dtype)
+            torch.testing.assert_close(fresh(x), F.linear(x, w), **tol)
 
 
 def _name(dtype) -> str:
@@ -207,10 +264,19 @@ def table(results: dict) -> str:
     lines = [f"Load average at start {results['loadavg_start'][0]:.2f}, at end {results['loadavg_end'][0]:.2f}; "
              f"native library: {nat.get('isa')}, {nat.get('cflags')}", "",
              "Linear (5 projection shapes of the e2e model summed, best-of ms):", "",
-             "| dtype | threads | rows | F.linear ms | oneDNN packed ms | speedup |", "|---|---|---|---|---|---|"]
+             "Warm: the same weights every call (from cache); cold: 8 sets of weights in turn (from DRAM, as in a "
+             "decode step), ms per set. Native: kgen's float32 GEMM (runtime/native/gemm.c).", "",
+             "| dtype | threads | rows | F.linear ms | oneDNN packed ms | speedup | oneDNN cold ms | native ms | "
+             "native cold ms | native / oneDNN warm | cold |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, key, fmt="{:.2f}"):
+        return fmt.format(r[key]) if key in r else "-"
+
     for r in results["linear"]:
         lines.append(f"| {r['dtype']} | {r['threads']} | {r['rows']} | {r['aten_ms']:.2f} | {r['onednn_ms']:.2f} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['speedup']:.2f}x | {cell(r, 'onednn_cold_ms')} | {cell(r, 'native_ms')} | "
+                     f"{cell(r, 'native_cold_ms')} | {cell(r, 'native_vs_onednn', '{:.2f}x')} | "
+                     f"{cell(r, 'native_vs_onednn_cold', '{:.2f}x')} |")
     lines += ["", "Paged decode, one layer, 64 sequences, contexts 16-768 (best-of ms; GB/s: the native kernel's "
               "K/V bytes per second):", "",
               "| dtype | threads | torch one group | torch grouped | native | native vs grouped | native GB/s |",

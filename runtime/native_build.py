@@ -1,4 +1,5 @@
-"""Build and load the CPU kernels (``runtime/native/paged_decode.c``, ``layer_ops.c``) on first use.
+"""Build and load the CPU kernels (``runtime/native/paged_decode.c``, ``layer_ops.c``, ``gemm.c``) on
+first use.
 
 The C files need no torch or Python headers, so they build in a few seconds into one library
 with the system C compiler (``$CC``, else ``cc``): ``-O3 -march=native -fno-math-errno
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 NATIVE_DIR = Path(__file__).resolve().parent / "native"
-SOURCES = tuple(NATIVE_DIR / name for name in ("paged_decode.c", "layer_ops.c"))
+SOURCES = tuple(NATIVE_DIR / name for name in ("paged_decode.c", "layer_ops.c", "gemm.c"))
 HEADERS = (NATIVE_DIR / "elem.h", NATIVE_DIR / "decode_passes.h")
 _MATH = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fPIC"]
 FLAG_SETS = (  # tried in order: OpenMP threads, then without OpenMP (SIMD pragmas only)

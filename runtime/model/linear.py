@@ -1,21 +1,23 @@
-"""``y = x W^T + b`` with the weight packed once for oneDNN when the model runs on the CPU in
-float32 or bfloat16.
+"""``y = x W^T + b`` with the weight packed once for the CPU: kgen's own GEMM in float32, oneDNN's
+in bfloat16.
 
-float32: torch's ``F.linear`` on the CPU calls MKL's sgemm, which on AMD processors takes its AVX2
-path; oneDNN (also inside torch) picks AVX-512 where the CPU has it and reads a weight reordered
-once into its blocked layout. Measured on the 2-core EPYC (``bench/results/cpu_kernels.md``, the
-e2e model's five projection shapes): 1.13-1.46x faster than ``F.linear`` for 1-2048 rows on one
-thread, 1.14-1.99x on two. The results equal ``F.linear`` up to fp32 rounding (a different
-summation order; every HF-parity test passes with it).
+float32: ``runtime/native/gemm.c`` (:mod:`runtime.model.native_gemm`). A decode step streams every
+weight from DRAM (the e2e model's 97 MB do not fit the cache); that kernel prefetches each 64-column
+panel of the weight while it computes the one before, where oneDNN's packed sgemm (the previous
+path, itself 1.1-2x faster than ``F.linear``, whose MKL sgemm takes its AVX2 path on AMD) waits on
+the stream. Times of both, warm and cold: ``bench/results/cpu_kernels.md``. Results equal
+``F.linear``'s up to float32 rounding (one in-order sum over k per output; every HF-parity test
+passes with it).
 
 bfloat16: ``F.linear`` already runs oneDNN's bf16 GEMM (AVX512-BF16 where the CPU has it, float32
 accumulation); the packed weight saves its per-call reorder (``bench/cpu_kernels.py``) and gives
 the same bits (so the same tokens as transformers, which calls ``F.linear``). A torch whose oneDNN
 refuses to pack bf16 on this CPU falls back to ``F.linear``.
 
-Everything else (a GPU, float16, whose oneDNN packing needs AVX512-FP16 or AVX-NE-CONVERT, a
-torch without oneDNN, or ``KGEN_CPU_LINEAR=aten`` in the environment) uses ``F.linear`` on the
-dense weight; :attr:`Linear.path` says which.
+``KGEN_CPU_LINEAR`` picks another path: ``onednn`` (oneDNN packed for float32 too) or ``aten``
+(``F.linear`` on the dense weight everywhere). Everything else (a GPU, float16, whose oneDNN
+packing needs AVX512-FP16 or AVX-NE-CONVERT, a torch without oneDNN, no C compiler for the native
+kernel) falls through to the next path that applies; :attr:`Linear.path` says which ran.
 """
 
 from __future__ import annotations
@@ -25,12 +27,25 @@ import os
 import torch
 import torch.nn.functional as F
 
+from runtime.model.native_gemm import NativeGemm
+
+LINEAR_PATHS = ("native", "onednn", "aten")
+"""Values of ``KGEN_CPU_LINEAR``, fastest first (``native`` is the default)."""
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def linear_choice() -> str:
+    """``KGEN_CPU_LINEAR`` (default ``native``), checked: a value that is not a path is an error."""
+    choice = os.environ.get("KGEN_CPU_LINEAR", "native").strip().lower() or "native"
+    if choice not in LINEAR_PATHS:
+        raise ValueError(f"KGEN_CPU_LINEAR={os.environ['KGEN_CPU_LINEAR']!r}: expected one of "
+                         f"{', '.join(LINEAR_PATHS)}")
+    return choice
 
 
 def onednn_available() -> bool:
     """Whether this torch has the oneDNN (mkldnn) packed-linear ops and they are not switched off."""
-    if os.environ.get("KGEN_CPU_LINEAR", "onednn").lower() == "aten":
+    if linear_choice() == "aten":
         return False
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -49,9 +64,14 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         self.bias = bias
-        self.packed = None
+        self.packed = self.native = None
         self.weight = weight
         self._dtype = weight.dtype
+        if linear_choice() == "native":
+            self.native = NativeGemm.for_weight(weight, bias)
+            if self.native is not None:
+                self.weight = None  # the packed copy replaces it
+                return
         if weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and onednn_available():
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -65,11 +85,13 @@ class Linear:
 
     @property
     def path(self) -> str:
-        """``onednn_packed`` or ``aten`` (``F.linear``)."""
-        return "onednn_packed" if self.packed is not None else "aten"
+        """``native_gemm``, ``onednn_packed`` or ``aten`` (``F.linear``)."""
+        return "native_gemm" if self.native is not None else "onednn_packed" if self.packed is not None else "aten"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[tokens, in_features]`` -> ``[tokens, out_features]``."""
+        if self.native is not None:
+            return self.native(x)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,167 @@
+/* float32 projections for the CPU: y = x W^T (+ b) with W packed once into column panels, each
+ * panel's weights prefetched into L2 while the panel before it is computed.
+ *
+ * Why not oneDNN here: a decoder's weights (97 MB for the e2e model in float32) do not fit the
+ * last-level cache, so every decode step streams them from DRAM. oneDNN's packed sgemm is as fast
+ * as this kernel when a projection's weights are already in cache, but slows down when they come
+ * from DRAM, most at the few rows of a decode step; this kernel asks for the next panel while it
+ * computes the current one, so the stream overlaps the arithmetic (both timed warm and cold:
+ * bench/results/cpu_kernels.md).
+ *
+ * Layout. W [N, K] (row-major, as torch stores nn.Linear weights) is packed into P = ceil(N / 64)
+ * panels of [K][64] floats: panel p holds columns [64p, 64p + 64), one row of 64 per k, so the
+ * kernel reads it front to back; columns past N are zeros (their outputs are never stored).
+ *
+ * Micro-kernel. A tile of up to 6 rows of x by one panel keeps 6 x 4 vectors of 16 float32 sums in
+ * registers; per k it loads the panel's 64 weights (4 vectors), broadcasts each row's x[r, k] and
+ * does 24 fused multiply-adds. Each output is summed in float32 over blocks of KB = 256 k in order
+ * (fresh sums per block, added to the output: the rounding error of one long running sum was about
+ * twice MKL's at k = 512-1376, with blocks it is within 1.2x of it, for 1-2% of the time). The
+ * bias goes in with the first block. The order does not depend on the thread count (1 and 2
+ * threads give the same bits); it differs from MKL's and oneDNN's, as theirs differ from each
+ * other, at float32 rounding.
+ *
+ * Threads (the process's OpenMP pool, torch's: see paged_decode.c): each thread takes a
+ * contiguous range of panels and streams its own weights; with fewer panels than threads it takes
+ * a range of row tiles instead, over every panel. While a thread computes its panel's row tiles,
+ * each tile prefetches an equal share of the thread's next panel.
+ *
+ * Built by runtime/native_build.py with the other kernels; called from runtime/model/linear.py.
+ */
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "elem.h"
+
+#define NR 64 /* panel width: 4 vectors of 16 */
+#define MR 6  /* rows per tile: 6 x 4 sums + 4 weight vectors + 1 broadcast of 32 registers */
+#ifndef KB
+#define KB 256 /* k per block of sums (see the top of the file) */
+#endif
+
+enum { G_SHAPE = 1 };
+
+/* w [n, k] row-major -> packed [ceil(n / 64)][k][64], zeros past column n. */
+void kgen_gemm_f32_pack(const float *restrict w, int64_t n, int64_t k, float *restrict packed) {
+    const int64_t panels = (n + NR - 1) / NR;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t c = 0; c < NR; c++) {
+            const int64_t col = p * NR + c;
+            float *dst = packed + p * k * NR + c;
+            if (col < n)
+                for (int64_t j = 0; j < k; j++)
+                    dst[j * NR] = w[col * k + j];
+            else
+                for (int64_t j = 0; j < k; j++)
+                    dst[j * NR] = 0.0f;
+        }
+}
+
+/* Prefetch requests that run alongside a tile: lines [lo, hi) of the next panel, `per_k` a step. */
+typedef struct {
+    const char *lo, *hi;
+    int per_k;
+} Ahead;
+
+/* y[r, c] = sum_k x[r, k] w[c, k] (+ bias[c]) for the tile's R rows and the panel's columns;
+ * `cols` of them are stored (64 but in the last panel). */
+INLINE void gemm_tile(const float *restrict x, int64_t ldx, const float *restrict panel, int64_t k,
+                      const float *restrict bias, float *restrict y, int64_t ldy, int64_t cols, Ahead ahead,
+                      const int R) {
+    for (int64_t k0 = 0; k0 < k; k0 += KB) {
+        const int64_t k1 = k0 + KB < k ? k0 + KB : k;
+        f32x16 acc[MR][4];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < 4; j++)
+                acc[r][j] = (f32x16){0};
+        for (int64_t j = k0; j < k1; j++) {
+            const f32x16 *wj = (const f32x16 *)(panel + j * NR);
+            const f32x16 w0 = wj[0], w1 = wj[1], w2 = wj[2], w3 = wj[3];
+#pragma GCC unroll 6
+            for (int r = 0; r < R; r++) {
+                const f32x16 xr = (f32x16){0} + x[r * ldx + j];
+                acc[r][0] += xr * w0;
+                acc[r][1] += xr * w1;
+                acc[r][2] += xr * w2;
+                acc[r][3] += xr * w3;
+            }
+            for (int q = 0; q < ahead.per_k; q++)
+                if (ahead.lo < ahead.hi) {
+                    __builtin_prefetch(ahead.lo, 0, 2); /* into L2: the panel is read from there R rows at a time */
+                    ahead.lo += 64;
+                }
+        }
+        for (int r = 0; r < R; r++) /* y = bias + block 0, then y += each later block's sums */
+            for (int j = 0; j < 4; j++) {
+                f32x16 v = acc[r][j];
+                float *out = y + r * ldy + j * LANES;
+                const int64_t c = cols - j * LANES < LANES ? cols - j * LANES : LANES;
+                if (k0 == 0 && bias != NULL)
+                    v += *(const f32x16 *)(bias + j * LANES);
+                if (c == LANES)
+                    *(f32x16 *)out = k0 == 0 ? v : *(const f32x16 *)out + v;
+                else
+                    for (int64_t l = 0; l < c; l++)
+                        out[l] = k0 == 0 ? v[l] : out[l] + v[l];
+            }
+    }
+}
+
+/* Row tiles [t0, t1) of panels [p0, p1), prefetching each next panel of the range. */
+static void gemm_range(const float *x, int64_t ldx, int64_t m, int64_t k, const float *packed, int64_t n,
+                       const float *bias, float *y, int64_t ldy, int64_t p0, int64_t p1, int64_t t0, int64_t t1) {
+    const int64_t lines = k * NR * 4 / 64, tiles = t1 - t0;
+    const int64_t share = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+    const int per_k = (int)((share + k - 1) / k);
+    for (int64_t p = p0; p < p1; p++) {
+        const float *panel = packed + p * k * NR;
+        const char *next = p + 1 < p1 ? (const char *)(panel + k * NR) : NULL;
+        const float *b = bias != NULL ? bias + p * NR : NULL;
+        const int64_t cols = n - p * NR < NR ? n - p * NR : NR;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t r0 = t * MR, rows = m - r0 < MR ? m - r0 : MR;
+            const int64_t a = (t - t0) * share, e = a + share < lines ? a + share : lines;
+            const int some = next != NULL && a < e;
+            const Ahead ahead = {some ? next + a * 64 : NULL, some ? next + e * 64 : NULL, per_k};
+            const float *xt = x + r0 * ldx;
+            float *yt = y + r0 * ldy + p * NR;
+            switch (rows) { /* compile-time tile heights */
+            case 6: gemm_tile(xt, ldx, panel, k, b, yt, ldy, cols, ahead, 6); break;
+            case 5: gemm_tile(xt, ldx, panel, k, b, yt, ldy, cols, ahead, 5); break;
+            case 4: gemm_tile(xt, ldx, panel, k, b, yt, ldy, cols, ahead, 4); break;
+            case 3: gemm_tile(xt, ldx, panel, k, b, yt, ldy, cols, ahead, 3); break;
+            case 2: gemm_tile(xt, ldx, panel, k, b, yt, ldy, cols, ahead, 2); break;
+            default: gemm_tile(xt, ldx, panel, k, b, yt, ldy, cols, ahead, 1); break;
+            }
+        }
+    }
+}
+
+/* y [m, n] (row stride ldy) = x [m, k] (row stride ldx) times the packed weight's transpose, plus
+ * `bias` (NULL, or ceil(n / 64) * 64 floats, zeros past n). Returns 0, or G_SHAPE before touching
+ * anything when a size or stride is impossible. */
+int kgen_gemm_f32(const float *x, int64_t ldx, int64_t m, int64_t k, const float *packed, int64_t n,
+                  const float *bias, float *y, int64_t ldy, int64_t threads) {
+    if (m < 0 || k < 1 || n < 1 || ldx < k || ldy < n || threads < 1)
+        return G_SHAPE;
+    if (m == 0)
+        return 0;
+    const int64_t panels = (n + NR - 1) / NR, tiles = (m + MR - 1) / MR;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (m * n * k >= 32768)
+    {
+        const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    {
+        const int64_t nt = 1, me = 0;
+#endif
+        if (panels >= nt)
+            gemm_range(x, ldx, m, k, packed, n, bias, y, ldy, panels * me / nt, panels * (me + 1) / nt, 0, tiles);
+        else
+            gemm_range(x, ldx, m, k, packed, n, bias, y, ldy, 0, panels, tiles * me / nt, tiles * (me + 1) / nt);
+    }
+    return 0;
+}
