@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kgen.dtypes import kv_torch_dtype, normalize_kv_dtype
+from runtime import huge_pages
 
 
 def parse_kv_cache_dtype(name) -> str:
@@ -87,7 +88,10 @@ class PagedKVCache:
         self.quantized = self.storage_dtype != dtype
         self.fp8_max = torch.finfo(self.storage_dtype).max if self.quantized else None
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        if torch.device(device or "cpu").type == "cpu":  # 2 MB pages where Linux gives them (huge_pages)
+            self.data = huge_pages.zeros(shape, self.storage_dtype)
+        else:
+            self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
         self._layers = [LayerKV(self.data[li, 0], self.data[li, 1], 1.0, 1.0, dtype) for li in range(num_layers)]
 
     @staticmethod

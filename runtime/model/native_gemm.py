@@ -12,6 +12,7 @@ import ctypes
 
 import torch
 
+from runtime import huge_pages
 from runtime.native_build import load_native
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -41,7 +42,7 @@ class NativeGemm:
         panels = -(-self.out_features // PANEL)
         w = weight.detach().contiguous()
         # packed: float32 [panels, in_features, 64], zeros past out_features
-        self.packed = torch.empty(panels * self.in_features * PANEL, dtype=torch.float32)
+        self.packed = huge_pages.empty((panels * self.in_features * PANEL,), torch.float32)
         pack(w.data_ptr(), self.out_features, self.in_features, self.packed.data_ptr())
         self.bias = None
         if bias is not None:  # padded to whole panels: the last panel's tail adds zeros
