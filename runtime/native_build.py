@@ -13,7 +13,7 @@ sources, the flags, the compiler and the CPU, written to a temporary file and re
 concurrent builds never see half a file.
 
 ``-march=native`` lets the compiler use what this CPU has: AVX-512, and AVX512-BF16's
-VDPBF16PS for bfloat16 decode scores. ``KGEN_NATIVE_BF16=0`` builds without the BF16
+VDPBF16PS for bfloat16 decode scores and projections. ``KGEN_NATIVE_BF16=0`` builds without the BF16
 instructions (``-mno-avx512bf16``), the path of a CPU that lacks them (tested on every CPU);
 :func:`native_info` says what the loaded build uses.
 
@@ -142,7 +142,7 @@ def _describe(lib, cflags: list[str]) -> None:
     features = lib.kgen_native_features()
     lib.openmp, lib.float16, bf16_dot = bool(features & 1), bool(features & 2), bool(features & 4)
     lib.info = {"isa": lib.kgen_native_isa().decode(), "openmp": lib.openmp, "float16": lib.float16,
-                "bf16_dot": bf16_dot, "cflags": " ".join(cflags)}
+                "bf16_dot": bf16_dot, "bf16_gemm": bool(lib.kgen_gemm_bf16_available()), "cflags": " ".join(cflags)}
 
 
 def load_variant(flag_set: int = 0, extra: list[str] | None = None):
@@ -159,7 +159,8 @@ def load_variant(flag_set: int = 0, extra: list[str] | None = None):
 def native_info() -> dict | None:
     """What the loaded library was built for: ``isa`` (``avx512_bf16``, ``avx512f``, ``avx2``,
     ...), ``openmp``, ``float16`` (float16 elements), ``bf16_dot`` (bfloat16 decode scores with
-    VDPBF16PS) and ``cflags``; None when it cannot be built."""
+    VDPBF16PS), ``bf16_gemm`` (bfloat16 projections with VDPBF16PS, ``runtime/native/gemm.c``) and
+    ``cflags``; None when it cannot be built."""
     lib = load_native()
     return None if lib is None else dict(lib.info)
 

@@ -1,7 +1,10 @@
-"""kgen's float32 CPU GEMM (``runtime/native/gemm.c`` through ``runtime/model/linear.py``) against a
-float64 reference: random weights and inputs, panel tails (out_features not a multiple of 64),
-row tails (not a multiple of 6), k blocks (in_features past 256), bias, strided and 3-D inputs,
-a poisoned output, 1 and 2 threads, non-finite values, and clear errors on bad input."""
+"""kgen's CPU GEMM (``runtime/native/gemm.c`` through ``runtime/model/linear.py``) against a float64
+reference: random weights and inputs, panel tails (out_features not a multiple of 64), row tails
+(not a multiple of 6), k blocks (in_features past 256), bias, strided and 3-D inputs, a poisoned
+output, 1 and 2 threads, non-finite values, clear errors on bad input; bfloat16 (VDPBF16PS)
+against float64 and against oneDNN's F.linear, and the build without BF16 instructions."""
+
+import ctypes
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from helpers_native import require_native
 from runtime.model.linear import Linear
 from runtime.model.native_gemm import PANEL, NativeGemm
+from runtime.native_build import NO_BF16_FLAGS, load_variant, native_info
 
 require_native()
 
@@ -123,13 +127,21 @@ def test_bad_inputs_name_the_value(monkeypatch):
         Linear(torch.randn(64, 32))
 
 
+BF16_GEMM = native_info()["bf16_gemm"]
+needs_bf16 = pytest.mark.skipif(not BF16_GEMM, reason="this CPU has no AVX512-BF16 (the build without it is "
+                                                      "tested below)")
+
+
 @pytest.mark.parametrize("choice,dtype,expected", [("native", torch.float32, "native_gemm"),
                                                    ("onednn", torch.float32, "onednn_packed"),
                                                    ("aten", torch.float32, "aten"),
-                                                   ("native", torch.bfloat16, "onednn_packed")])
+                                                   ("native", torch.bfloat16, "native_gemm" if BF16_GEMM else
+                                                    "onednn_packed"),
+                                                   ("onednn", torch.bfloat16, "onednn_packed")])
 def test_path_choice(monkeypatch, choice, dtype, expected):
-    """float32 takes the native GEMM unless KGEN_CPU_LINEAR says otherwise; bfloat16 keeps oneDNN
-    (or F.linear where this torch's oneDNN cannot pack it)."""
+    """float32 (and bfloat16 where the CPU has AVX512-BF16) takes the native GEMM unless
+    KGEN_CPU_LINEAR says otherwise; else oneDNN (or F.linear where this torch's oneDNN cannot pack
+    the dtype)."""
     monkeypatch.setenv("KGEN_CPU_LINEAR", choice)
     g = torch.Generator().manual_seed(11)
     w, x = torch.randn(96, 64, generator=g).to(dtype), torch.randn(5, 64, generator=g).to(dtype)
@@ -138,3 +150,60 @@ def test_path_choice(monkeypatch, choice, dtype, expected):
     tol = _tol(64) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(lin(x).float(), F.linear(x, w).float(), **tol)
 
+
+
+@needs_bf16
+@pytest.mark.parametrize("m,k,n,bias", [(1, 2, 1, True), (5, 33, 80, True), (7, 512, 768, False),
+                                        (13, 1377, 512, True), (64, 512, 4096, False), (130, 96, 200, True)])
+def test_bf16_gemm_is_onednns_answer_and_near_float64(m, k, n, bias):
+    """One float32 sum per output rounded once to bfloat16 (odd k: the last pair padded): within
+    bfloat16 rounding of float64, and F.linear's bits but where the two float32 sums round apart."""
+    g = torch.Generator().manual_seed(m + k + n)
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    lin = Linear(w.clone(), None if b is None else b.clone())
+    assert lin.path == "native_gemm"
+    y = lin(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    ref = _reference(x, w, b)
+    torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=1e-6 * k)
+    onednn = F.linear(x, w, b)
+    apart = (y != onednn)
+    assert float(apart.float().mean()) < 0.01
+    torch.testing.assert_close(y[apart].double(), onednn[apart].double(), rtol=2 ** -7, atol=0)
+
+
+@needs_bf16
+def test_bf16_poison_strides_and_non_finite():
+    g = torch.Generator().manual_seed(13)
+    m, k, n, ldy = 9, 70, 100, 129
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(m, k + 30, generator=g).bfloat16()[:, 10:10 + k]
+    x[2, 3] = float("nan")
+    gemm = NativeGemm.for_weight(w, None)
+    y = torch.full((m, ldy), float("nan"), dtype=torch.bfloat16)
+    y[:, n:] = 3.0
+    assert gemm._run(x.data_ptr(), x.stride(0), m, k, gemm.packed.data_ptr(), n, None, y.data_ptr(), ldy, 2) == 0
+    ref = F.linear(x, w)
+    assert bool(torch.isnan(y[2, :n]).all()) and not bool(torch.isnan(y[torch.arange(m) != 2, :n]).any())
+    keep = torch.arange(m) != 2
+    torch.testing.assert_close(y[keep, :n].double(), ref[keep].double(), rtol=2 ** -7, atol=0)
+    assert bool((y[:, n:] == 3.0).all())
+
+
+def test_build_without_bf16_instructions_has_no_bf16_gemm():
+    """The library a CPU without AVX512-BF16 gets (forced here): its bfloat16 GEMM says so and
+    refuses, so bfloat16 projections stay on oneDNN there; its float32 GEMM still computes."""
+    lib = load_variant(extra=list(NO_BF16_FLAGS))
+    assert lib.info["bf16_gemm"] is False
+    x, y = torch.randn(4, 32).bfloat16(), torch.zeros(4, 64, dtype=torch.bfloat16)
+    packed = torch.zeros(64 * 32, dtype=torch.bfloat16)
+    assert lib.kgen_gemm_bf16(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(32), ctypes.c_int64(4),
+                              ctypes.c_int64(32), ctypes.c_void_p(packed.data_ptr()), ctypes.c_int64(64), None,
+                              ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(64), ctypes.c_int64(1)) == 2
+    w, x32 = torch.randn(64, 32), torch.randn(4, 32)
+    p32, y32 = torch.empty(64 * 32), torch.empty(4, 64)
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.kgen_gemm_f32_pack(P(w.data_ptr()), I(64), I(32), P(p32.data_ptr()))
+    assert lib.kgen_gemm_f32(P(x32.data_ptr()), I(32), I(4), I(32), P(p32.data_ptr()), I(64), None,
+                             P(y32.data_ptr()), I(64), I(1)) == 0
+    torch.testing.assert_close(y32.double(), _reference(x32, w, None), **_tol(32))
