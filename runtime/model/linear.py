@@ -1,20 +1,18 @@
-"""``y = x W^T + b`` with the weight packed once for the CPU: kgen's own GEMM in float32, oneDNN's
-in bfloat16.
+"""``y = x W^T + b`` with the weight packed once for the CPU: kgen's own GEMM in float32 and (with
+AVX512-BF16) bfloat16, else oneDNN's.
 
-float32: ``runtime/native/gemm.c`` (:mod:`runtime.model.native_gemm`). A decode step streams every
-weight from DRAM (the e2e model's 97 MB do not fit the cache); that kernel prefetches each 64-column
-panel of the weight while it computes the one before, where oneDNN's packed sgemm (the previous
-path, itself 1.1-2x faster than ``F.linear``, whose MKL sgemm takes its AVX2 path on AMD) waits on
-the stream. Times of both, warm and cold: ``bench/results/cpu_kernels.md``. Results equal
-``F.linear``'s up to float32 rounding (one in-order sum over k per output; every HF-parity test
-passes with it).
+Native (:mod:`runtime.model.native_gemm`, ``runtime/native/gemm.c``): a decode step streams every
+weight from DRAM (the e2e model's 97 MB in float32 do not fit the cache); that kernel prefetches
+each 64-column panel of the weight while it computes the one before, where oneDNN's packed GEMMs
+(the previous path; in float32 itself 1.1-2x faster than ``F.linear``, whose MKL sgemm takes its
+AVX2 path on AMD) wait on the stream. Times of both, warm and cold: ``bench/results/cpu_kernels.md``.
+float32 results equal ``F.linear``'s up to float32 rounding (every HF-parity test passes with it);
+bfloat16 ones are oneDNN's bits but where two float32 sums of different order round apart.
 
-bfloat16: ``F.linear`` already runs oneDNN's bf16 GEMM (AVX512-BF16 where the CPU has it, float32
-accumulation); the packed weight saves its per-call reorder (``bench/cpu_kernels.py``) and gives
-the same bits (so the same tokens as transformers, which calls ``F.linear``). A torch whose oneDNN
-refuses to pack bf16 on this CPU falls back to ``F.linear``.
+oneDNN packed: bfloat16 on CPUs without AVX512-BF16 (``F.linear``'s bits, as transformers calls
+it); a torch whose oneDNN refuses to pack the dtype falls back to ``F.linear``.
 
-``KGEN_CPU_LINEAR`` picks another path: ``onednn`` (oneDNN packed for float32 too) or ``aten``
+``KGEN_CPU_LINEAR`` picks another path: ``onednn`` (oneDNN packed for both dtypes) or ``aten``
 (``F.linear`` on the dense weight everywhere). Everything else (a GPU, float16, whose oneDNN
 packing needs AVX512-FP16 or AVX-NE-CONVERT, a torch without oneDNN, no C compiler for the native
 kernel) falls through to the next path that applies; :attr:`Linear.path` says which ran.

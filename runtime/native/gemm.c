@@ -1,8 +1,8 @@
-/* float32 projections for the CPU: y = x W^T (+ b) with W packed once into column panels, each
- * panel's weights prefetched into L2 while the panel before it is computed.
+/* float32 and bfloat16 projections for the CPU: y = x W^T (+ b) with W packed once into column
+ * panels, each panel's weights prefetched into L2 while the panel before it is computed.
  *
  * Why not oneDNN here: a decoder's weights (97 MB for the e2e model in float32) do not fit the
- * last-level cache, so every decode step streams them from DRAM. oneDNN's packed sgemm is as fast
+ * last-level cache, so every decode step streams them from DRAM. oneDNN's packed GEMM is as fast
  * as this kernel when a projection's weights are already in cache, but slows down when they come
  * from DRAM, most at the few rows of a decode step; this kernel asks for the next panel while it
  * computes the current one, so the stream overlaps the arithmetic (both timed warm and cold:
@@ -20,6 +20,13 @@
  * bias goes in with the first block. The order does not depend on the thread count (1 and 2
  * threads give the same bits); it differs from MKL's and oneDNN's, as theirs differ from each
  * other, at float32 rounding.
+ *
+ * bfloat16 (where the compiler targets AVX512-BF16): panels of [ceil(K / 2)][64][2], each column's
+ * weights for k = 2j and 2j + 1 side by side, so that one VDPBF16PS per 16 columns multiplies them
+ * by a row's broadcast pair x[r, 2j..2j+1] and adds both products into float32 sums: 6 x 4 of them
+ * per tile as above, two k a step. One running sum over k (bfloat16 outputs round to 2^-9, far
+ * above its error), the bias added, then one rounding to nearest even: oneDNN's F.linear does
+ * the same, so the bits agree but where the two sums' orders round apart.
  *
  * Threads (the process's OpenMP pool, torch's: see paged_decode.c): each thread takes a
  * contiguous range of panels and streams its own weights; with fewer panels than threads it takes
@@ -190,6 +197,17 @@ INLINE void gemm_tile_bf16(const uint16_t *restrict x, int64_t ldx, const uint16
 }
 #endif
 
+/* TILE(h) for the tile's height h = rows, each a compile-time constant (unrolled row loops). */
+#define BY_HEIGHT(rows, TILE)         \
+    switch (rows) {                   \
+    case 6: TILE(6); break;           \
+    case 5: TILE(5); break;           \
+    case 4: TILE(4); break;           \
+    case 3: TILE(3); break;           \
+    case 2: TILE(2); break;           \
+    default: TILE(1); break;          \
+    }
+
 /* Row tiles [t0, t1) of panels [p0, p1), prefetching each next panel of the range; BF: bfloat16
  * x, weights and y (else float32). */
 INLINE void gemm_range(const void *x, int64_t ldx, int64_t m, int64_t k, const void *packed, int64_t n,
@@ -215,27 +233,13 @@ INLINE void gemm_range(const void *x, int64_t ldx, int64_t m, int64_t k, const v
             if (BF) {
 #define TILE(h) gemm_tile_bf16((const uint16_t *)xt, ldx, (const uint16_t *)panel, k, b, (uint16_t *)yt, ldy, cols, \
                                ahead, h)
-                switch (rows) { /* compile-time tile heights */
-                case 6: TILE(6); break;
-                case 5: TILE(5); break;
-                case 4: TILE(4); break;
-                case 3: TILE(3); break;
-                case 2: TILE(2); break;
-                default: TILE(1); break;
-                }
+                BY_HEIGHT(rows, TILE);
 #undef TILE
                 continue;
             }
 #endif
 #define TILE(h) gemm_tile((const float *)xt, ldx, (const float *)panel, k, b, (float *)yt, ldy, cols, ahead, h)
-            switch (rows) {
-            case 6: TILE(6); break;
-            case 5: TILE(5); break;
-            case 4: TILE(4); break;
-            case 3: TILE(3); break;
-            case 2: TILE(2); break;
-            default: TILE(1); break;
-            }
+            BY_HEIGHT(rows, TILE);
 #undef TILE
         }
     }
