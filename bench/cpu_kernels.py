@@ -3,8 +3,8 @@
 Each of the first three runs per dtype of ``--dtypes`` (float32 and bfloat16 by default):
 
 1. ``linear``: ``F.linear`` (MKL sgemm in float32, oneDNN in bfloat16), the oneDNN-packed weight
-   (``KGEN_CPU_LINEAR=onednn``; bfloat16's path) and, in float32, kgen's GEMM
-   (``runtime/native/gemm.c``, float32's default path), for the e2e model's projection shapes
+   (``KGEN_CPU_LINEAR=onednn``) and kgen's GEMM (``runtime/native/gemm.c``, the default path in
+   float32, and in bfloat16 where the CPU has AVX512-BF16), for the e2e model's projection shapes
    (hidden 512: qkv, o, gate_up, down, lm_head) and 1-2048 rows, at 1 and 2 threads; the time of
    all five shapes summed, warm (weights in cache) and, up to 256 rows, cold (weights from DRAM).
 2. ``decode``: one layer's paged decode for a 64-sequence batch with contexts 16-768 (block 16,
@@ -76,16 +76,18 @@ def _linear_path(path: str):
 
 
 def bench_linear(rows_list, threads_list, repeats, dtype) -> list[dict]:
-    """Per row count: the five shapes summed through F.linear, oneDNN's packed weight and (float32)
-    kgen's native GEMM, warm (the same weights every call, so from cache) and cold (8 sets of
+    """Per row count: the five shapes summed through F.linear, oneDNN's packed weight and kgen's
+    native GEMM (float32; bfloat16 with AVX512-BF16), warm (the same weights every call, so from cache) and cold (8 sets of
     weights in turn, 150 MB in float32: from DRAM, as in a decode step)."""
     import torch
     import torch.nn.functional as F
 
+    from runtime.native_build import native_info
+
     out = []
     tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     paths = {"onednn": _linears(dtype, 8, "onednn")}
-    if dtype == torch.float32:
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and (native_info() or {}).get("bf16_gemm")):
         paths["native"] = _linears(dtype, 8, "native")
     _check_linear(paths, dtype, tol)
     dense = [(torch.randn(n, k) * k ** -0.5).to(dtype) for n, k in SHAPES.values()]
@@ -265,7 +267,8 @@ def table(results: dict) -> str:
              f"native library: {nat.get('isa')}, {nat.get('cflags')}", "",
              "Linear (5 projection shapes of the e2e model summed, best-of ms):", "",
              "Warm: the same weights every call (from cache); cold: 8 sets of weights in turn (from DRAM, as in a "
-             "decode step), ms per set. Native: kgen's float32 GEMM (runtime/native/gemm.c).", "",
+             "decode step), ms per set. Native: kgen's GEMM (runtime/native/gemm.c; bfloat16 where the CPU has "
+             "AVX512-BF16).", "",
              "| dtype | threads | rows | F.linear ms | oneDNN packed ms | speedup | oneDNN cold ms | native ms | "
              "native cold ms | native / oneDNN warm | cold |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
