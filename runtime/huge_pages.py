@@ -1,8 +1,8 @@
 """Large CPU buffers on 2 MB pages, where Linux gives transparent huge pages on request.
 
-The KV pool and the packed float32 weights are read in 64-byte lines scattered over hundreds of
-megabytes (blocks anywhere in the pool, panels of every layer in turn); on 4 KB pages nearly every
-block or panel is a TLB miss and a page walk on top of the DRAM read. Linux's default
+The KV pool and the packed weights of the native GEMM are read in 64-byte lines scattered over
+hundreds of megabytes (blocks anywhere in the pool, panels of every layer in turn); on 4 KB pages
+nearly every block or panel is a TLB miss and a page walk on top of the DRAM read. Linux's default
 ``transparent_hugepage=madvise`` gives 2 MB pages only to memory marked ``MADV_HUGEPAGE``, and
 torch marks none (unless ``THP_MEM_ALLOC_ENABLE=1``), so :func:`empty` marks its buffer before the
 first touch. Elsewhere (another OS, THP off, a buffer under 2 MB, ``KGEN_HUGE_PAGES=0``) it is a
