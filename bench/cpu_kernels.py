@@ -77,8 +77,8 @@ def _linear_path(path: str):
 
 def bench_linear(rows_list, threads_list, repeats, dtype) -> list[dict]:
     """Per row count: the five shapes summed through F.linear, oneDNN's packed weight and kgen's
-    native GEMM (float32; bfloat16 with AVX512-BF16), warm (the same weights every call, so from cache) and cold (8 sets of
-    weights in turn, 150 MB in float32: from DRAM, as in a decode step)."""
+    native GEMM (float32; bfloat16 with AVX512-BF16), warm (the same weights every call, so from
+    cache) and cold (8 sets of weights in turn, 150 MB in float32: from DRAM, as in a decode step)."""
     import torch
     import torch.nn.functional as F
 

@@ -58,6 +58,9 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return raw[start:start + nbytes].view(dtype).view(shape)  # the view keeps `raw`'s storage alive
 
 
-def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`empty`, zeroed (the first touch, after the pages were asked for)."""
+def zeros(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """:func:`empty`, zeroed (the first touch, after the pages were asked for); on another device
+    plain ``torch.zeros``."""
+    if torch.device(device or "cpu").type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
     return empty(shape, dtype).zero_()

@@ -88,10 +88,7 @@ class PagedKVCache:
         self.quantized = self.storage_dtype != dtype
         self.fp8_max = torch.finfo(self.storage_dtype).max if self.quantized else None
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        if torch.device(device or "cpu").type == "cpu":  # 2 MB pages where Linux gives them (huge_pages)
-            self.data = huge_pages.zeros(shape, self.storage_dtype)
-        else:
-            self.data = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        self.data = huge_pages.zeros(shape, self.storage_dtype, device)  # CPU: on 2 MB pages where offered
         self._layers = [LayerKV(self.data[li, 0], self.data[li, 1], 1.0, 1.0, dtype) for li in range(num_layers)]
 
     @staticmethod

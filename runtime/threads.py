@@ -6,9 +6,9 @@ process happened to hold.
 
 Default: ``OMP_NUM_THREADS`` when the environment sets it (the operator's choice), else the
 number of CPUs this process may run on (``os.sched_getaffinity``, which honours ``taskset`` and
-cpusets): on a quiet machine every core helps (``bench/results/cpu_kernels.md``: 1 thread 542
-tok/s, 2 spinning threads 772 on 16 of the mixed requests; ``bench/results/e2e_throughput.md``: 794 and
-1293 on all 64). The previous count is restored when generate() returns. An explicit
+cpusets): on a quiet machine every core helps (``bench/results/cpu_kernels.md``, its threads
+table on 16 of the mixed requests, and ``bench/results/e2e_throughput.md``, 1 and 2 threads on all
+64). The previous count is restored when generate() returns. An explicit
 ``num_threads`` above the CPUs this process may run on is refused (the extra threads can only
 wait for a core). The native decode kernel and elementwise ops run on the same OpenMP threads
 (:mod:`runtime.native_build`).

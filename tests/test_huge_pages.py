@@ -31,10 +31,22 @@ def test_large_buffers_are_aligned_zeroed_and_live(dtype):
     assert int(t.view(-1)[-1]) == 1 and int(t.sum()) == 1
 
 
-def test_small_buffers_and_the_off_switch_take_plain_tensors(monkeypatch):
+def test_only_large_buffers_are_marked_and_at_a_2mb_boundary(monkeypatch):
+    """madvise (a spy here, so this holds whatever the machine's THP setting) is asked only for
+    buffers of 2 MB or more, over exactly the returned tensor's bytes, from a 2 MB boundary."""
+    calls = []
+    monkeypatch.setattr(huge_pages, "_state", {"fn": lambda addr, length, advice: calls.append((addr, length,
+                                                                                                   advice)) or 0})
     small = huge_pages.empty((100,), torch.float32)
-    assert small.shape == (100,)
+    assert small.shape == (100,) and calls == []
+    big = huge_pages.zeros((3, huge_pages.HUGE // 4 + 5), torch.float32)
+    assert calls == [(big.data_ptr(), big.numel() * 4, huge_pages._MADV_HUGEPAGE)]
+    assert big.data_ptr() % huge_pages.HUGE == 0 and not bool(big.any())
+
+
+def test_the_off_switch_and_other_devices_take_plain_tensors(monkeypatch):
     monkeypatch.setenv("KGEN_HUGE_PAGES", "0")
     assert huge_pages._madvise() is None
     big = huge_pages.zeros(huge_pages.HUGE, torch.uint8)
     assert big.shape == (huge_pages.HUGE,) and not bool(big.any())
+    assert huge_pages.zeros((4, 4), torch.float32, device="meta").device.type == "meta"

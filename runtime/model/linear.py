@@ -4,8 +4,8 @@ AVX512-BF16) bfloat16, else oneDNN's.
 Native (:mod:`runtime.model.native_gemm`, ``runtime/native/gemm.c``): a decode step streams every
 weight from DRAM (the e2e model's 97 MB in float32 do not fit the cache); that kernel prefetches
 each 64-column panel of the weight while it computes the one before, where oneDNN's packed GEMMs
-(the previous path; in float32 itself 1.1-2x faster than ``F.linear``, whose MKL sgemm takes its
-AVX2 path on AMD) wait on the stream. Times of both, warm and cold: ``bench/results/cpu_kernels.md``.
+(the previous path; in float32 itself faster than ``F.linear``, whose MKL sgemm takes its AVX2
+path on AMD) wait on the stream. Times of both, warm and cold: ``bench/results/cpu_kernels.md``.
 float32 results equal ``F.linear``'s up to float32 rounding (every HF-parity test passes with it);
 bfloat16 ones are oneDNN's bits but where two float32 sums of different order round apart.
 

@@ -82,5 +82,6 @@ class NativeGemm:
         status = self._run(rows.data_ptr(), rows.stride(0), m, k, self._packed_ptr, n, self._bias_ptr, y.data_ptr(),
                            n, torch.get_num_threads())
         if status:  # the checks above make this unreachable; never return unwritten memory
-            raise RuntimeError(f"kgen_gemm ({self.dtype}) refused x {tuple(rows.shape)} against weight [{n}, {k}] (code {status})")
+            raise RuntimeError(f"kgen_gemm ({self.dtype}) refused x {tuple(rows.shape)} against weight [{n}, {k}] "
+                               f"(code {status})")
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
